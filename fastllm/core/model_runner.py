@@ -1,0 +1,45 @@
+"""Runs the model over one flat batch and returns the logits of the rows that sample."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from ..models.context import ForwardContext
+from .request import Batch, Request
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, attention, device: torch.device):
+        self.model, self.attention, self.device = model, attention, device
+        self._score_ids = itertools.count()
+
+    @torch.inference_mode()
+    def run(self, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """Forward all tokens of `batch`; logits [len(rows), V] at the last token of each row."""
+        ids, pos = batch.flat()
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)  # [T]
+        meta = self.attention.plan(batch)
+        hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta, batch))
+        ends = list(itertools.accumulate(batch.num_new))
+        last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, last))
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] at every position of one sequence (evaluation, parity tests)."""
+        from ..sampling import SamplingParams
+
+        req = Request(f"score-{next(self._score_ids)}", None, list(token_ids),
+                      SamplingParams(max_tokens=1), sink=lambda _: None, max_len=len(token_ids) + 1)
+        self.attention.allocate(req.id, len(token_ids))
+        try:
+            batch = Batch([req], [len(token_ids)])
+            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            pos = torch.arange(len(token_ids), device=self.device)
+            hidden = self.model(ids, pos, ForwardContext(self.attention, self.attention.plan(batch), batch))
+            return self.model.compute_logits(hidden)
+        finally:
+            self.attention.free(req.id)

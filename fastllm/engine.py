@@ -1,0 +1,394 @@
+"""The Engine: builds the stage stack once, then serves requests from many threads and tasks.
+
+A background thread owns the model and runs `step()` while there is work; callers validate and
+tokenize in their own thread, hand requests over, and receive deltas through a sink.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import torch
+from pydantic import ValidationError
+
+from . import registry
+from .config import EngineConfig
+from .core.detokenizer import Detokenizer
+from .core.model_runner import ModelRunner
+from .core.request import Request, Status
+from .core.sampler import Sampler
+from .errors import ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, PromptTooLongError
+from .outputs import RequestOutput, StreamChunk
+from .sampling import SamplingParams
+from .stages.base import KVSpec, LoadContext
+from .stages.loaders.auto import choose_loader
+
+Prompt = str | dict
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cache_dir(config: EngineConfig) -> Path:
+    import os
+
+    if config.cache_dir:
+        return Path(config.cache_dir).expanduser()
+    base = os.environ.get("FASTLLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastllm"
+    return Path(base)
+
+
+class Engine:
+    """`Engine()` runs the embedded default model; `Engine("path", quantizer="int8", ...)` or
+    `Engine(config=EngineConfig(...))` any other. Use it as a context manager, or call close()."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any):
+        if config is not None and (model is not None or options):
+            raise ConfigError("pass either config=EngineConfig(...) or a model and options, not both")
+        if config is None:
+            try:
+                config = EngineConfig(model=model, **options)
+            except ValidationError as e:
+                raise ConfigError(str(e)) from e
+        self.config = config
+        self.device = self._resolve_device(config.device)
+        self.dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        ctx = LoadContext(self.device, self.dtype, config.allow_pickle, _cache_dir(config), config.progress, config.tokenizer)
+        self._build(config, ctx)
+        self._ids = itertools.count()
+        self._requests: dict[str, Request] = {}  # engine thread only
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="fastllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- construction -------------------------------------------------------------------
+    @staticmethod
+    def _resolve_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use device='cpu'")
+        return dev
+
+    def _build(self, config: EngineConfig, ctx: LoadContext) -> None:
+        loader = config.loader.name
+        if loader == "auto":
+            loader = choose_loader(config.model)
+        model_arg = config.model.removeprefix("dummy:") if config.model else None
+        loaded = registry.create("loader", loader, config.loader.options).load(model_arg, ctx)
+        model = loaded.model
+        for stage in ("pruner", "quantizer", "parallelizer"):
+            spec = getattr(config, stage)
+            model = registry.create(stage, spec.name, spec.options).apply(model, ctx)
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.max_model_len = config.max_model_len or loaded.max_model_len
+        if self.max_model_len > loaded.max_model_len:
+            raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
+                              f"({loaded.max_model_len}); use a value <= {loaded.max_model_len}")
+        self.vocab_size = model.config.vocab_size
+        layers, heads, kv_heads, head_dim = model.attn_shape
+        self.attention = registry.create("attention", config.attention.name, config.attention.options)
+        self.attention.setup(KVSpec(layers, heads, kv_heads, head_dim, self.dtype, self.device, head_dim ** -0.5))
+        self.batcher = registry.create("batcher", config.batcher.name, config.batcher.options)
+        self.batcher.setup(self.attention, config.max_num_seqs, config.max_num_batched_tokens)
+        self.speculator = registry.create("speculator", config.speculator.name, config.speculator.options)
+        self.sampler = Sampler(self.device, config.seed)
+        self.runner = ModelRunner(model, self.attention, self.device)
+        self._tok_lock = threading.Lock()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> None:
+        """One iteration: schedule, run the model, sample, update the requests."""
+        batch = self.batcher.schedule()
+        if batch is None:
+            return
+        rows = batch.sampling()
+        logits = self.runner.run(batch, rows)
+        sampled = [batch.requests[i] for i in rows]
+        token_ids = self.sampler(logits, sampled).tolist() if rows else []
+        self.batcher.update(batch)
+        for req, tok in zip(sampled, token_ids):
+            self._append(req, tok)
+
+    def _append(self, req: Request, tok: int) -> None:
+        req.token_ids.append(tok)
+        m = req.metrics
+        m.num_generated_tokens += 1
+        if m.first_token_time is None:
+            m.first_token_time = time.perf_counter()
+        hit_stop = req.detokenizer.add(tok) if req.detokenizer is not None else False
+        p = req.params
+        reason = None
+        if hit_stop or tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens or len(req.token_ids) >= self.max_model_len:
+            reason = "length"
+        text = req.detokenizer.delta(final=reason is not None) if req.detokenizer is not None else ""
+        req.text += text
+        if reason is None:
+            req.sink(StreamChunk(req.id, text, [tok]))
+        else:
+            self._finish(req, reason, StreamChunk(req.id, text, [tok], reason))
+
+    def _finish(self, req: Request, reason: str, last: StreamChunk | BaseException) -> None:
+        req.finish_reason = reason
+        req.metrics.finished_time = time.perf_counter()
+        self.batcher.finish(req)
+        req.status = Status.FINISHED
+        self._requests.pop(req.id, None)
+        req.sink(last)
+
+    # ---- the engine thread --------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._inbox or self._aborts or self._closed or self.batcher.has_work()):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                new, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for req in new:
+                self._requests[req.id] = req
+                self.batcher.add(req)
+            for rid in aborts:
+                if rid in self._requests:
+                    self._finish(self._requests[rid], "abort", StreamChunk(rid, "", [], "abort"))
+            with self._step_lock:
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                    self._fail_running(e)
+        for req in list(self._requests.values()) + self._inbox:
+            self._finish(req, "abort", StreamChunk(req.id, "", [], "abort"))
+        self._inbox = []
+
+    def _fail_running(self, exc: Exception) -> None:
+        err = EngineStepError(f"the model step failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        for req in [r for r in self.batcher.requests() if r.status == Status.RUNNING]:
+            self._finish(req, "abort", err)
+
+    def _submit(self, req: Request) -> None:
+        with self._cv:
+            if self._closed:
+                raise EngineClosedError("the engine is closed; build a new Engine")
+            self._inbox.append(req)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason 'abort'. Unknown ids are ignored."""
+        with self._cv:
+            if not self._closed:
+                self._aborts.append(request_id)
+                self._cv.notify()
+
+    # ---- request validation (caller's thread) -------------------------------------------
+    def _params(self, params: SamplingParams | dict | None) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        if isinstance(params, SamplingParams):
+            return params
+        if isinstance(params, dict):
+            try:
+                return SamplingParams(**params)
+            except ValidationError as e:
+                raise InvalidRequestError(f"invalid sampling parameters: {e}") from e
+        raise InvalidRequestError(f"params must be SamplingParams or a dict, got {type(params).__name__}")
+
+    def _encode(self, prompt: Any, add_special_tokens: bool) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is an empty string; give at least one character")
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    f"{self.model_name} has no tokenizer; pass prompts as {{'prompt_token_ids': [...]}}")
+            with self._tok_lock:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            if not ids:
+                raise InvalidRequestError("the prompt encodes to no tokens")
+            return prompt, ids
+        if isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not ids or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise InvalidRequestError("prompt_token_ids must be a non-empty list of ints")
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            return None, list(ids)
+        raise InvalidRequestError(
+            f"a prompt must be a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def _make_request(self, prompt: Any, params: Any, sink, add_special_tokens: bool = True) -> Request:
+        if self._closed:
+            raise EngineClosedError("the engine is closed; build a new Engine")
+        sp = self._params(params)
+        text, ids = self._encode(prompt, add_special_tokens)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                f"(max_model_len) and one more is needed to generate. Shorten the prompt")
+        req = Request(str(next(self._ids)), text, ids, sp, sink, self.max_model_len)
+        cap = getattr(self.attention, "capacity_tokens", None)
+        if cap is not None and req.max_tokens_total > cap:
+            raise PromptTooLongError(
+                f"prompt + max_tokens = {req.max_tokens_total} tokens exceed the KV cache ({cap} tokens)")
+        if self.tokenizer is not None:
+            req.detokenizer = Detokenizer(self.tokenizer, ids, sp.stop)
+        if sp.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(sp.seed)
+        return req
+
+    # ---- public API ---------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | dict | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for each prompt (a str, or {'prompt_token_ids': [...]}); order is kept."""
+        return self._generate(prompts, params, add_special_tokens=True)
+
+    def _generate(self, prompts, params, add_special_tokens: bool) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        done: queue.Queue = queue.Queue()
+        reqs = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            try:
+                reqs.append(self._make_request(p, sp, done.put, add_special_tokens))
+            except InvalidRequestError as e:
+                raise type(e)(f"prompt {i}: {e}") from e
+        for r in reqs:
+            self._submit(r)
+        errors, pending = [], len(reqs)
+        while pending:
+            item = done.get()
+            if isinstance(item, BaseException):
+                errors.append(item)
+                pending -= 1
+            elif item.finish_reason is not None:
+                pending -= 1
+        if errors:
+            raise errors[0]
+        return [r.to_output() for r in reqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> Iterator[StreamChunk]:
+        """Yield deltas as they are generated; the last chunk has finish_reason set.
+        Closing the iterator early aborts the request."""
+        q: queue.Queue = queue.Queue()
+        req = self._make_request(prompt, params, q.put)
+        self._submit(req)
+        finished = False
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req.id)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None,
+                      _special: bool = True) -> AsyncIterator[StreamChunk]:
+        """Async `stream`; safe inside a running event loop. Cancelling it frees the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(item) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening
+                pass
+
+        req = self._make_request(prompt, params, sink, _special)
+        self._submit(req)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req.id)
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> RequestOutput:
+        """Async generate of one prompt."""
+        return await self._agenerate(prompt, params, True)
+
+    async def _agenerate(self, prompt, params, special: bool) -> RequestOutput:
+        rid, text, ids, reason = None, [], [], None
+        async for chunk in self.astream(prompt, params, special):
+            rid = chunk.request_id
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            reason = chunk.finish_reason
+        text_prompt, prompt_ids = self._encode(prompt, special)
+        return RequestOutput(rid, text_prompt, prompt_ids, "".join(text), ids, reason)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text the model's chat template makes of `messages`."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"{self.model_name} has no chat template; use generate()")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise InvalidRequestError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        with self._tok_lock:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> RequestOutput:
+        """Reply to a conversation, rendered with the model's chat template."""
+        return self._generate([self.render_chat(messages)], params, add_special_tokens=False)[0]
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] (fp32) at every position of one token sequence, for evaluation."""
+        if self._closed:
+            raise EngineClosedError("the engine is closed; build a new Engine")
+        with self._step_lock:
+            return self.runner.prompt_logits(token_ids)
+
+    def close(self) -> None:
+        """Abort what is in flight, stop the engine thread, and give back all device memory."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        for name in ("runner", "attention", "batcher", "speculator", "sampler"):
+            setattr(self, name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

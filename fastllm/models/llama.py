@@ -1,0 +1,240 @@
+"""Llama family: Llama 2/3 (llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), SmolLM.
+
+Written for flat variable-length batches: every tensor is [T, ...] where T is the number of
+tokens of all sequences in the step; attention goes through the backend that owns the KV cache.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, UnsupportedModelError
+from .context import ForwardContext
+
+# HF checkpoint names that fold into one fused parameter: name -> (fused name, shard index)
+PACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_parameters(cfg) -> dict:
+    """RoPE settings across transformers 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+class Rotary(nn.Module):
+    """cos/sin for the given positions, computed per step (no table of max_position rows)."""
+
+    def __init__(self, cfg, head_dim: int):
+        super().__init__()
+        self.cfg, self.head_dim = cfg, head_dim
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.scaling = 1.0
+
+    def init_buffers(self) -> None:
+        p = rope_parameters(self.cfg)
+        kind = p["rope_type"]
+        if kind == "default":
+            d = self.head_dim
+            inv = 1.0 / (p["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+            scaling = 1.0
+        elif kind in ("llama3", "linear", "yarn"):
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv, scaling = ROPE_INIT_FUNCTIONS[kind](self.cfg, device=torch.device("cpu"))
+        else:
+            raise UnsupportedModelError(
+                f"RoPE type {kind!r} is not supported by fastllm's model code "
+                "(supported: default, linear, llama3, yarn); use loader='transformers'"
+            )
+        self.inv_freq = inv.float().to(self.inv_freq.device)
+        self.scaling = float(scaling)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; rotate_half convention of HF checkpoints
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k  # Qwen3 normalises each head here
+
+    def forward(self, x: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.qk_norm(q, k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = ctx.attention.forward(self.layer_idx, q, k, v, ctx.meta)  # [T, H, D]
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"activation {act!r} is not supported (only 'silu')")
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=bias)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention
+
+    def __init__(self, cfg, layer_idx: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.self_attn = self.attention_cls(cfg, layer_idx, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    layer_cls = LlamaDecoderLayer
+
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            self.layer_cls(cfg, i, qkv_bias, o_bias) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg, self.layers[0].self_attn.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama, Mistral, Qwen2 and SmolLM checkpoints (HF parameter names)."""
+
+    model_cls = LlamaModel
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        qwen2 = cfg.model_type == "qwen2"
+        attn_bias = bool(getattr(cfg, "attention_bias", False))
+        # Qwen2 has biases on q/k/v but not on o_proj; Llama's attention_bias covers all four.
+        self.model = self.model_cls(cfg, qkv_bias=attn_bias or qwen2, o_bias=attn_bias and not qwen2)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def attn_shape(self) -> tuple[int, int, int, int]:
+        """(layers, query heads, kv heads, head dim): what the attention backend works with."""
+        a = self.model.layers[0].self_attn
+        return len(self.model.layers), a.num_heads, a.num_kv_heads, a.head_dim
+
+    def init_buffers(self) -> None:
+        """Compute non-persistent buffers after the parameters left the meta device."""
+        self.model.rotary.init_buffers()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, w).float()  # [N, V]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into (fused) parameters; returns the parameter names filled."""
+        params = dict(self.named_parameters())
+        filled: set[str] = set()
+        shards: dict[str, set[int]] = {}
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            target, shard = name, None
+            for hf, (fused, idx) in PACKED.items():
+                if f".{hf}." in name:
+                    target, shard = name.replace(f".{hf}.", f".{fused}."), idx
+                    break
+            if target not in params:
+                raise CheckpointError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            p = params[target]
+            dst = p.data if shard is None else self._shard(target, p.data, shard)
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            if shard is None:
+                filled.add(target)
+            else:
+                shards.setdefault(target, set()).add(shard)
+        for target, got in shards.items():
+            if len(got) == (3 if "qkv_proj" in target else 2):
+                filled.add(target)
+        return filled
+
+    def _shard(self, target: str, data: torch.Tensor, idx: int) -> torch.Tensor:
+        if "qkv_proj" in target:
+            a = self.model.layers[0].self_attn
+            sizes = [a.q_size, a.kv_size, a.kv_size]
+        else:
+            sizes = [data.shape[0] // 2] * 2
+        start = sum(sizes[:idx])
+        return data.narrow(0, start, sizes[idx])

@@ -1,0 +1,82 @@
+"""`loader="safetensors"`: an HF model directory (config.json, one or sharded *.safetensors,
+tokenizer files). Tensors are read through mmap straight onto the target device."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ...errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from ..base import LoadContext, LoadedModel
+from .common import build_model, eos_token_ids, fill_model, load_tokenizer, max_model_len
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelNotFoundError(f"{index.name} lists shard(s) missing from {path}: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(f for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{path} has only pickle weights ({pickles[0].name}); loading pickle can execute code. "
+            "Convert them to safetensors, or pass allow_pickle=True if you trust the source"
+        )
+    if pickles:
+        return pickles
+    raise ModelNotFoundError(f"no weights in {path}: expected model.safetensors or sharded *.safetensors")
+
+
+def iter_tensors(files: list[Path], device: torch.device, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    bar = tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress)
+    for f in files:
+        if f.suffix in PICKLE_SUFFIXES:  # allowed explicitly by the user
+            state = torch.load(f, map_location=device, weights_only=True, mmap=True)
+            yield from state.items()
+        else:
+            try:
+                with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                    for name in sf.keys():
+                        yield name, sf.get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{f} is not a valid safetensors file: {e}") from e
+        bar.update(1)
+    bar.close()
+
+
+class SafetensorsLoader:
+    api_version = 1
+
+    def load(self, model: str | None, ctx: LoadContext) -> LoadedModel:
+        if model is None:
+            raise ModelNotFoundError("loader='safetensors' needs a model directory")
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model directory {path} does not exist")
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json; an HF model directory needs one")
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(str(path))
+        files = weight_files(path, ctx.allow_pickle)
+        net = build_model(hf_config, ctx)
+        fill_model(net, iter_tensors(files, ctx.device, ctx.progress), str(path))
+        tok = load_tokenizer(ctx.tokenizer or path)
+        return LoadedModel(net, tok, eos_token_ids(hf_config, path, tok), max_model_len(hf_config), path.name)
