@@ -308,9 +308,7 @@ class Engine:
             if not finished:
                 self.abort(req.id)
 
-    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None,
-                      _special: bool = True) -> AsyncIterator[StreamChunk]:
-        """Async `stream`; safe inside a running event loop. Cancelling it frees the request."""
+    def _async_request(self, prompt, params, special: bool) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -320,7 +318,9 @@ class Engine:
             except RuntimeError:  # the caller's loop is gone: nobody is listening
                 pass
 
-        req = self._make_request(prompt, params, sink, _special)
+        return self._make_request(prompt, params, sink, special), q
+
+    async def _drain(self, req: Request, q: asyncio.Queue) -> AsyncIterator[StreamChunk]:
         self._submit(req)
         finished = False
         try:
@@ -334,22 +334,28 @@ class Engine:
                 if finished:
                     return
         finally:
-            if not finished:
+            if not finished:  # cancelled or closed early: free the request at once
                 self.abort(req.id)
 
-    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> RequestOutput:
-        """Async generate of one prompt."""
-        return await self._agenerate(prompt, params, True)
+    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> AsyncIterator[StreamChunk]:
+        """Async `stream`; safe inside a running event loop. Cancelling it frees the request."""
+        req, q = self._async_request(prompt, params, True)
+        async for chunk in self._drain(req, q):
+            yield chunk
 
-    async def _agenerate(self, prompt, params, special: bool) -> RequestOutput:
-        rid, text, ids, reason = None, [], [], None
-        async for chunk in self.astream(prompt, params, special):
-            rid = chunk.request_id
-            text.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            reason = chunk.finish_reason
-        text_prompt, prompt_ids = self._encode(prompt, special)
-        return RequestOutput(rid, text_prompt, prompt_ids, "".join(text), ids, reason)
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> RequestOutput:
+        """Async generate of one prompt; cancelling the task aborts the request."""
+        req, q = self._async_request(prompt, params, True)
+        async for _ in self._drain(req, q):
+            pass
+        return req.to_output()
+
+    async def achat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> RequestOutput:
+        """Async `chat`."""
+        req, q = self._async_request(self.render_chat(messages), params, False)
+        async for _ in self._drain(req, q):
+            pass
+        return req.to_output()
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text the model's chat template makes of `messages`."""
