@@ -125,13 +125,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": line.rstrip("\n")})
             try:
-                reply = engine.chat(messages, params)  # no public streaming chat yet
+                chunks = engine.stream_chat(messages, params)
+                reply = []
+                for chunk in chunks:
+                    reply.append(chunk.text)
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
             except InvalidRequestError as e:  # e.g. the history outgrew the context: drop this turn
                 messages.pop()
                 print(f"error: {e}", file=sys.stderr)
                 continue
-            messages.append({"role": "assistant", "content": reply.text})
-            print(reply.text, flush=True)
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     return 0
 
 

@@ -42,6 +42,12 @@ def _cache_dir(config: EngineConfig) -> Path:
     return Path(base)
 
 
+def _problems(e: ValidationError) -> str:
+    """pydantic's errors as 'field: message' pairs on one line."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())
+
+
 class Engine:
     """`Engine()` runs the embedded default model; `Engine("path", quantizer="int8", ...)` or
     `Engine(config=EngineConfig(...))` any other. Use it as a context manager, or call close()."""
@@ -53,7 +59,7 @@ class Engine:
             try:
                 config = EngineConfig(model=model, **options)
             except ValidationError as e:
-                raise ConfigError(str(e)) from e
+                raise ConfigError(f"invalid engine options: {_problems(e)}") from e
         self.config = config
         self.device = self._resolve_device(config.device)
         self.dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -204,7 +210,7 @@ class Engine:
             try:
                 return SamplingParams(**params)
             except ValidationError as e:
-                raise InvalidRequestError(f"invalid sampling parameters: {e}") from e
+                raise InvalidRequestError(f"invalid sampling parameters: {_problems(e)}") from e
         raise InvalidRequestError(f"params must be SamplingParams or a dict, got {type(params).__name__}")
 
     def _encode(self, prompt: Any, add_special_tokens: bool) -> tuple[str | None, list[int]]:
@@ -289,8 +295,15 @@ class Engine:
     def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> Iterator[StreamChunk]:
         """Yield deltas as they are generated; the last chunk has finish_reason set.
         Closing the iterator early aborts the request."""
+        return self._stream(prompt, params, True)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> Iterator[StreamChunk]:
+        """`stream` of the reply to a conversation (the model's chat template)."""
+        return self._stream(self.render_chat(messages), params, False)
+
+    def _stream(self, prompt, params, special: bool) -> Iterator[StreamChunk]:
         q: queue.Queue = queue.Queue()
-        req = self._make_request(prompt, params, q.put)
+        req = self._make_request(prompt, params, q.put, special)
         self._submit(req)
         finished = False
         try:
@@ -349,6 +362,13 @@ class Engine:
         async for _ in self._drain(req, q):
             pass
         return req.to_output()
+
+    async def astream_chat(self, messages: list[dict], params: SamplingParams | dict | None = None
+                           ) -> AsyncIterator[StreamChunk]:
+        """Async `stream_chat`."""
+        req, q = self._async_request(self.render_chat(messages), params, False)
+        async for chunk in self._drain(req, q):
+            yield chunk
 
     async def achat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> RequestOutput:
         """Async `chat`."""

@@ -66,13 +66,13 @@ def test_chat_keeps_history(capsys, monkeypatch):
     from fastllm.engine import Engine
 
     seen = []
-    real_chat = Engine.chat
+    real = Engine.stream_chat
 
-    def chat(self, messages, params=None):
+    def stream_chat(self, messages, params=None):
         seen.append([m["role"] for m in messages])
-        return real_chat(self, messages, params)
+        return real(self, messages, params)
 
-    monkeypatch.setattr(Engine, "chat", chat)
+    monkeypatch.setattr(Engine, "stream_chat", stream_chat)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nWhat is 2+2?\n/exit\nnever read\n"))
     assert main(["chat", "--max-tokens", "4", "--temperature", "0"]) == 0
     assert seen == [["user"], ["user", "assistant", "user"]]
