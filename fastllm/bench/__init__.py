@@ -1,0 +1,1 @@
+"""`fastllm bench`: speed measured side by side with a baseline in the same process."""
