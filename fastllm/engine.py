@@ -265,9 +265,7 @@ class Engine:
         return self._generate(prompts, params, add_special_tokens=True)
 
     def _generate(self, prompts, params, add_special_tokens: bool) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
