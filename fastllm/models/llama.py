@@ -230,6 +230,11 @@ class LlamaForCausalLM(nn.Module):
                 filled.add(target)
         return filled
 
+    def checkpoint_names(self, param: str) -> list[str]:
+        """The HF checkpoint tensor names that fill `param` (three for qkv_proj, two for gate_up_proj)."""
+        names = [param.replace(f".{fused}.", f".{hf}.") for hf, (fused, _) in PACKED.items() if f".{fused}." in param]
+        return names or [param]
+
     def _shard(self, target: str, data: torch.Tensor, idx: int) -> torch.Tensor:
         if "qkv_proj" in target:
             a = self.model.layers[0].self_attn

@@ -13,13 +13,17 @@ def choose_loader(model: str | None) -> str:
         return "dummy"
     p = Path(model).expanduser()
     if p.is_dir() and (p / "config.json").exists():
+        import torch
         from transformers import AutoConfig
 
         from ...errors import UnsupportedModelError
         from ...models import model_class
 
-        try:
-            model_class(AutoConfig.from_pretrained(str(p)))
+        cfg = AutoConfig.from_pretrained(str(p))
+        try:  # the architecture alone is not enough: a RoPE type or activation may be unsupported
+            with torch.device("meta"):  # no memory: shapes only
+                net = model_class(cfg)(cfg)
+            net.init_buffers()  # raises for an unsupported RoPE type
             return "safetensors"
         except UnsupportedModelError:
             return "transformers"

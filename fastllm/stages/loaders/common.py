@@ -24,11 +24,21 @@ def build_model(hf_config, ctx: LoadContext) -> nn.Module:
 
 def fill_model(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
     """Load every parameter from `weights`, or raise CheckpointError naming what is missing."""
+    seen: set[str] = set()
+
+    def record() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            seen.add(name)
+            yield name, tensor
+
     with torch.no_grad():
-        filled = model.load_weights(weights)
+        filled = model.load_weights(record())
     missing = sorted(set(dict(model.named_parameters())) - filled)
     if missing:
-        raise CheckpointError(f"{source} lacks {len(missing)} parameter(s) the model needs, e.g. {missing[:4]}")
+        # name the checkpoint tensors (k_proj), not the fused parameter they fill (qkv_proj)
+        names = getattr(model, "checkpoint_names", lambda p: [p])
+        absent = sorted(n for p in missing for n in names(p) if n not in seen) or missing
+        raise CheckpointError(f"{source} lacks {len(absent)} tensor(s) the model needs, e.g. {absent[:4]}")
 
 
 def load_tokenizer(path: str | Path | None):

@@ -62,5 +62,6 @@ class DummyLoader:
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, self.std, generator=g)
-        eos = {cfg.eos_token_id} if isinstance(getattr(cfg, "eos_token_id", None), int) else set()
-        return LoadedModel(net, None, eos, max_model_len(cfg), f"dummy:{model or 'smollm2-135m'}")
+        # no EOS: the config's eos_token_id is transformers' default, not the checkpoint's, and a
+        # random model that emits it would end benchmark requests early at random
+        return LoadedModel(net, None, set(), max_model_len(cfg), f"dummy:{model or 'smollm2-135m'}")

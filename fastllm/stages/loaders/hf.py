@@ -5,6 +5,7 @@ time; it plugs into the same engine, batcher and sampler as fastllm's own models
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from pathlib import Path
 
@@ -24,6 +25,10 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf
+        self.config = hf.config  # the engine reads vocab_size from model.config, as for its own models
+        # transformers 5.x renamed forward's past_key_values to cache (the old name goes in 5.40)
+        params = inspect.signature(hf.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         cfg = hf.config
         heads = cfg.num_attention_heads
@@ -49,7 +54,7 @@ class HFCausalLM(nn.Module):
                 self.caches[req] = DynamicCache()
             ids = input_ids[off:off + n][None]
             pos = positions[off:off + n][None]
-            res = self.hf(input_ids=ids, position_ids=pos, past_key_values=self.caches[req], use_cache=True)
+            res = self.hf(input_ids=ids, position_ids=pos, use_cache=True, **{self._cache_kw: self.caches[req]})
             out.append(res.logits[0])
             off += n
         return torch.cat(out)  # [T, V]
