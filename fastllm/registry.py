@@ -115,5 +115,7 @@ def create(stage: str, name: str, options: dict[str, Any] | None = None) -> Any:
     cls = load(stage, name)
     try:
         return cls(**(options or {}))
-    except TypeError as e:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # an unknown option, or a value the stage refuses
         raise ConfigError(f"{stage} {name!r} rejected its options {options or {}}: {e}") from e

@@ -49,6 +49,7 @@ class SDPAAttention:
         return cap is None or self.used_tokens + num_tokens <= cap
 
     def allocate(self, seq_id: str, num_tokens: int) -> None:
+        self.free(seq_id)  # a sequence allocated again gives back its old cache first
         s = self.spec
         shape = (s.num_layers, s.num_kv_heads, num_tokens, s.head_dim)
         self.caches[seq_id] = (torch.empty(shape, dtype=s.dtype, device=s.device),
