@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from . import registry
 from .config import EngineConfig
+from .core import cpu
 from .core.detokenizer import Detokenizer
 from .core.model_runner import ModelRunner
 from .core.request import Request, Status
@@ -107,6 +108,8 @@ class Engine:
         for stage in ("pruner", "quantizer", "parallelizer"):
             spec = getattr(config, stage)
             model = registry.create(stage, spec.name, spec.options).apply(model, ctx)
+        if self.device.type == "cpu" and cpu.can_pack():
+            cpu.pack_linears(model)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = frozenset(loaded.eos_token_ids)

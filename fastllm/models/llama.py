@@ -98,17 +98,15 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
 
-    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k  # Qwen3 normalises each head here
+    def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        return qk  # [T, H + KVH, D]; Qwen3 normalises each head here
 
     def forward(self, x: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.qk_norm(q, k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        T, H = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x).view(T, -1, self.head_dim)  # [T, H + 2*KVH, D]
+        # q and k heads are adjacent: one rotary pass covers both
+        qk = apply_rotary(self.qk_norm(qkv[:, :H + self.num_kv_heads]), cos, sin)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.num_kv_heads:]
         o = ctx.attention.forward(self.layer_idx, q, k, v, ctx.meta)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -177,8 +175,13 @@ class LlamaForCausalLM(nn.Module):
         # Qwen2 has biases on q/k/v but not on o_proj; Llama's attention_bias covers all four.
         self.model = self.model_cls(cfg, qkv_bias=attn_bias or qwen2, o_bias=attn_bias and not qwen2)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with lm_head (one Parameter, as HF does) when the config ties them."""
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def attn_shape(self) -> tuple[int, int, int, int]:
@@ -189,13 +192,13 @@ class LlamaForCausalLM(nn.Module):
     def init_buffers(self) -> None:
         """Compute non-persistent buffers after the parameters left the meta device."""
         self.model.rotary.init_buffers()
+        self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, w).float()  # [N, V]
+        return self.lm_head(hidden).float()  # [N, V]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into (fused) parameters; returns the parameter names filled."""

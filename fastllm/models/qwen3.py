@@ -12,8 +12,9 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)
+    def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        H = self.num_heads
+        return torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
