@@ -35,7 +35,10 @@ class SDPAAttention:
 
     def setup(self, spec: KVSpec) -> None:
         self.spec = spec
-        elt = torch.empty((), dtype=spec.dtype).element_size()
+        # On the CPU, torch's bf16 attention is several times slower than fp32 for one query
+        # row against hundreds of keys (303 vs 55 us at 512 keys), so the CPU cache is fp32.
+        self.kv_dtype = torch.float32 if spec.device.type == "cpu" else spec.dtype
+        elt = torch.empty((), dtype=self.kv_dtype).element_size()
         self.bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elt
 
     @property
@@ -52,8 +55,8 @@ class SDPAAttention:
         self.free(seq_id)  # a sequence allocated again gives back its old cache first
         s = self.spec
         shape = (s.num_layers, s.num_kv_heads, num_tokens, s.head_dim)
-        self.caches[seq_id] = (torch.empty(shape, dtype=s.dtype, device=s.device),
-                               torch.empty(shape, dtype=s.dtype, device=s.device))
+        self.caches[seq_id] = (torch.empty(shape, dtype=self.kv_dtype, device=s.device),
+                               torch.empty(shape, dtype=self.kv_dtype, device=s.device))
         self.used_tokens += num_tokens
 
     def free(self, seq_id: str) -> None:
@@ -78,7 +81,7 @@ class SDPAAttention:
             kc, vc = seq.k[layer], seq.v[layer]  # [KVH, cap, D]
             kc[:, s:s + n] = k[o:o + n].transpose(0, 1)
             vc[:, s:s + n] = v[o:o + n].transpose(0, 1)
-            qq = q[o:o + n].transpose(0, 1)[None]  # [1, H, n, D]
+            qq = q[o:o + n].transpose(0, 1)[None].to(self.kv_dtype)  # [1, H, n, D]
             kk, vv = kc[None, :, :s + n], vc[None, :, :s + n]  # [1, KVH, S, D]
             mask, causal = None, False
             if n > 1 and s == 0:
