@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from .errors import ConfigError, FastLLMError, InvalidRequestError
+from .errors import ConfigError, FastLLMError, InvalidRequestError, describe_validation_error
 
 STAGES = ("loader", "quantizer", "pruner", "parallelizer", "attention", "batcher", "speculator")
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos")
@@ -65,13 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(chat, max_tokens=256, temperature=0.7)
     _add_engine_options(chat)
     sub.add_parser("plugins", help="list every stage implementation and the package it comes from")
+    bench = sub.add_parser("bench", help="measure speed beside a baseline, in the same process")
+    work = bench.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    cpu = work.add_parser("cpu", help="batch-1 decode of the embedded model beside HF transformers' generate")
+    cpu.add_argument("--new-tokens", type=int, default=128, metavar="N")
+    cpu.add_argument("--prompt-len", type=int, default=64, metavar="N")
+    cpu.add_argument("--repeats", type=int, default=5, metavar="N")
+    cpu.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable (default: both)")
+    cpu.add_argument("--no-compare", action="store_true", help="skip the transformers baseline")
+    cpu.add_argument("--json", metavar="PATH", help="also write the raw result as JSON")
     return parser
-
-
-def _problems(e) -> str:
-    """A pydantic ValidationError as one line per problem, without pydantic's boilerplate."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg'].removeprefix('Value error, ')}"
-                     for err in e.errors())
 
 
 def _engine(args: argparse.Namespace):
@@ -84,7 +87,7 @@ def _engine(args: argparse.Namespace):
     try:
         config = EngineConfig(model=args.model, **opts)
     except ValidationError as e:
-        raise ConfigError(_problems(e)) from e
+        raise ConfigError(describe_validation_error(e)) from e
     return Engine(config=config)
 
 
@@ -96,7 +99,7 @@ def _sampling(args: argparse.Namespace):
     try:
         return SamplingParams(**{k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None})
     except ValidationError as e:
-        raise InvalidRequestError(f"invalid sampling option: {_problems(e)}") from e
+        raise InvalidRequestError(f"invalid sampling option: {describe_validation_error(e)}") from e
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -154,7 +157,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cpu
+
+    result = cpu.run(new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats,
+                     dtypes=tuple(args.dtype or ("float32", "bfloat16")), compare=not args.no_compare)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(cpu.table(result))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

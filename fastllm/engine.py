@@ -24,7 +24,8 @@ from .core.detokenizer import Detokenizer
 from .core.model_runner import ModelRunner
 from .core.request import Request, Status
 from .core.sampler import Sampler
-from .errors import ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, PromptTooLongError
+from .errors import (ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, PromptTooLongError,
+                     describe_validation_error)
 from .outputs import RequestOutput, StreamChunk
 from .sampling import SamplingParams
 from .stages.base import KVSpec, LoadContext
@@ -35,12 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _cache_dir(config: EngineConfig) -> Path:
-    import os
+    from .stages.loaders.gguf import default_cache_dir
 
-    if config.cache_dir:
-        return Path(config.cache_dir).expanduser()
-    base = os.environ.get("FASTLLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastllm"
-    return Path(base)
+    return Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -55,12 +53,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
-def _problems(e: ValidationError) -> str:
-    """pydantic's errors as 'field: message' pairs on one line."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg'].removeprefix('Value error, ')}"
-                     for err in e.errors())
-
-
 class Engine:
     """`Engine()` runs the embedded default model; `Engine("path", quantizer="int8", ...)` or
     `Engine(config=EngineConfig(...))` any other. Use it as a context manager, or call close()."""
@@ -72,7 +64,7 @@ class Engine:
             try:
                 config = EngineConfig(model=model, **options)
             except ValidationError as e:
-                raise ConfigError(f"invalid engine options: {_problems(e)}") from e
+                raise ConfigError(f"invalid engine options: {describe_validation_error(e)}") from e
         self.config = config
         self.device = self._resolve_device(config.device)
         self.dtype = DTYPES.get(config.dtype) or default_dtype(self.device)
@@ -225,7 +217,7 @@ class Engine:
             try:
                 return SamplingParams(**params)
             except ValidationError as e:
-                raise InvalidRequestError(f"invalid sampling parameters: {_problems(e)}") from e
+                raise InvalidRequestError(f"invalid sampling parameters: {describe_validation_error(e)}") from e
         raise InvalidRequestError(f"params must be SamplingParams or a dict, got {type(params).__name__}")
 
     def _encode(self, prompt: Any, add_special_tokens: bool) -> tuple[str | None, list[int]]:

@@ -55,3 +55,9 @@ class EngineClosedError(FastLLMError, RuntimeError):
 
 class EngineStepError(FastLLMError, RuntimeError):
     """The model step that served this request failed; the engine goes on serving others."""
+
+
+def describe_validation_error(e) -> str:
+    """A pydantic ValidationError as 'field: message' pairs on one line, without its boilerplate."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -13,12 +12,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from any test
 from helpers import make_tiny_model  # noqa: E402
 
 
-def fastllm_cache() -> Path:
-    """The cache Engine() uses: $FASTLLM_CACHE, else the user cache (converted once, reused)."""
-    base = os.environ.get("FASTLLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastllm"
-    return Path(base).expanduser()
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """HF directory (config, tokenizer, model.safetensors) of the converted default model."""
@@ -27,7 +20,7 @@ def smollm2_dir() -> Path:
     from fastllm.stages.loaders import gguf
 
     src = gguf.default_model_file()
-    dest = fastllm_cache() / "gguf" / gguf.file_sha256(src)[:32]
+    dest = gguf.cached_model_dir(src)  # the cache Engine() uses: converted once, reused
     if not (dest / "model.safetensors").exists():
         gguf.convert(src, dest, progress=False)
     return dest

@@ -1,12 +1,12 @@
 """`fastllm bench cpu`: batch-1 greedy decode of the embedded default model on the CPU,
 beside HF transformers' `generate` on the very same weights, in the same process.
 
-Decode speed of both is measured the same way: (t(N tokens) - t(1 token)) / (N - 1), the
-median over repeats, so prompt processing and start-up stay out of the number.
+Every variant is loaded first, then the repeats are interleaved (ours, theirs, ours, ...) so
+that drift in a shared machine's memory bandwidth hits all variants alike. Decode speed is
+(N - 1) / (t(N tokens) - t(1 token)) from the medians, so prompt processing stays out of it.
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -14,13 +14,14 @@ from datetime import date
 from typing import Callable
 
 
-def decode_rate(run: Callable[[int], None], n: int, repeats: int) -> float:
-    run(4)  # warm-up
-    one, many = [], []
-    for _ in range(repeats):
-        t = time.perf_counter(); run(1); one.append(time.perf_counter() - t)
-        t = time.perf_counter(); run(n); many.append(time.perf_counter() - t)
-    return (n - 1) / (statistics.median(many) - statistics.median(one))
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
@@ -31,42 +32,59 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)[:length]
 
 
-def run(new_tokens: int = 128, prompt_len: int = 64, repeats: int = 3,
-        dtypes: tuple[str, ...] = ("float32", "bfloat16"), compare: bool = True) -> dict:
+def _variants(ids: list[int], dtypes, compare: bool) -> dict[tuple[str, str], Callable[[int], None]]:
     import torch
 
     from .. import Engine, SamplingParams
+    from ..stages.loaders.gguf import cached_model_dir
 
-    rows = []
+    runs: dict[tuple[str, str], Callable[[int], None]] = {}
     for dtype in dtypes:
-        with Engine(dtype=dtype, device="cpu", progress=False) as eng:
-            ids = prompt_ids(eng.tokenizer, prompt_len)
-
-            def ours(n: int) -> None:
-                eng.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-
-            rows.append({"engine": "fastllm", "dtype": dtype, "tok_s": decode_rate(ours, new_tokens, repeats)})
+        eng = Engine(dtype=dtype, device="cpu", progress=False)
+        runs["fastllm", dtype] = lambda n, eng=eng: eng.generate(
+            {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         if compare:
             from transformers import AutoModelForCausalLM
 
-            from ..config import EngineConfig
-            from ..engine import _cache_dir
-            from ..stages.loaders.gguf import default_model_file, file_sha256
-
-            model_dir = _cache_dir(EngineConfig()) / "gguf" / file_sha256(default_model_file())[:32]
-            hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+            hf = AutoModelForCausalLM.from_pretrained(str(cached_model_dir()), dtype=getattr(torch, dtype)).eval()
             x = torch.tensor([ids])
 
-            def theirs(n: int) -> None:
+            def theirs(n: int, hf=hf) -> None:
                 with torch.inference_mode():
                     hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
                                 min_new_tokens=n, pad_token_id=0)
 
-            rows.append({"engine": "transformers", "dtype": dtype, "tok_s": decode_rate(theirs, new_tokens, repeats)})
-            del hf
+            runs["transformers", dtype] = theirs
+    return runs
+
+
+def run(new_tokens: int = 128, prompt_len: int = 64, repeats: int = 5,
+        dtypes: tuple[str, ...] = ("float32", "bfloat16"), compare: bool = True) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..stages.loaders.gguf import cached_model_dir
+
+    from .. import Engine
+
+    Engine(progress=False).close()  # converts the GGUF file once if this machine has not yet
+    ids = prompt_ids(AutoTokenizer.from_pretrained(str(cached_model_dir())), prompt_len)
+    runs = _variants(ids, dtypes, compare)
+    times: dict[tuple[str, str], dict[int, list[float]]] = {k: {1: [], new_tokens: []} for k in runs}
+    for fn in runs.values():
+        fn(4)  # warm-up
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            for n in (1, new_tokens):
+                t = time.perf_counter()
+                fn(n)
+                times[key][n].append(time.perf_counter() - t)
+    rows = [{"engine": e, "dtype": d,
+             "tok_s": (new_tokens - 1) / (statistics.median(t[new_tokens]) - statistics.median(t[1]))}
+            for (e, d), t in times.items()]
     return {"workload": "cpu", "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)",
-            "batch": 1, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "batch": 1, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
+            "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "torch": torch.__version__, "date": date.today().isoformat(), "rows": rows}
 
 
@@ -77,9 +95,3 @@ def table(result: dict) -> str:
         ratio = r["tok_s"] / base[r["dtype"]] if r["dtype"] in base else float("nan")
         lines.append(f"{r['engine']:<14}{r['dtype']:<10}{r['tok_s']:>8.1f}{ratio:>8.2f}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    res = run()
-    print(json.dumps(res, indent=1))
-    print(table(res))

@@ -90,12 +90,25 @@ def convert(gguf: Path, dest: Path, progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def default_cache_dir() -> Path:
+    """FASTLLM_CACHE, else $XDG_CACHE_HOME/fastllm, else ~/.cache/fastllm."""
+    if os.environ.get("FASTLLM_CACHE"):
+        return Path(os.environ["FASTLLM_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastllm"
+
+
+def cached_model_dir(gguf: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """The HF directory a GGUF file converts to (the embedded default model when None)."""
+    gguf = gguf or default_model_file()
+    return Path(cache_dir or default_cache_dir()) / "gguf" / file_sha256(gguf)[:32]
+
+
 class GGUFLoader:
     api_version = 1
 
     def load(self, model: str | None, ctx: LoadContext) -> LoadedModel:
         gguf = resolve_gguf(model)
-        cached = Path(ctx.cache_dir) / "gguf" / file_sha256(gguf)[:32]
+        cached = cached_model_dir(gguf, ctx.cache_dir)
         if not (cached / "model.safetensors").exists():
             convert(gguf, cached, ctx.progress)
         loaded = SafetensorsLoader().load(str(cached), ctx)
