@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import queue
 import threading
 import time
@@ -20,12 +19,11 @@ from pydantic import ValidationError
 from . import registry
 from .config import EngineConfig
 from .core import cpu
-from .core.detokenizer import Detokenizer
+from .core.inputs import InputProcessor
 from .core.model_runner import ModelRunner
 from .core.request import Request, Status
 from .core.sampler import Sampler
-from .errors import (ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, PromptTooLongError,
-                     describe_validation_error)
+from .errors import ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, describe_validation_error
 from .outputs import RequestOutput, StreamChunk
 from .sampling import SamplingParams
 from .stages.base import KVSpec, LoadContext
@@ -70,7 +68,6 @@ class Engine:
         self.dtype = DTYPES.get(config.dtype) or default_dtype(self.device)
         ctx = LoadContext(self.device, self.dtype, config.allow_pickle, _cache_dir(config), config.progress, config.tokenizer)
         self._build(config, ctx)
-        self._ids = itertools.count()
         self._requests: dict[str, Request] = {}  # engine thread only
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -118,7 +115,8 @@ class Engine:
         self.speculator = registry.create("speculator", config.speculator.name, config.speculator.options)
         self.sampler = Sampler(self.device, config.seed)
         self.runner = ModelRunner(model, self.attention, self.device)
-        self._tok_lock = threading.Lock()
+        self.inputs = InputProcessor(self.tokenizer, self.model_name, self.vocab_size, self.max_model_len,
+                                     getattr(self.attention, "capacity_tokens", None), self.device)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> None:
@@ -207,62 +205,10 @@ class Engine:
                 self._aborts.append(request_id)
                 self._cv.notify()
 
-    # ---- request validation (caller's thread) -------------------------------------------
-    def _params(self, params: SamplingParams | dict | None) -> SamplingParams:
-        if params is None:
-            return SamplingParams()
-        if isinstance(params, SamplingParams):
-            return params
-        if isinstance(params, dict):
-            try:
-                return SamplingParams(**params)
-            except ValidationError as e:
-                raise InvalidRequestError(f"invalid sampling parameters: {describe_validation_error(e)}") from e
-        raise InvalidRequestError(f"params must be SamplingParams or a dict, got {type(params).__name__}")
-
-    def _encode(self, prompt: Any, add_special_tokens: bool) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt is an empty string; give at least one character")
-            if self.tokenizer is None:
-                raise InvalidRequestError(
-                    f"{self.model_name} has no tokenizer; pass prompts as {{'prompt_token_ids': [...]}}")
-            with self._tok_lock:
-                ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            if not ids:
-                raise InvalidRequestError("the prompt encodes to no tokens")
-            return prompt, ids
-        if isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not ids or not all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise InvalidRequestError("prompt_token_ids must be a non-empty list of ints")
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-            return None, list(ids)
-        raise InvalidRequestError(
-            f"a prompt must be a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
-
     def _make_request(self, prompt: Any, params: Any, sink, add_special_tokens: bool = True) -> Request:
         if self._closed:
             raise EngineClosedError("the engine is closed; build a new Engine")
-        sp = self._params(params)
-        text, ids = self._encode(prompt, add_special_tokens)
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
-                f"(max_model_len) and one more is needed to generate. Shorten the prompt")
-        req = Request(str(next(self._ids)), text, ids, sp, sink, self.max_model_len)
-        cap = getattr(self.attention, "capacity_tokens", None)
-        if cap is not None and req.max_tokens_total > cap:
-            raise PromptTooLongError(
-                f"prompt + max_tokens = {req.max_tokens_total} tokens exceed the KV cache ({cap} tokens)")
-        if self.tokenizer is not None:
-            req.detokenizer = Detokenizer(self.tokenizer, ids, sp.stop)
-        if sp.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(sp.seed)
-        return req
+        return self.inputs.request(prompt, params, sink, add_special_tokens)
 
     # ---- public API ---------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -384,13 +330,7 @@ class Engine:
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text the model's chat template makes of `messages`."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"{self.model_name} has no chat template; use generate()")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in messages):
-            raise InvalidRequestError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        with self._tok_lock:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.inputs.render_chat(messages)
 
     def chat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> RequestOutput:
         """Reply to a conversation, rendered with the model's chat template."""
