@@ -74,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable (default: both)")
     cpu.add_argument("--no-compare", action="store_true", help="skip the transformers baseline")
     cpu.add_argument("--json", metavar="PATH", help="also write the raw result as JSON")
+    lat = work.add_parser("latency", help="one batch, greedy, EOS ignored: decode speed against the bandwidth floor")
+    lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--repeats", type=int, default=3)
+    thr = work.add_parser("throughput", help="many requests at once: output and total tok/s")
+    thr.add_argument("--num-requests", type=int, default=1000)
+    thr.add_argument("--input-len", type=int, default=128)
+    thr.add_argument("--output-len", type=int, default=128)
+    thr.add_argument("--mix", choices=["fixed", "sharegpt"], default="fixed",
+                     help="fixed lengths, or a synthetic ShareGPT-like long-tailed mix")
+    thr.add_argument("--compare-requests", type=int, default=256, help="requests given to the HF baseline")
+    for p, default in ((lat, "dummy:llama-2-7b"), (thr, "dummy:llama-3-8b")):
+        p.add_argument("--compare", choices=["transformers"], help="run this baseline in the same process")
+        p.add_argument("--json", metavar="PATH")
+        p.add_argument("--plot", metavar="PNG")
+        _add_engine_options(p)
+        p.set_defaults(model=default)
     return parser
 
 
@@ -158,6 +176,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload in ("latency", "throughput"):
+        return _bench_gpu(args)
     from .bench import cpu
 
     result = cpu.run(new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats,
@@ -166,6 +186,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     print(cpu.table(result))
+    return 0
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from .bench import common, gpu
+
+    opts = {k: getattr(args, k) for k in (*STAGES, "dtype", "device", "max_model_len") if getattr(args, k) is not None}
+    compare = args.compare == "transformers"
+    if args.workload == "latency":
+        res = gpu.latency(args.model, args.batch, args.input_len, args.output_len, args.repeats, compare, opts)
+        floor = res["floor_tok_s"]
+        print(f"{res['device']}  {args.model}  batch {args.batch}  floor {floor:.1f} tok/s per sequence "
+              f"({res['weight_bytes'] / 1e9:.2f} GB at {res['copy_bandwidth_Bps'] / 1e12:.2f} TB/s)")
+        print(f"{'engine':<24}{'ms/token':>10}{'tok/s':>10}{'of floor':>10}")
+        for r in res["rows"]:
+            print(f"{r['engine']:<24}{r['ms_per_token']:>10.2f}{r['tok_s']:>10.1f}{r['seq_tok_s'] / floor:>10.0%}")
+        bars, title = {r["engine"]: r["tok_s"] for r in res["rows"]}, "decode tok/s"
+    else:
+        res = gpu.throughput(args.model, args.num_requests, args.input_len, args.output_len, args.mix,
+                             compare, args.compare_requests, opts)
+        print(f"{res['device']}  {args.model}  mix {args.mix}")
+        print(f"{'engine':<30}{'requests':>9}{'output tok/s':>14}{'total tok/s':>13}")
+        for r in res["rows"]:
+            print(f"{r['engine']:<30}{r['requests']:>9}{r['output_tok_s']:>14.0f}{r['total_tok_s']:>13.0f}")
+        bars, title = {r["engine"]: r["output_tok_s"] for r in res["rows"]}, "output tok/s"
+    common.save(res, args.json, args.plot, f"{res['device']} {args.model} {args.workload}: {title}", bars)
     return 0
 
 

@@ -1,0 +1,77 @@
+"""Shared pieces of `fastllm bench`: the copy-bandwidth floor, HF baselines, JSON and plots."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s (bytes read + bytes written), median of repeats."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * (nbytes // 2) / sorted(times)[len(times) // 2]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, tied tensors counted once (opaque packed CPU weights too)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = id(t) if t.is_mkldnn else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def hf_model(shape: str, dtype: torch.dtype, device: torch.device):
+    """HF transformers' model of a dummy shape with random weights, for the baseline."""
+    from transformers import AutoModelForCausalLM
+
+    from ..stages.loaders.dummy import shape_config
+
+    cfg = shape_config(shape)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def save(result: dict, json_path: str | None, plot_path: str | None, title: str, bars: dict[str, float]) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    if plot_path:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no plot written")
+            return
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        names = list(bars)
+        ax.barh(names, [bars[n] for n in names], color=["#3b7dd8" if "fastllm" in n else "#999" for n in names])
+        for i, n in enumerate(names):
+            ax.text(bars[n], i, f" {bars[n]:,.0f}", va="center")
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+        fig.tight_layout()
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot_path, dpi=120)
