@@ -14,8 +14,8 @@ DEFAULT_STAGES = {
     "quantizer": "none",
     "pruner": "none",
     "parallelizer": "single",
-    "attention": "sdpa",
-    "batcher": "static",
+    "attention": "auto",
+    "batcher": "auto",
     "speculator": "none",
 }
 
@@ -52,8 +52,9 @@ class EngineConfig(BaseModel):
     dtype: DType = "auto"
     device: str = "auto"
     max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(16, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_num_seqs: int | None = Field(None, ge=1)  # None: 256 on CUDA, 16 on the CPU
+    max_num_batched_tokens: int | None = Field(None, ge=16)  # None: 8192 on CUDA, 2048 on the CPU
+    cuda_graphs: bool = True
     seed: int = 0
     allow_pickle: bool = False
     cache_dir: str | None = None
@@ -81,7 +82,7 @@ class EngineConfig(BaseModel):
     def _parse_stage(cls, value: Any, info) -> StageSpec:
         spec = StageSpec.parse(value)
         stage = info.field_name
-        valid = registry.names(stage) + (["auto"] if stage == "loader" else [])
+        valid = registry.names(stage) + (["auto"] if stage in ("loader", "attention", "batcher") else [])
         if spec.name not in valid:
             raise ValueError(f"unknown {stage} {spec.name!r}; valid {stage} names: {valid}")
         return spec

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from . import registry
 from .config import EngineConfig
 from .core import cpu
+from .core.cuda_graphs import DecodeGraphs
 from .core.inputs import InputProcessor
 from .core.model_runner import ModelRunner
 from .core.request import Request, Status
@@ -30,6 +32,7 @@ from .stages.base import KVSpec, LoadContext
 from .stages.loaders.auto import choose_loader
 
 Prompt = str | dict
+log = logging.getLogger("fastllm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,13 +111,26 @@ class Engine:
                               f"({loaded.max_model_len}); use a value <= {loaded.max_model_len}")
         self.vocab_size = model.config.vocab_size
         layers, heads, kv_heads, head_dim = model.attn_shape
-        self.attention = registry.create("attention", config.attention.name, config.attention.options)
+        cuda = self.device.type == "cuda"
+        # the GPU fast path by default on CUDA; the lean baseline (fastest at batch 1) on the CPU
+        attention = config.attention.name if config.attention.name != "auto" else ("paged" if cuda else "sdpa")
+        batcher = config.batcher.name if config.batcher.name != "auto" else ("continuous" if cuda else "static")
+        max_seqs = config.max_num_seqs or (256 if cuda else 16)
+        self.attention = registry.create("attention", attention, config.attention.options)
         self.attention.setup(KVSpec(layers, heads, kv_heads, head_dim, self.dtype, self.device, head_dim ** -0.5))
-        self.batcher = registry.create("batcher", config.batcher.name, config.batcher.options)
-        self.batcher.setup(self.attention, config.max_num_seqs, config.max_num_batched_tokens)
+        self.batcher = registry.create("batcher", batcher, config.batcher.options)
+        self.batcher.setup(self.attention, max_seqs, config.max_num_batched_tokens or (8192 if cuda else 2048))
+        if hasattr(self.attention, "describe"):
+            log.info(self.attention.describe())
         self.speculator = registry.create("speculator", config.speculator.name, config.speculator.options)
         self.sampler = Sampler(self.device, config.seed)
-        self.runner = ModelRunner(model, self.attention, self.device)
+        graphs = None
+        if cuda and config.cuda_graphs and hasattr(self.attention, "decode_meta"):
+            graphs = DecodeGraphs(model, self.attention, self.device, min(max_seqs, 512),
+                                  -(-self.max_model_len // self.attention.block_size), model.config.hidden_size, self.dtype)
+            graphs.capture()
+            log.info("captured CUDA graphs for decode batch sizes %s in %.1f s", graphs.sizes, graphs.capture_seconds)
+        self.runner = ModelRunner(model, self.attention, self.device, graphs)
         self.inputs = InputProcessor(self.tokenizer, self.model_name, self.vocab_size, self.max_model_len,
                                      getattr(self.attention, "capacity_tokens", None), self.device)
 

@@ -11,8 +11,8 @@ from .request import Batch, Request
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, attention, device: torch.device):
-        self.model, self.attention, self.device = model, attention, device
+    def __init__(self, model: nn.Module, attention, device: torch.device, graphs=None):
+        self.model, self.attention, self.device, self.graphs = model, attention, device, graphs
         self._score_ids = itertools.count()
 
     @torch.inference_mode()
@@ -22,7 +22,9 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)  # [T]
         meta = self.attention.plan(batch)
-        hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta, batch))
+        hidden = self.graphs.run(input_ids, positions, meta) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta, batch))
         ends = list(itertools.accumulate(batch.num_new))
         last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, last))
