@@ -24,16 +24,44 @@ PACKED = {
 }
 
 
+_FUSED = None
+
+
+def fused_ops(x: torch.Tensor):
+    """fastllm.kernels.fused for CUDA tensors when Triton is there, else None (torch ops)."""
+    global _FUSED
+    if not x.is_cuda:
+        return None
+    if _FUSED is None:
+        try:
+            from ..kernels import fused
+            _FUSED = fused
+        except ImportError:
+            _FUSED = False
+    return _FUSED or None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual: (norm(x + residual), x + residual) in one pass."""
+        fused = fused_ops(x)
+        if fused is not None:
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.eps)
+            residual = residual.contiguous()
+            return fused.rms_norm(x, self.weight, self.eps, residual), residual
+        if residual is not None:
+            residual = x + residual
+            x = residual
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        out = self.weight * h.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_parameters(cfg) -> dict:
@@ -74,10 +102,15 @@ class Rotary(nn.Module):
         self.inv_freq = inv.float().to(self.inv_freq.device)
         self.scaling = float(scaling)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """A function that rotates x [T, heads, D] at these positions (in place on CUDA)."""
+        fused = fused_ops(positions)
+        if fused is not None:
+            return lambda x: fused.rotary_(x, positions, self.inv_freq, self.scaling)
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        cos, sin = (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        return lambda x: apply_rotary(x, cos, sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,11 +134,11 @@ class LlamaAttention(nn.Module):
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         return qk  # [T, H + KVH, D]; Qwen3 normalises each head here
 
-    def forward(self, x: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x).view(T, -1, self.head_dim)  # [T, H + 2*KVH, D]
         # q and k heads are adjacent: one rotary pass covers both
-        qk = apply_rotary(self.qk_norm(qkv[:, :H + self.num_kv_heads]), cos, sin)
+        qk = rope(self.qk_norm(qkv[:, :H + self.num_kv_heads]))
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.num_kv_heads:]
         o = ctx.attention.forward(self.layer_idx, q, k, v, ctx.meta)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
@@ -123,7 +156,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
+        fused = fused_ops(gate_up)
+        if fused is not None:
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -137,9 +174,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope, ctx: ForwardContext):
+        """Returns (this layer's MLP output, the residual stream before adding it): the add is
+        fused into the next RMSNorm."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, ctx), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -156,10 +199,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary(positions, h.dtype)
+        rope = self.rotary(positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.norm(h)
+            h, residual = layer(h, residual, rope, ctx)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

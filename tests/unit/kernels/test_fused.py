@@ -1,0 +1,62 @@
+"""Fused Triton ops against the model's torch ops, on odd shapes (interpreted on the CPU)."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton loads (tests/conftest.py does it too)
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return importlib.import_module("fastllm.kernels.fused")
+
+
+def ref_norm(x, w, eps):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, N", [(1, 64), (7, 96), (3, 576)])
+def test_rms_norm_with_and_without_residual(fused, dtype, T, N):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    x = torch.randn(T, N, dtype=dtype, device=DEV)
+    w = (1 + 0.3 * torch.randn(N)).to(dtype).to(DEV)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), ref_norm(x, w, 1e-6), rtol=tol, atol=tol)
+    res = torch.randn(T, N, dtype=dtype, device=DEV)
+    want_res = x + res
+    out = fused.rms_norm(x, w, 1e-6, residual=res)
+    torch.testing.assert_close(res, want_res, rtol=tol, atol=tol)  # updated in place
+    torch.testing.assert_close(out, ref_norm(want_res, w, 1e-6), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_on_a_strided_view(fused, dtype):
+    from fastllm.models.llama import apply_rotary
+
+    T, H, KVH, D = 5, 6, 2, 64
+    qkv = torch.randn(T, H + 2 * KVH, D, dtype=dtype, device=DEV)
+    pos = torch.tensor([0, 3, 17, 250, 1023], device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float, device=DEV) / D))
+    freqs = pos[:, None].float() * inv[None]
+    emb = torch.cat((freqs, freqs), -1)[:, None]
+    want = apply_rotary(qkv[:, :H + KVH].float(), emb.cos(), emb.sin())
+    untouched = qkv[:, H + KVH:].clone()
+    fused.rotary_(qkv[:, :H + KVH], pos, inv)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(qkv[:, :H + KVH].float(), want, rtol=tol, atol=tol)
+    assert torch.equal(qkv[:, H + KVH:], untouched)
+
+
+@pytest.mark.parametrize("T, N", [(1, 37), (4, 1536)])
+def test_silu_and_mul(fused, T, N):
+    x = torch.randn(T, 2 * N, device=DEV)
+    want = torch.nn.functional.silu(x[:, :N]) * x[:, N:]
+    torch.testing.assert_close(fused.silu_and_mul(x), want, rtol=1e-5, atol=1e-5)
