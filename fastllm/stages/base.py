@@ -76,7 +76,20 @@ class KVSpec:
 
 @runtime_checkable
 class AttentionBackend(Protocol):
-    """Owns the KV cache; stores new K/V and attends for each layer of a flat batch."""
+    """Owns the KV cache; stores new K/V and attends for each layer of a flat batch.
+
+    `allocate` gives a sequence room for `num_tokens` at once (static batching). A paged backend
+    (attention="paged") also lets a sequence grow and share cached prefixes; a batcher that
+    needs these optional methods (batcher="continuous") checks for them at setup:
+
+    - `match_prefix(seq_id, token_ids) -> int`: start the sequence with the cached KV of its
+      longest prefix of full blocks; return the tokens it covers (never the last token).
+    - `reserve(seq_id, num_tokens) -> bool`: grow the sequence to hold `num_tokens`; False, with
+      nothing changed, when memory is short (the batcher then preempts someone).
+    - `cache_full_blocks(seq_id, token_ids, num_computed)`: after a step ran, publish the
+      sequence's blocks now full of computed KV, so later prefixes can hit them.
+
+    `free(seq_id)` gives back whatever the sequence holds, allocated or reserved."""
 
     api_version: int
 

@@ -24,6 +24,8 @@ STEPS = [
     ("decode", [("b", 1), ("c", 1), ("d", 1), ("e", 1)]),
 ]
 FREE_AFTER = {3: ["a"]}  # step index -> sequences freed after it
+PAGING = ("match_prefix", "reserve", "cache_full_blocks")
+SHARED = list(range(7000, 7040))  # a 40-token prefix that the paging check's sequences share
 
 
 def _poison(device: torch.device, numel: int, dtype: torch.dtype) -> None:
@@ -39,7 +41,11 @@ def check_attention(backend, *, num_layers: int = 2, num_heads: int = 6, num_kv_
     """Drive a fresh, not yet set-up `backend` through prefill, decode and chunked-prefill steps
     of several sequences (GQA, a non-default scale) and compare every output element with eager
     float64 attention; then check allocate/free/can_allocate bookkeeping. The backend needs room
-    for sum(LENGTHS) tokens of this spec."""
+    for sum(LENGTHS) tokens of this spec.
+
+    A paged backend (one with match_prefix, reserve and cache_full_blocks) is also driven the way
+    a continuous batcher drives it: sequences grow block by block, and ones that share a prefix
+    with a computed (live or freed) sequence must attend over that sequence's cached K/V."""
     check_api_version(backend, "attention")
     device = torch.device(device)
     atol = ATOL.get(dtype, 4e-2) if atol is None else atol
@@ -110,6 +116,8 @@ def check_attention(backend, *, num_layers: int = 2, num_heads: int = 6, num_kv_
     for s in hist:
         if s not in sum(FREE_AFTER.values(), []):
             backend.free(s)
+    if all(callable(getattr(backend, m, None)) for m in PAGING):
+        _check_paging(backend, name, spec, atol, g)
     after = [backend.can_allocate(n) for n in probes]
     assert after == before, (f"{name}: after every sequence was freed, can_allocate{tuple(probes)} is "
                              f"{after}, but was {before} on the empty cache: freed KV is not given back")
@@ -127,3 +135,52 @@ def _check_capacity(backend, name: str) -> None:
     assert not backend.can_allocate(1), f"{name}: can_allocate(1) is True while capacity_tokens={cap} are in use"
     backend.free("full")
     assert backend.can_allocate(cap), f"{name}: can_allocate({cap}) is False after the only sequence was freed"
+
+
+def _check_paging(backend, name: str, spec: KVSpec, atol: float, g: torch.Generator) -> None:
+    """Grow sequences with reserve, publish their blocks, and start others from the cache."""
+    L, kvh, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    hist: dict[str, list[list[torch.Tensor]]] = {}
+
+    def run(seq: str, tokens: list[int], start: int, n: int, prefix_of: str | None = None) -> None:
+        r = fake_request(seq, tokens, max_tokens=1)
+        r.num_computed = start
+        if seq not in hist:  # the cached part of its K/V is that of the sequence it shares a prefix with
+            hist[seq] = [[kv[:start] for kv in hist[prefix_of][layer]] if start else
+                         [torch.zeros(0, kvh, d, dtype=torch.float64)] * 2 for layer in range(L)]
+        assert backend.reserve(seq, start + n), f"{name}: reserve({seq!r}, {start + n}) is False with room"
+        meta = backend.plan(Batch([r], [n]))
+        for layer in range(L):
+            q = torch.randn(n, spec.num_heads, d, generator=g).to(spec.dtype).to(spec.device)
+            k, v = (torch.randn(n, kvh, d, generator=g).to(spec.dtype).to(spec.device) for _ in range(2))
+            out = backend.forward(layer, q, k, v, meta)
+            kh, vh = (torch.cat([h, x.double().cpu()]) for h, x in zip(hist[seq][layer], (k, v)))
+            hist[seq][layer] = [kh, vh]
+            err = (out.double().cpu() - eager_attention(q.cpu(), kh, vh, start, spec.scale)).abs().max().item()
+            assert err <= atol, (f"{name}: paged sequence {seq!r} (cached {start}, new {n}), layer {layer}: "
+                                 f"max |out - eager| = {err:.3g} > atol {atol:.3g}")
+        backend.cache_full_blocks(seq, tokens, start + n)
+
+    t0 = SHARED + [1, 2, 3, 4]
+    c0 = backend.match_prefix("p0", t0)
+    assert c0 == 0, f"{name}: match_prefix found {c0} cached tokens of a prefix never computed"
+    run("p0", t0, 0, 30)  # a chunk, then the rest of the prompt, then one decode step
+    run("p0", t0, 30, 14)
+    t0 = t0 + [5]
+    run("p0", t0, 44, 1)
+    for seq, tokens, owner in [("p1", SHARED + [9] * 7, "p0"), ("p2", t0 + [6], "p0")]:
+        if seq == "p2":
+            backend.free("p0")  # freed blocks keep their K/V for a later hit
+            backend.free("p1")
+        cached = backend.match_prefix(seq, tokens)
+        common = next((i for i, (a, b) in enumerate(zip(tokens, t0)) if a != b), len(t0))
+        assert 0 <= cached <= min(common, len(tokens) - 1), (
+            f"{name}: match_prefix({seq!r}) found {cached} cached tokens; it shares {common} with a computed "
+            f"sequence and the last of its {len(tokens)} tokens must be computed")
+        run(seq, tokens, cached, len(tokens) - cached, prefix_of=owner)
+    backend.free("p2")
+    cap = getattr(backend, "capacity_tokens", None)
+    if cap is not None and cap <= 1 << 16:
+        assert not backend.reserve("big", cap + 1), f"{name}: reserve of capacity_tokens + 1 = {cap + 1} is True"
+        assert backend.can_allocate(cap), f"{name}: a reserve that failed kept some KV"
+        backend.free("big")

@@ -15,9 +15,16 @@ ABORT_WAITING = 11  # aborted in the step it arrives, before any schedule
 ABORT_RUNNING = 3  # aborted once part of its prompt is computed
 
 
+PAGING = ("match_prefix", "reserve", "cache_full_blocks")
+
+
 class TrackingAttention:
     """Stands in for the attention backend (or wraps a real one) and records what the batcher
-    allocates and frees. A second allocate or a free of nothing fails at once."""
+    allocates and frees. A second allocate or a free of nothing fails at once.
+
+    It offers the paging verbs (match_prefix, reserve, cache_full_blocks) when it wraps no
+    backend (a fake paged cache of `capacity_tokens` tokens that never hits a prefix) or one
+    that has them."""
 
     api_version = 1
 
@@ -28,6 +35,9 @@ class TrackingAttention:
         self.preempted: set[str] = set()
         self.finishing: str | None = None
         self.errors: list[str] = []
+        if inner is None or all(callable(getattr(inner, m, None)) for m in PAGING):
+            self.match_prefix, self.reserve, self.cache_full_blocks = (
+                self._match_prefix, self._reserve, self._cache_full_blocks)
 
     def __getattr__(self, name: str) -> Any:  # anything else a batcher needs from a real backend
         inner = self.__dict__.get("inner")
@@ -68,6 +78,35 @@ class TrackingAttention:
         if self.inner is not None:
             self.inner.free(seq_id)
 
+    def _match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+        if seq_id in self.held:
+            self._fail(f"the batcher looked up the prefix of {seq_id!r}, which already holds KV "
+                       "(a sequence starts from the prefix cache once, before its first reserve)")
+        cached = self.inner.match_prefix(seq_id, token_ids) if self.inner is not None else 0
+        if not 0 <= cached < len(token_ids):
+            self._fail(f"match_prefix({seq_id!r}) of {len(token_ids)} tokens returned {cached}; the last "
+                       "token is never cached")
+        self.held[seq_id] = cached
+        return cached
+
+    def _reserve(self, seq_id: str, num_tokens: int) -> bool:
+        have = self.held.get(seq_id, 0)
+        if self.inner is not None:
+            ok = self.inner.reserve(seq_id, num_tokens)
+        else:
+            ok = (self.capacity_tokens is None
+                  or sum(self.held.values()) - have + max(have, num_tokens) <= self.capacity_tokens)
+        if ok:
+            self.held[seq_id] = max(have, num_tokens)
+        return ok
+
+    def _cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        if num_computed > self.held.get(seq_id, 0):
+            self._fail(f"cache_full_blocks({seq_id!r}, num_computed={num_computed}) while it holds KV for "
+                       f"{self.held.get(seq_id, 0)} tokens (freed, or never reserved)")
+        if self.inner is not None:
+            self.inner.cache_full_blocks(seq_id, token_ids, num_computed)
+
     def plan(self, batch: Batch) -> Any:
         return self.inner.plan(batch) if self.inner is not None else None
 
@@ -82,10 +121,13 @@ def check_batcher(batcher, *, max_num_seqs: int = 4, max_num_batched_tokens: int
     long enough to need chunked prefill, one aborted while waiting and one while running. Checks:
     every token of every request is scheduled exactly once and in order, each batch keeps to
     max_num_seqs and the token budget, scheduled tokens have KV allocated, finish() frees KV
-    exactly once, requests() and has_work() tell the truth, and no request is lost.
+    exactly once, requests() and has_work() tell the truth, and no request is lost. A batcher
+    may preempt (free a running request's KV); the request then resumes at or before the token
+    it had reached.
 
     `attention`: a real backend already set up, whose own bookkeeping the batcher may need
-    (default: a fake with `kv_capacity_tokens` tokens of room)."""
+    (default: a fake with `kv_capacity_tokens` tokens of room, which also offers the paging
+    verbs match_prefix / reserve / cache_full_blocks of a paged backend)."""
     check_api_version(batcher, "batcher")
     name = type(batcher).__name__
     attn = TrackingAttention(kv_capacity_tokens, inner=attention)

@@ -1,0 +1,236 @@
+"""`attention="paged"`: one preallocated KV cache cut into fixed-size blocks, with automatic
+prefix caching. Sequences hold block tables (fastllm.core.kv_cache.BlockPool), so memory is
+given out a block at a time as they grow, and full blocks of a shared prefix are computed once.
+
+On CUDA, attention runs the Triton kernels of fastllm.kernels.paged_attention (imported only
+there); on the CPU, a torch path gathers each sequence's blocks and runs
+scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...core.kv_cache import NULL_BLOCK, BlockPool
+from ...core.request import Batch
+from ...errors import ConfigError
+from ..base import KVSpec
+
+GiB = 1 << 30
+CPU_DEFAULT_MEMORY = GiB
+ACTIVATION_RESERVE = GiB  # left free on the GPU for activations, logits and the allocator's slack
+DECODE_SPLITS = 8  # split-K partitions of paged_decode (flash-decoding)
+
+
+@dataclass
+class PagedMeta:
+    """One step's attention metadata. Tensors are on the cache's device; the host ints let
+    forward() choose a kernel and size grids without a device sync."""
+
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor  # int32 [B, max_blocks], padded with the null block 0
+    seq_lens: torch.Tensor  # int32 [B]: keys in the cache once this step's tokens are stored
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]: row offsets of each sequence in the flat batch
+    query_lens: list[int]
+    context_lens: list[int]  # seq_lens on the host
+    decode_only: bool
+    max_query_len: int
+    max_seq_len: int
+    # CPU path only: the cache slots of every key each sequence reads. Decode steps: int64
+    # [B, max_seq_len], padded with slot 0 of the zeroed null block, and key_mask bool
+    # [B, 1, 1, max_seq_len] (one batched attention); other steps: int64 [sum(seq_lens)].
+    key_slots: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    # kernel path, decode steps: fp32 [B, H, splits, D + 1] partial results of paged_decode, shared
+    # by all layers (a CUDA-graph runner swaps in a slice of a static one)
+    decode_scratch: torch.Tensor | None = None
+
+
+class PagedAttention:
+    api_version = 1
+
+    def __init__(self, block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True):
+        """block_size: tokens per block. kv_cache_memory: bytes of the cache (default: on CUDA,
+        gpu_memory_utilization of the GPU less what is in use and an activation reserve; on the
+        CPU 1 GiB). enable_prefix_caching: reuse computed full blocks of shared prefixes."""
+        if block_size < 1:
+            raise ConfigError(f"paged attention: block_size must be >= 1, got {block_size}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"paged attention: gpu_memory_utilization is a fraction in (0, 1], "
+                              f"got {gpu_memory_utilization}")
+        if kv_cache_memory is not None and kv_cache_memory <= 0:
+            raise ConfigError(f"paged attention: kv_cache_memory is bytes > 0, got {kv_cache_memory}")
+        self.block_size = block_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_memory = kv_cache_memory
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def setup(self, spec: KVSpec) -> None:
+        if spec.device.type not in ("cuda", "cpu"):
+            raise ConfigError(f"paged attention runs on 'cuda' or 'cpu', not {spec.device.type!r}; "
+                              "use attention='sdpa'")
+        self.spec = spec
+        # fp32 on the CPU, as in sdpa.py: torch's bf16 CPU attention is slow for decode
+        self.kv_dtype = torch.float32 if spec.device.type == "cpu" else spec.dtype
+        elt = torch.empty((), dtype=self.kv_dtype).element_size()
+        self.block_bytes = 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elt
+        budget = self.kv_cache_memory or self._default_budget(spec.device)
+        num_blocks = budget // self.block_bytes
+        if num_blocks < 2:
+            raise ConfigError(f"paged attention: {budget} bytes of KV cache hold {num_blocks} blocks of "
+                              f"{self.block_bytes} bytes; at least 2 are needed. Raise kv_cache_memory or "
+                              f"gpu_memory_utilization, or lower block_size")
+        shape = (spec.num_layers, 2, num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        # zeroed on the GPU so kernels never meet NaN in padding; CPU pages stay untouched until used
+        make = torch.zeros if spec.device.type == "cuda" else torch.empty
+        self.kv = make(shape, dtype=self.kv_dtype, device=spec.device)  # [L, 2, NB, bs, KVH, D]
+        self.pool = BlockPool(num_blocks, self.block_size, self.enable_prefix_caching)
+        self._kernels = None
+        if spec.device.type == "cuda":
+            if self.block_size & (self.block_size - 1):
+                raise ConfigError(f"paged attention on CUDA needs a power-of-two block_size (the Triton "
+                                  f"kernels tile by it), got {self.block_size}; try 16")
+            from ...kernels import paged_attention
+
+            self._kernels = paged_attention
+        else:
+            self.kv[:, :, NULL_BLOCK].zero_()  # padded keys read zeros, never NaN
+
+    def _default_budget(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return CPU_DEFAULT_MEMORY
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total * self.gpu_memory_utilization) - (total - free) - ACTIVATION_RESERVE
+
+    # ---- sizes ----------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.pool.num_blocks - 1) * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def describe(self, max_model_len: int | None = None) -> str:
+        gib = self.kv.numel() * self.kv.element_size() / GiB
+        line = (f"KV cache: {self.num_blocks - 1} blocks x {self.block_size} = {self.capacity_tokens} tokens "
+                f"({gib:.3g} GiB)")
+        if max_model_len:
+            line += f"; {self.capacity_tokens // max_model_len} sequences of max_model_len={max_model_len} fit"
+        return line
+
+    # ---- blocks (delegated to the pool) ---------------------------------------------------
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.pool.can_allocate(num_tokens)
+
+    def allocate(self, seq_id: str, num_tokens: int) -> None:
+        self.pool.allocate(seq_id, num_tokens)
+
+    def free(self, seq_id: str) -> None:
+        self.pool.free(seq_id)
+
+    def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+        return self.pool.match_prefix(seq_id, token_ids)
+
+    def reserve(self, seq_id: str, num_tokens: int) -> bool:
+        return self.pool.reserve(seq_id, num_tokens)
+
+    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        self.pool.cache_full_blocks(seq_id, token_ids, num_computed)
+
+    # ---- the step -------------------------------------------------------------------------
+    def plan(self, batch: Batch) -> PagedMeta:
+        bs, dev = self.block_size, self.spec.device
+        tables = [self.pool.block_table(r.id) for r in batch.requests]
+        seq_lens = [s + n for s, n in zip(batch.start, batch.num_new)]
+        slots: list[int] = []
+        for t, s, n in zip(tables, batch.start, batch.num_new):
+            slots.extend(t[p // bs] * bs + p % bs for p in range(s, s + n))
+        used = [-(-L // bs) for L in seq_lens]  # blocks each sequence reads
+        width = max(used)
+        tables_t = torch.tensor([t[:u] + [NULL_BLOCK] * (width - u) for t, u in zip(tables, used)],
+                                dtype=torch.int32)
+        host = dict(slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=tables_t,
+                    seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                    cu_seqlens_q=torch.tensor([0, *itertools.accumulate(batch.num_new)], dtype=torch.int32))
+        meta = PagedMeta(**host, query_lens=list(batch.num_new), context_lens=seq_lens,
+                         decode_only=max(batch.num_new) == 1, max_query_len=max(batch.num_new),
+                         max_seq_len=max(seq_lens))
+        if dev.type == "cpu":
+            self._plan_cpu(meta)
+        else:
+            for name, t in host.items():
+                setattr(meta, name, t.pin_memory().to(dev, non_blocking=True))
+        if self._kernels is not None and meta.decode_only:
+            meta.decode_scratch = self._kernels.decode_scratch(len(tables), self.spec.num_heads, self.spec.head_dim,
+                                                               DECODE_SPLITS, dev)
+        return meta
+
+    def _plan_cpu(self, meta: PagedMeta) -> None:
+        bs, S = self.block_size, meta.max_seq_len
+        B = len(meta.query_lens)
+        slots = (meta.block_tables.long()[:, :, None] * bs + torch.arange(bs)).view(B, -1)[:, :S]  # [B, S]
+        valid = torch.arange(S)[None, :] < meta.seq_lens[:, None].long()
+        if meta.decode_only:
+            meta.key_slots, meta.key_mask = slots.masked_fill(~valid, NULL_BLOCK * bs), valid[:, None, None, :]
+        else:
+            meta.key_slots = slots[valid]
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: PagedMeta) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D]
+        kc, vc = self.kv[layer, 0], self.kv[layer, 1]  # [NB, bs, KVH, D]
+        scale = self.spec.scale
+        if self._kernels is not None:
+            ops = self._kernels
+            ops.store_kv(k, v, kc, vc, meta.slot_mapping)
+            out = torch.empty_like(q)
+            if meta.decode_only:
+                ops.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, scale, out, DECODE_SPLITS,
+                                 meta.decode_scratch)
+            else:
+                ops.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, scale, out,
+                                  meta.max_query_len)
+            return out
+        return self._forward_cpu(q, k, v, kc, vc, meta)
+
+    def _forward_cpu(self, q, k, v, kc, vc, meta: PagedMeta) -> torch.Tensor:
+        kvh, d = kc.shape[2], kc.shape[3]
+        kc, vc = kc.view(-1, kvh, d), vc.view(-1, kvh, d)  # [slots, KVH, D]
+        kc.index_copy_(0, meta.slot_mapping, k.to(self.kv_dtype))
+        vc.index_copy_(0, meta.slot_mapping, v.to(self.kv_dtype))
+        keys = kc.index_select(0, meta.key_slots.view(-1))  # [keys read, KVH, D]
+        vals = vc.index_select(0, meta.key_slots.view(-1))
+        if meta.decode_only:  # one query per sequence: one attention over the padded batch
+            B, S = meta.key_slots.shape
+            kk = keys.view(B, S, kvh, d).transpose(1, 2)  # [B, KVH, S, D]
+            vv = vals.view(B, S, kvh, d).transpose(1, 2)
+            o_ = F.scaled_dot_product_attention(q[:, :, None].to(self.kv_dtype), kk, vv, attn_mask=meta.key_mask,
+                                                scale=self.spec.scale, enable_gqa=True)  # [B, H, 1, D]
+            return o_[:, :, 0].to(q.dtype)
+        out = torch.empty_like(q)
+        o = b = 0
+        for n, L in zip(meta.query_lens, meta.context_lens):
+            s = L - n  # keys already cached before this step
+            qq = q[o:o + n].transpose(0, 1)[None].to(self.kv_dtype)  # [1, H, n, D]
+            kk = keys[b:b + L].transpose(0, 1)[None]  # [1, KVH, L, D]
+            vv = vals[b:b + L].transpose(0, 1)[None]
+            mask, causal = None, False
+            if n > 1 and s == 0:
+                causal = True
+            elif n > 1:  # a chunk after cached tokens: query i sees keys <= s + i
+                mask = torch.arange(L)[None, :] <= (s + torch.arange(n))[:, None]
+            o_ = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal,
+                                                scale=self.spec.scale, enable_gqa=True)
+            out[o:o + n] = o_[0].transpose(0, 1)
+            o += n
+            b += L
+        return out
