@@ -121,7 +121,7 @@ class Engine:
         self.batcher = registry.create("batcher", batcher, config.batcher.options)
         self.batcher.setup(self.attention, max_seqs, config.max_num_batched_tokens or (8192 if cuda else 2048))
         if hasattr(self.attention, "describe"):
-            log.info(self.attention.describe())
+            log.info(self.attention.describe(self.max_model_len))
         self.speculator = registry.create("speculator", config.speculator.name, config.speculator.options)
         self.sampler = Sampler(self.device, config.seed)
         graphs = None

@@ -34,12 +34,13 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, **z)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, **z)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, **z)
+        self.scratch = attention.decode_scratch(max_bs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def _meta(self, bs: int):
         return self.attention.decode_meta(self.slot_mapping[:bs], self.block_tables[:bs], self.seq_lens[:bs],
-                                          self.cu_seqlens_q[:bs + 1])
+                                          self.cu_seqlens_q[:bs + 1], self.scratch[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:

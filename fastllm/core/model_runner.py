@@ -36,6 +36,11 @@ class ModelRunner:
 
         req = Request(f"score-{next(self._score_ids)}", None, list(token_ids),
                       SamplingParams(max_tokens=1), sink=lambda _: None, max_len=len(token_ids) + 1)
+        if not self.attention.can_allocate(len(token_ids)):
+            from ..errors import PromptTooLongError
+
+            raise PromptTooLongError(f"{len(token_ids)} tokens do not fit the free KV cache now; "
+                                     "retry when fewer requests run, or give the cache more memory")
         self.attention.allocate(req.id, len(token_ids))
         try:
             batch = Batch([req], [len(token_ids)])

@@ -174,6 +174,19 @@ class PagedAttention:
                                                                DECODE_SPLITS, dev)
         return meta
 
+    def decode_scratch(self, batch: int) -> torch.Tensor:
+        """A paged_decode scratch for up to `batch` rows (CUDA graphs keep one for their lifetime)."""
+        return self._kernels.decode_scratch(batch, self.spec.num_heads, self.spec.head_dim, DECODE_SPLITS,
+                                            self.spec.device)
+
+    def decode_meta(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, scratch: torch.Tensor) -> PagedMeta:
+        """Decode metadata over a CUDA-graph runner's static buffers (rows padded with seq_len 0)."""
+        B = seq_lens.shape[0]
+        return PagedMeta(slot_mapping, block_tables, seq_lens, cu_seqlens_q, query_lens=[1] * B,
+                         context_lens=[0] * B, decode_only=True, max_query_len=1,
+                         max_seq_len=block_tables.shape[1] * self.block_size, decode_scratch=scratch)
+
     def _plan_cpu(self, meta: PagedMeta) -> None:
         bs, S = self.block_size, meta.max_seq_len
         B = len(meta.query_lens)
