@@ -34,13 +34,13 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, **z)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, **z)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, **z)
-        self.scratch = attention.decode_scratch(max_bs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.metas: dict[int, object] = {}
         self.capture_seconds = 0.0
 
     def _meta(self, bs: int):
         return self.attention.decode_meta(self.slot_mapping[:bs], self.block_tables[:bs], self.seq_lens[:bs],
-                                          self.cu_seqlens_q[:bs + 1], self.scratch[:bs])
+                                          self.cu_seqlens_q[:bs + 1])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -48,7 +48,9 @@ class DecodeGraphs:
         pool = None
         stream = torch.cuda.Stream(self.device)
         for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its pool
-            ctx = ForwardContext(self.attention, self._meta(bs), None)
+            meta = self._meta(bs)
+            self.metas[bs] = meta  # keeps its scratch alive as long as the graph
+            ctx = ForwardContext(self.attention, meta, None)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up compiles every Triton kernel outside the capture

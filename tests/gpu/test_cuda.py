@@ -61,3 +61,17 @@ def test_close_gives_back_device_memory():
     # and a second model loads in the same process
     with Engine("dummy:smollm2-135m", progress=False) as again:
         assert again.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2))[0].token_ids
+
+
+def test_cuda_graphs_and_continuous_match_eager_static(tiny_dir):
+    g = torch.Generator().manual_seed(5)
+    prompts = [{"prompt_token_ids": torch.randint(0, 300, (n,), generator=g).tolist()} for n in (1, 9, 33, 70, 4)]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    runs = {}
+    for name, opts in {"graphs": {}, "eager": {"cuda_graphs": False},
+                       "static": {"attention": "sdpa", "batcher": "static"}}.items():
+        with Engine(str(tiny_dir), device="cuda", dtype="float32", progress=False, **opts) as eng:
+            runs[name] = [o.token_ids for o in eng.generate(prompts, sp)]
+            if name == "graphs":
+                assert eng.runner.graphs is not None and eng.runner.graphs.graphs
+    assert runs["graphs"] == runs["eager"] == runs["static"]

@@ -22,7 +22,6 @@ from ..base import KVSpec
 GiB = 1 << 30
 CPU_DEFAULT_MEMORY = GiB
 ACTIVATION_RESERVE = GiB  # left free on the GPU for activations, logits and the allocator's slack
-DECODE_SPLITS = 8  # split-K partitions of paged_decode (flash-decoding)
 
 
 @dataclass
@@ -47,6 +46,7 @@ class PagedMeta:
     # kernel path, decode steps: fp32 [B, H, splits, D + 1] partial results of paged_decode, shared
     # by all layers (a CUDA-graph runner swaps in a slice of a static one)
     decode_scratch: torch.Tensor | None = None
+    num_splits: int = 8  # split-K partitions of paged_decode for this batch size
 
 
 class PagedAttention:
@@ -170,22 +170,24 @@ class PagedAttention:
             for name, t in host.items():
                 setattr(meta, name, t.pin_memory().to(dev, non_blocking=True))
         if self._kernels is not None and meta.decode_only:
-            meta.decode_scratch = self._kernels.decode_scratch(len(tables), self.spec.num_heads, self.spec.head_dim,
-                                                               DECODE_SPLITS, dev)
+            meta.num_splits, meta.decode_scratch = self._splits_and_scratch(len(tables))
         return meta
 
-    def decode_scratch(self, batch: int) -> torch.Tensor:
-        """A paged_decode scratch for up to `batch` rows (CUDA graphs keep one for their lifetime)."""
-        return self._kernels.decode_scratch(batch, self.spec.num_heads, self.spec.head_dim, DECODE_SPLITS,
-                                            self.spec.device)
+    def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor]:
+        s = self.spec
+        splits = self._kernels.decode_num_splits(batch, s.num_kv_heads, s.device)
+        return splits, self._kernels.decode_scratch(batch, s.num_heads, s.head_dim, splits, s.device)
 
     def decode_meta(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, scratch: torch.Tensor) -> PagedMeta:
-        """Decode metadata over a CUDA-graph runner's static buffers (rows padded with seq_len 0)."""
+                    cu_seqlens_q: torch.Tensor) -> PagedMeta:
+        """Decode metadata over a CUDA-graph runner's static buffers (rows padded with seq_len 0);
+        its scratch lives as long as the graph that captures it."""
         B = seq_lens.shape[0]
+        splits, scratch = self._splits_and_scratch(B)
         return PagedMeta(slot_mapping, block_tables, seq_lens, cu_seqlens_q, query_lens=[1] * B,
                          context_lens=[0] * B, decode_only=True, max_query_len=1,
-                         max_seq_len=block_tables.shape[1] * self.block_size, decode_scratch=scratch)
+                         max_seq_len=block_tables.shape[1] * self.block_size, decode_scratch=scratch,
+                         num_splits=splits)
 
     def _plan_cpu(self, meta: PagedMeta) -> None:
         bs, S = self.block_size, meta.max_seq_len
@@ -207,7 +209,7 @@ class PagedAttention:
             ops.store_kv(k, v, kc, vc, meta.slot_mapping)
             out = torch.empty_like(q)
             if meta.decode_only:
-                ops.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, scale, out, DECODE_SPLITS,
+                ops.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, scale, out, meta.num_splits,
                                  meta.decode_scratch)
             else:
                 ops.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, scale, out,
