@@ -52,7 +52,7 @@ class EngineConfig(BaseModel):
     dtype: DType = "auto"
     device: str = "auto"
     max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int | None = Field(None, ge=1)  # None: 256 on CUDA, 16 on the CPU
+    max_num_seqs: int | None = Field(None, ge=1)  # None: 512 on CUDA, 16 on the CPU
     max_num_batched_tokens: int | None = Field(None, ge=16)  # None: 8192 on CUDA, 2048 on the CPU
     cuda_graphs: bool = True
     seed: int = 0

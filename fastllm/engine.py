@@ -115,7 +115,7 @@ class Engine:
         # the GPU fast path by default on CUDA; the lean baseline (fastest at batch 1) on the CPU
         attention = config.attention.name if config.attention.name != "auto" else ("paged" if cuda else "sdpa")
         batcher = config.batcher.name if config.batcher.name != "auto" else ("continuous" if cuda else "static")
-        max_seqs = config.max_num_seqs or (256 if cuda else 16)
+        max_seqs = config.max_num_seqs or (512 if cuda else 16)
         self.attention = registry.create("attention", attention, config.attention.options)
         self.attention.setup(KVSpec(layers, heads, kv_heads, head_dim, self.dtype, self.device, head_dim ** -0.5))
         self.batcher = registry.create("batcher", batcher, config.batcher.options)
@@ -159,12 +159,13 @@ class Engine:
         reason = None
         if hit_stop or tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
             reason = "stop"
-        elif len(req.output_ids) >= p.max_tokens or len(req.token_ids) >= self.max_model_len:
+        elif req.num_output >= p.max_tokens or len(req.token_ids) >= self.max_model_len:
             reason = "length"
         text = req.detokenizer.delta(final=reason is not None) if req.detokenizer is not None else ""
         req.text += text
         if reason is None:
-            req.sink(StreamChunk(req.id, text, [tok]))
+            if req.stream:
+                req.sink(StreamChunk(req.id, text, [tok]))
         else:
             self._finish(req, reason, StreamChunk(req.id, text, [tok], reason))
 
@@ -245,6 +246,7 @@ class Engine:
                 reqs.append(self._make_request(p, sp, done.put, add_special_tokens))
             except InvalidRequestError as e:
                 raise type(e)(f"prompt {i}: {e}") from e
+            reqs[-1].stream = False  # only the final chunk matters here
         for r in reqs:
             self._submit(r)
         errors, pending = [], len(reqs)
@@ -372,6 +374,8 @@ class Engine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # cuBLAS keeps one per stream it ran on
+                torch._C._cuda_clearCublasWorkspaces()
             torch.cuda.empty_cache()
 
     def __enter__(self) -> "Engine":

@@ -88,6 +88,8 @@ class BlockPool:
     def reserve(self, seq_id: str, num_tokens: int) -> bool:
         """Grow the sequence's blocks to hold `num_tokens`; False, changing nothing, if too few are free."""
         table = self.tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= num_tokens and seq_id not in self._lookups:
+            return True  # the common decode step: its last block still has room
         need = self.blocks_for(num_tokens) - (len(table) if table else 0)
         if need > self.num_free_blocks:
             return False
@@ -104,7 +106,10 @@ class BlockPool:
         after the step that computed them ran, so an aborted step never publishes garbage."""
         if not self.enable_prefix_caching or seq_id not in self.tables:
             return
-        table, hashes, bs = self.tables[seq_id], self.hashes.setdefault(seq_id, []), self.block_size
+        hashes, bs = self.hashes.setdefault(seq_id, []), self.block_size
+        if num_computed // bs <= len(hashes):
+            return  # no block filled up in this step
+        table = self.tables[seq_id]
         for i in range(len(hashes), min(num_computed // bs, len(table))):
             toks = tuple(token_ids[i * bs:(i + 1) * bs])
             h = hash((hashes[-1] if hashes else None, toks))

@@ -25,7 +25,8 @@ class Request:
         self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.params = params
-        self.sink = sink  # receives StreamChunk deltas, then None at the end, or an exception
+        self.sink = sink  # receives StreamChunk deltas (the last has finish_reason), or an exception
+        self.stream = True  # False: only the last chunk is sent (generate() needs no deltas)
         self.token_ids: list[int] = list(prompt_ids)  # prompt + output
         # KV must hold every token fed to the model: all but the last sampled one
         self.max_tokens_total = min(len(prompt_ids) + params.max_tokens, max_len)
@@ -40,6 +41,10 @@ class Request:
     @property
     def num_prompt(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
 
     @property
     def output_ids(self) -> list[int]:

@@ -90,6 +90,7 @@ class PagedAttention:
         self.kv = make(shape, dtype=self.kv_dtype, device=spec.device)  # [L, 2, NB, bs, KVH, D]
         self.pool = BlockPool(num_blocks, self.block_size, self.enable_prefix_caching)
         self._kernels = None
+        self._splits: dict[int, int] = {}  # paged_decode split count per batch size
         if spec.device.type == "cuda":
             if self.block_size & (self.block_size - 1):
                 raise ConfigError(f"paged attention on CUDA needs a power-of-two block_size (the Triton "
@@ -166,16 +167,21 @@ class PagedAttention:
                          max_seq_len=max(seq_lens))
         if dev.type == "cpu":
             self._plan_cpu(meta)
-        else:
-            for name, t in host.items():
-                setattr(meta, name, t.pin_memory().to(dev, non_blocking=True))
+        else:  # one pinned host-to-device copy for all four, then views
+            flat = torch.cat([t.view(-1).long() for t in host.values()]).pin_memory().to(dev, non_blocking=True)
+            for (name, t), part in zip(host.items(), flat.split([t.numel() for t in host.values()])):
+                setattr(meta, name, part.view(t.shape).to(t.dtype))
         if self._kernels is not None and meta.decode_only:
             meta.num_splits, meta.decode_scratch = self._splits_and_scratch(len(tables))
         return meta
 
     def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor]:
         s = self.spec
-        splits = self._kernels.decode_num_splits(batch, s.num_kv_heads, s.device)
+        splits = self._splits.get(batch)
+        if splits is None:  # (the kernels also run interpreted on the CPU in tests: 8 splits there)
+            splits = (self._kernels.decode_num_splits(batch, s.num_kv_heads, s.device)
+                      if s.device.type == "cuda" else 8)
+            self._splits[batch] = splits
         return splits, self._kernels.decode_scratch(batch, s.num_heads, s.head_dim, splits, s.device)
 
     def decode_meta(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
