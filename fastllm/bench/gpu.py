@@ -120,15 +120,27 @@ def _hf_throughput(model: str, prompts, lengths, dev) -> dict:
     hf = hf_model(model.removeprefix("dummy:"), torch.bfloat16, dev)
     out_len = max(b for _, b in lengths)
     cfg = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    kw = {}
+    try:  # flash-attn is not installed here: keep HF's paged sdpa path instead of switching to it
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        kw["continuous_batching_config"] = ContinuousBatchingConfig(auto_switch_to_flash=False)
+    except (ImportError, TypeError):
+        pass
     inputs = [p["prompt_token_ids"] for p in prompts]
     with torch.inference_mode():
-        hf.generate_batch(inputs=inputs[:8], generation_config=cfg)  # warm-up
+        hf.generate_batch(inputs=inputs[:8], generation_config=cfg, **kw)  # warm-up
         sync(dev); t = time.perf_counter()
-        res = hf.generate_batch(inputs=inputs, generation_config=cfg)
+        res = hf.generate_batch(inputs=inputs, generation_config=cfg, **kw)
         sync(dev); wall = time.perf_counter() - t
     out_tokens = sum(len(r.generated_tokens) for r in res.values())
+    errors = sorted({str(r.error) for r in res.values() if getattr(r, "error", None)})
     del hf
     torch.cuda.empty_cache()
-    return {"engine": "transformers generate_batch", "requests": len(inputs), "wall_s": wall,
-            "output_tok_s": out_tokens / wall,
-            "total_tok_s": (out_tokens + sum(len(i) for i in inputs)) / wall}
+    row = {"engine": "transformers generate_batch", "requests": len(inputs), "wall_s": wall,
+           "output_tok_s": out_tokens / wall,
+           "total_tok_s": (out_tokens + sum(len(i) for i in inputs)) / wall}
+    if errors or out_tokens == 0:
+        row["error"] = "; ".join(errors)[:500] or "no tokens generated"
+        print(f"transformers generate_batch failed: {row['error']}")
+    return row
