@@ -73,8 +73,6 @@ def _hf_latency(model: str, prompts, output_len: int, repeats: int, dev) -> dict
     n = min(output_len, 64)  # HF is slow; its per-token time does not depend on n
     gen(4)
     step = (statistics.median([gen(n) for _ in range(repeats)]) - statistics.median([gen(1) for _ in range(repeats)])) / (n - 1)
-    del hf
-    torch.cuda.empty_cache()
     return {"engine": "transformers generate", "ms_per_token": step * 1e3, "tok_s": len(prompts) / step,
             "seq_tok_s": 1 / step, "output_len_measured": n}
 
