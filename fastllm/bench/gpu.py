@@ -126,11 +126,11 @@ def _hf_throughput(model: str, prompts, lengths, dev) -> dict:
     except (ImportError, TypeError):
         pass
     inputs = [p["prompt_token_ids"] for p in prompts]
-    with torch.inference_mode():
-        hf.generate_batch(inputs=inputs[:8], generation_config=cfg, **kw)  # warm-up
-        sync(dev); t = time.perf_counter()
-        res = hf.generate_batch(inputs=inputs, generation_config=cfg, **kw)
-        sync(dev); wall = time.perf_counter() - t
+    # no inference_mode here: HF's batching thread updates tensors outside it
+    hf.generate_batch(inputs=inputs[:8], generation_config=cfg, **kw)  # warm-up
+    sync(dev); t = time.perf_counter()
+    res = hf.generate_batch(inputs=inputs, generation_config=cfg, **kw)
+    sync(dev); wall = time.perf_counter() - t
     out_tokens = sum(len(r.generated_tokens) for r in res.values())
     errors = sorted({str(r.error) for r in res.values() if getattr(r, "error", None)})
     del hf
