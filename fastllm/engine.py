@@ -143,8 +143,9 @@ class Engine:
         rows = batch.sampling()
         logits = self.runner.run(batch, rows)
         sampled = [batch.requests[i] for i in rows]
-        token_ids = self.sampler(logits, sampled).tolist() if rows else []
-        self.batcher.update(batch)
+        next_ids = self.sampler(logits, sampled) if rows else None
+        self.batcher.update(batch)  # host bookkeeping while the device still computes
+        token_ids = next_ids.tolist() if rows else []  # the step's one sync
         for req, tok in zip(sampled, token_ids):
             self._append(req, tok)
 

@@ -154,7 +154,10 @@ class PagedAttention:
         seq_lens = [s + n for s, n in zip(batch.start, batch.num_new)]
         slots: list[int] = []
         for t, s, n in zip(tables, batch.start, batch.num_new):
-            slots.extend(t[p // bs] * bs + p % bs for p in range(s, s + n))
+            if n == 1:  # a decode row: most rows of a busy step
+                slots.append(t[s // bs] * bs + s % bs)
+            else:
+                slots.extend(t[p // bs] * bs + p % bs for p in range(s, s + n))
         used = [-(-L // bs) for L in seq_lens]  # blocks each sequence reads
         width = max(used)
         tables_t = torch.tensor([t[:u] + [NULL_BLOCK] * (width - u) for t, u in zip(tables, used)],
