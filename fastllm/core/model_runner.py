@@ -19,14 +19,16 @@ class ModelRunner:
     def run(self, batch: Batch, rows: list[int]) -> torch.Tensor:
         """Forward all tokens of `batch`; logits [len(rows), V] at the last token of each row."""
         ids, pos = batch.flat()
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)  # [T]
+        ends = list(itertools.accumulate(batch.num_new))
+        host = torch.tensor(ids + pos + [ends[i] - 1 for i in rows], dtype=torch.long)
+        if self.device.type == "cuda":  # one pinned, asynchronous copy: no stream sync mid-step
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        T = len(ids)
+        input_ids, positions, last = host[:T], host[T:2 * T], host[2 * T:]  # [T], [T], [rows]
         meta = self.attention.plan(batch)
         hidden = self.graphs.run(input_ids, positions, meta) if self.graphs is not None else None
         if hidden is None:
             hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta, batch))
-        ends = list(itertools.accumulate(batch.num_new))
-        last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, last))
 
     @torch.inference_mode()
