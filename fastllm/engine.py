@@ -135,11 +135,12 @@ class Engine:
                                      getattr(self.attention, "capacity_tokens", None), self.device)
 
     # ---- the step -----------------------------------------------------------------------
-    def step(self) -> None:
-        """One iteration: schedule, run the model, sample, update the requests."""
+    def step(self) -> bool:
+        """One iteration: schedule, run the model, sample, update the requests. False when
+        nothing could be scheduled."""
         batch = self.batcher.schedule()
         if batch is None:
-            return
+            return False
         rows = batch.sampling()
         logits = self.runner.run(batch, rows)
         sampled = [batch.requests[i] for i in rows]
@@ -148,6 +149,7 @@ class Engine:
         token_ids = next_ids.tolist() if rows else []  # the step's one sync
         for req, tok in zip(sampled, token_ids):
             self._append(req, tok)
+        return True
 
     def _append(self, req: Request, tok: int) -> None:
         req.token_ids.append(tok)
@@ -196,9 +198,13 @@ class Engine:
                     self._finish(self._requests[rid], "abort", StreamChunk(rid, "", [], "abort"))
             with self._step_lock:
                 try:
-                    self.step()
+                    ran = self.step()
                 except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
                     self._fail_running(e)
+                    ran = True
+            if not ran:  # work waits on memory another request holds: do not spin
+                with self._cv:
+                    self._cv.wait(timeout=0.005)
         for req in list(self._requests.values()) + self._inbox:
             self._finish(req, "abort", StreamChunk(req.id, "", [], "abort"))
         self._inbox = []
