@@ -80,8 +80,12 @@ class Batch:
         ids: list[int] = []
         pos: list[int] = []
         for r, s, n in zip(self.requests, self.start, self.num_new):
-            ids.extend(r.token_ids[s:s + n])
-            pos.extend(range(s, s + n))
+            if n == 1:  # a decode row
+                ids.append(r.token_ids[s])
+                pos.append(s)
+            else:
+                ids.extend(r.token_ids[s:s + n])
+                pos.extend(range(s, s + n))
         return ids, pos
 
     def sampling(self) -> list[int]:

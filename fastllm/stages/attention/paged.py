@@ -150,7 +150,8 @@ class PagedAttention:
     # ---- the step -------------------------------------------------------------------------
     def plan(self, batch: Batch) -> PagedMeta:
         bs, dev = self.block_size, self.spec.device
-        tables = [self.pool.block_table(r.id) for r in batch.requests]
+        held = self.pool.tables
+        tables = [held.get(r.id, []) for r in batch.requests]
         seq_lens = [s + n for s, n in zip(batch.start, batch.num_new)]
         slots: list[int] = []
         for t, s, n in zip(tables, batch.start, batch.num_new):
@@ -160,7 +161,8 @@ class PagedAttention:
                 slots.extend(t[p // bs] * bs + p % bs for p in range(s, s + n))
         used = [-(-L // bs) for L in seq_lens]  # blocks each sequence reads
         width = max(used)
-        tables_t = torch.tensor([t[:u] + [NULL_BLOCK] * (width - u) for t, u in zip(tables, used)],
+        pad = [NULL_BLOCK] * width
+        tables_t = torch.tensor([t[:u] + pad[u:] if u < width else t[:u] for t, u in zip(tables, used)],
                                 dtype=torch.int32)
         host = dict(slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=tables_t,
                     seq_lens=torch.tensor(seq_lens, dtype=torch.int32),

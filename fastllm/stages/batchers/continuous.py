@@ -40,37 +40,43 @@ class ContinuousBatcher:
         self.waiting.append(request)
 
     def schedule(self) -> Batch | None:
-        budget, plan = self.token_budget, []  # plan: (request, start, num_new)
+        budget = self.token_budget
+        reqs: list[Request] = []
+        starts: list[int] = []
+        nums: list[int] = []
+        reserve = self.attention.reserve
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             r = self.running[i]
-            n = min(r.num_uncomputed, budget)
-            while not self.attention.reserve(r.id, r.num_computed + n):
+            start = r.num_computed
+            n = min(len(r.token_ids) - start, budget)
+            while not reserve(r.id, start + n):
                 self._preempt(self.running.pop())  # the newest; never one scheduled above
                 preempted = True
                 if i == len(self.running):  # r itself was the newest
                     break
             else:
-                plan.append((r, r.num_computed, n))
+                reqs.append(r)
+                starts.append(start)
+                nums.append(n)
                 budget -= n
                 i += 1
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs and budget > 0:
             r = self.waiting[0]
             cached = self.attention.match_prefix(r.id, r.token_ids)
             n = min(len(r.token_ids) - cached, budget)
-            if not self.attention.reserve(r.id, cached + n):
+            if not reserve(r.id, cached + n):
                 self.attention.free(r.id)
                 break
             self.waiting.popleft()
             r.num_computed, r.status = cached, Status.RUNNING
             self.running.append(r)
-            plan.append((r, cached, n))
+            reqs.append(r)
+            starts.append(cached)
+            nums.append(n)
             budget -= n
-        if not plan:
-            return None
-        reqs, starts, nums = map(list, zip(*plan))
-        return Batch(reqs, nums, starts)
+        return Batch(reqs, nums, starts) if reqs else None
 
     def _preempt(self, r: Request) -> None:
         self.attention.free(r.id)
@@ -79,11 +85,12 @@ class ContinuousBatcher:
         self.num_preemptions += 1
 
     def update(self, batch: Batch) -> None:
+        publish, running = self.attention.cache_full_blocks, Status.RUNNING
         for r, s, n in zip(batch.requests, batch.start, batch.num_new):
-            if r.status != Status.RUNNING:  # finished while the step ran
+            if r.status is not running:  # finished while the step ran
                 continue
             r.num_computed = s + n
-            self.attention.cache_full_blocks(r.id, r.token_ids, r.num_computed)
+            publish(r.id, r.token_ids, s + n)
 
     def finish(self, request: Request) -> None:
         """Free the request's KV once, whether it runs or waits; a second call does nothing."""
