@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -54,6 +55,33 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def _engine_thread(ref: "weakref.ref[Engine]", cv: threading.Condition) -> None:
+    """The engine thread. It holds the engine only while there is work, so an engine dropped
+    without close() is garbage-collected, and its memory freed, once idle."""
+    while True:
+        with cv:
+            while True:
+                engine = ref()
+                if engine is None:
+                    return
+                if engine._has_input():
+                    break
+                del engine
+                cv.wait(timeout=1.0)
+        if not engine._iterate():
+            return
+        del engine
+
+
+def _release_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # cuBLAS keeps one per stream it ran on
+            torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+
+
 class Engine:
     """`Engine()` runs the embedded default model; `Engine("path", quantizer="int8", ...)` or
     `Engine(config=EngineConfig(...))` any other. Use it as a context manager, or call close()."""
@@ -77,8 +105,10 @@ class Engine:
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="fastllm-engine", daemon=True)
+        self._thread = threading.Thread(target=_engine_thread, args=(weakref.ref(self), self._cv),
+                                        name="fastllm-engine", daemon=True)
         self._thread.start()
+        weakref.finalize(self, _release_device_memory, self.device).atexit = False
 
     # ---- construction -------------------------------------------------------------------
     @staticmethod
@@ -181,33 +211,36 @@ class Engine:
         req.sink(last)
 
     # ---- the engine thread --------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
+    def _has_input(self) -> bool:
+        return bool(self._inbox or self._aborts or self._closed or self.batcher.has_work())
+
+    def _iterate(self) -> bool:
+        """One turn of the engine thread: take new requests and aborts, run a step. False once
+        the engine is closed (everything in flight is then aborted)."""
+        with self._cv:
+            if self._closed:
+                for req in list(self._requests.values()) + self._inbox:
+                    self._finish(req, "abort", StreamChunk(req.id, "", [], "abort"))
+                self._inbox = []
+                return False
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in new:
+            self._requests[req.id] = req
+            self.batcher.add(req)
+        for rid in aborts:
+            if rid in self._requests:
+                self._finish(self._requests[rid], "abort", StreamChunk(rid, "", [], "abort"))
+        with self._step_lock:
+            try:
+                ran = self.step()
+            except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                self._fail_running(e)
+                ran = True
+        if not ran:  # work waits on memory another request holds: do not spin
             with self._cv:
-                while not (self._inbox or self._aborts or self._closed or self.batcher.has_work()):
-                    self._cv.wait()
-                if self._closed:
-                    break
-                new, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-            for req in new:
-                self._requests[req.id] = req
-                self.batcher.add(req)
-            for rid in aborts:
-                if rid in self._requests:
-                    self._finish(self._requests[rid], "abort", StreamChunk(rid, "", [], "abort"))
-            with self._step_lock:
-                try:
-                    ran = self.step()
-                except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
-                    self._fail_running(e)
-                    ran = True
-            if not ran:  # work waits on memory another request holds: do not spin
-                with self._cv:
-                    self._cv.wait(timeout=0.005)
-        for req in list(self._requests.values()) + self._inbox:
-            self._finish(req, "abort", StreamChunk(req.id, "", [], "abort"))
-        self._inbox = []
+                self._cv.wait(timeout=0.005)
+        return True
 
     def _fail_running(self, exc: Exception) -> None:
         err = EngineStepError(f"the model step failed: {type(exc).__name__}: {exc}")
@@ -378,12 +411,7 @@ class Engine:
         self._thread.join()
         for name in ("runner", "attention", "batcher", "speculator", "sampler"):
             setattr(self, name, None)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # cuBLAS keeps one per stream it ran on
-                torch._C._cuda_clearCublasWorkspaces()
-            torch.cuda.empty_cache()
+        _release_device_memory(self.device)
 
     def __enter__(self) -> "Engine":
         return self

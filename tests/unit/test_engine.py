@@ -196,3 +196,19 @@ def test_closed_engine_refuses_requests(smollm2_dir):
     with pytest.raises(EngineClosedError):
         engine.generate("Hello", GREEDY)
     engine.close()  # idempotent
+
+
+def test_an_engine_dropped_without_close_is_collected(tiny_model):
+    import gc
+    import weakref
+
+    from fastllm import Engine
+
+    engine = Engine(str(tiny_model("llama")), device="cpu", dtype="float32", progress=False)
+    assert engine.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2))[0].token_ids
+    ref, thread = weakref.ref(engine), engine._thread
+    del engine
+    gc.collect()
+    assert ref() is None  # nothing (the engine thread included) keeps it, nor its memory
+    thread.join(timeout=5)
+    assert not thread.is_alive()
