@@ -55,6 +55,8 @@ class EngineConfig(BaseModel):
     max_num_seqs: int | None = Field(None, ge=1)  # None: 512 on CUDA, 16 on the CPU
     max_num_batched_tokens: int | None = Field(None, ge=16)  # None: 8192 on CUDA, 2048 on the CPU
     cuda_graphs: bool = True
+    # schedule step N+1 while step N runs (needs a batcher with overlap=True); None: on CUDA
+    async_scheduling: bool | None = None
     seed: int = 0
     allow_pickle: bool = False
     cache_dir: str | None = None

@@ -24,7 +24,8 @@ from .core import cpu
 from .core.cuda_graphs import DecodeGraphs
 from .core.inputs import InputProcessor
 from .core.model_runner import ModelRunner
-from .core.request import Request, Status
+from .core.inflight import InFlight
+from .core.request import PENDING, Request, Status
 from .core.sampler import Sampler
 from .errors import ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, describe_validation_error
 from .outputs import RequestOutput, StreamChunk
@@ -161,28 +162,52 @@ class Engine:
             graphs.capture()
             log.info("captured CUDA graphs for decode batch sizes %s in %.1f s", graphs.sizes, graphs.capture_seconds)
         self.runner = ModelRunner(model, self.attention, self.device, graphs)
+        overlap = config.async_scheduling if config.async_scheduling is not None else cuda
+        self._overlap = overlap and getattr(self.batcher, "overlap", False)
+        self._inflight: InFlight | None = None
         self.inputs = InputProcessor(self.tokenizer, self.model_name, self.vocab_size, self.max_model_len,
                                      getattr(self.attention, "capacity_tokens", None), self.device)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> bool:
         """One iteration: schedule, run the model, sample, update the requests. False when
-        nothing could be scheduled."""
+        nothing could be scheduled. Overlapped (async_scheduling): the step's sampled ids are
+        read back during the next call, after that call has queued its own step."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None and prev.needs_sync:  # penalties read every past token: no overlap
+            self._resolve(prev)
+            prev = None
         batch = self.batcher.schedule()
         if batch is None:
-            return False
+            if prev is None:
+                return False
+            self._resolve(prev)
+            return True
         rows = batch.sampling()
-        logits = self.runner.run(batch, rows)
+        logits = self.runner.run(batch, rows, prev.ids if prev is not None else None)
         sampled = [batch.requests[i] for i in rows]
-        next_ids = self.sampler(logits, sampled) if rows else None
-        self.batcher.update(batch)  # host bookkeeping while the device still computes
-        token_ids = next_ids.tolist() if rows else []  # the step's one sync
-        for req, tok in zip(sampled, token_ids):
-            self._append(req, tok)
+        launched = InFlight(batch, sampled, self.sampler(logits, sampled) if rows else None)
+        if prev is not None:
+            self._resolve(prev)  # host bookkeeping while the device runs the step just launched
+        if self._overlap:
+            self._inflight = launched
+        else:
+            self._resolve(launched)
         return True
 
-    def _append(self, req: Request, tok: int) -> None:
-        req.token_ids.append(tok)
+    def _resolve(self, step: InFlight) -> None:
+        tokens = step.tokens()  # the step's one sync
+        self.batcher.update(step.batch)
+        for req, i, tok in zip(step.sampled, step.index, tokens):
+            if req.status is Status.FINISHED:  # aborted, or ended by the step before
+                continue
+            if i < len(req.token_ids):
+                req.token_ids[i] = tok
+            else:
+                req.token_ids.append(tok)
+            self._append(req, tok, i + 1)
+
+    def _append(self, req: Request, tok: int, length: int) -> None:
         m = req.metrics
         m.num_generated_tokens += 1
         if m.first_token_time is None:
@@ -192,7 +217,7 @@ class Engine:
         reason = None
         if hit_stop or tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
             reason = "stop"
-        elif req.num_output >= p.max_tokens or len(req.token_ids) >= self.max_model_len:
+        elif length >= req.max_tokens_total:  # max_tokens, or max_model_len
             reason = "length"
         text = req.detokenizer.delta(final=reason is not None) if req.detokenizer is not None else ""
         req.text += text
@@ -200,9 +225,12 @@ class Engine:
             if req.stream:
                 req.sink(StreamChunk(req.id, text, [tok]))
         else:
+            del req.token_ids[length:]  # a PENDING token fed to the step still in flight
             self._finish(req, reason, StreamChunk(req.id, text, [tok], reason))
 
     def _finish(self, req: Request, reason: str, last: StreamChunk | BaseException) -> None:
+        if req.token_ids and req.token_ids[-1] == PENDING:  # aborted with a token in flight
+            req.token_ids.pop()
         req.finish_reason = reason
         req.metrics.finished_time = time.perf_counter()
         self.batcher.finish(req)
@@ -212,13 +240,14 @@ class Engine:
 
     # ---- the engine thread --------------------------------------------------------------
     def _has_input(self) -> bool:
-        return bool(self._inbox or self._aborts or self._closed or self.batcher.has_work())
+        return bool(self._inbox or self._aborts or self._closed or self._inflight or self.batcher.has_work())
 
     def _iterate(self) -> bool:
         """One turn of the engine thread: take new requests and aborts, run a step. False once
         the engine is closed (everything in flight is then aborted)."""
         with self._cv:
             if self._closed:
+                self._inflight = None
                 for req in list(self._requests.values()) + self._inbox:
                     self._finish(req, "abort", StreamChunk(req.id, "", [], "abort"))
                 self._inbox = []
@@ -245,7 +274,10 @@ class Engine:
     def _fail_running(self, exc: Exception) -> None:
         err = EngineStepError(f"the model step failed: {type(exc).__name__}: {exc}")
         err.__cause__ = exc
-        for req in [r for r in self.batcher.requests() if r.status == Status.RUNNING]:
+        self._inflight = None
+        # the running, and any waiting with a token in flight (preempted one step ahead)
+        failed = [r for r in self._requests.values() if r.status == Status.RUNNING or r.token_ids[-1] == PENDING]
+        for req in failed:
             self._finish(req, "abort", err)
 
     def _submit(self, req: Request) -> None:

@@ -16,15 +16,20 @@ class ModelRunner:
         self._score_ids = itertools.count()
 
     @torch.inference_mode()
-    def run(self, batch: Batch, rows: list[int]) -> torch.Tensor:
-        """Forward all tokens of `batch`; logits [len(rows), V] at the last token of each row."""
-        ids, pos = batch.flat()
+    def run(self, batch: Batch, rows: list[int], pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward all tokens of `batch`; logits [len(rows), V] at the last token of each row.
+        `pending`: the in-flight step's sampled ids [R] on the device, which fill the batch's
+        PENDING tokens (a sequence whose last token is still being sampled)."""
+        ids, pos, dst, src = batch.flat()
         ends = list(itertools.accumulate(batch.num_new))
-        host = torch.tensor(ids + pos + [ends[i] - 1 for i in rows], dtype=torch.long)
+        host = torch.tensor(ids + pos + [ends[i] - 1 for i in rows] + dst + src, dtype=torch.long)
         if self.device.type == "cuda":  # one pinned, asynchronous copy: no stream sync mid-step
             host = host.pin_memory().to(self.device, non_blocking=True)
-        T = len(ids)
-        input_ids, positions, last = host[:T], host[T:2 * T], host[2 * T:]  # [T], [T], [rows]
+        T, R, F = len(ids), len(rows), len(dst)
+        input_ids, positions, last = host[:T], host[T:2 * T], host[2 * T:2 * T + R]  # [T], [T], [R]
+        if F:  # the sampled ids never visit the host on their way back in
+            fill = host[2 * T + R:]
+            input_ids.index_copy_(0, fill[:F], pending.index_select(0, fill[F:]))
         meta = self.attention.plan(batch)
         hidden = self.graphs.run(input_ids, positions, meta) if self.graphs is not None else None
         if hidden is None:

@@ -10,6 +10,9 @@ from ..outputs import RequestMetrics, RequestOutput
 from ..sampling import SamplingParams
 
 
+PENDING = -1  # a sampled token whose value is still on the device (overlapped scheduling)
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -31,6 +34,7 @@ class Request:
         # KV must hold every token fed to the model: all but the last sampled one
         self.max_tokens_total = min(len(prompt_ids) + params.max_tokens, max_len)
         self.num_computed = 0
+        self.pending_row = 0  # row of the in-flight step's sampled ids that holds a PENDING last token
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.text = ""
@@ -75,10 +79,13 @@ class Batch:
     def num_tokens(self) -> int:
         return sum(self.num_new)
 
-    def flat(self) -> tuple[list[int], list[int]]:
-        """Token ids and positions of all sequences, concatenated."""
+    def flat(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Token ids and positions of all sequences, concatenated, and where a PENDING token
+        sits: flat indices and the in-flight step's sampled rows that fill them."""
         ids: list[int] = []
         pos: list[int] = []
+        dst: list[int] = []
+        src: list[int] = []
         for r, s, n in zip(self.requests, self.start, self.num_new):
             if n == 1:  # a decode row
                 ids.append(r.token_ids[s])
@@ -86,7 +93,11 @@ class Batch:
             else:
                 ids.extend(r.token_ids[s:s + n])
                 pos.extend(range(s, s + n))
-        return ids, pos
+            if ids[-1] == PENDING:  # only a sequence's last token can be pending
+                ids[-1] = 0
+                dst.append(len(ids) - 1)
+                src.append(r.pending_row)
+        return ids, pos, dst, src
 
     def sampling(self) -> list[int]:
         """Indices of requests whose step reaches their last token, so they emit one."""

@@ -11,6 +11,13 @@ import torch
 from .request import Request
 
 
+def on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a plain torch.tensor(...,
+    device="cuda") waits for the device to drain, which would stall overlapped steps)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -24,14 +31,14 @@ class Sampler:
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
         dev = logits.device
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        greedy = on_device([p.greedy for p in params], dev)
+        temp = on_device([p.temperature if p.temperature > 0 else 1.0 for p in params], dev)
         x = logits / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             x = self._top_k_top_p(x, params)
         probs = x.softmax(dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            min_p = on_device([p.min_p for p in params], dev)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
@@ -44,10 +51,10 @@ class Sampler:
         V = x.shape[-1]
         dev = x.device
         srt, idx = x.sort(dim=-1)  # ascending
-        k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev).clamp(max=V)
+        k = on_device([p.top_k if p.top_k > 0 else V for p in params], dev).clamp(max=V)
         kth = srt.gather(1, (V - k)[:, None])
         srt = srt.masked_fill(srt < kth, float("-inf"))
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        top_p = on_device([p.top_p for p in params], dev)
         cum = srt.softmax(dim=-1).cumsum(dim=-1)
         drop = cum <= (1.0 - top_p)[:, None]
         drop[:, -1] = False  # always keep the most likely token

@@ -89,7 +89,7 @@ def model_logits(model: nn.Module, prompts: list[list[int]], steps: int = 1, att
             if not live:
                 continue
             batch = Batch([reqs[i] for i in live], nums)
-            ids, pos = batch.flat()
+            ids, pos, _, _ = batch.flat()
             hidden = model(torch.tensor(ids, device=device), torch.tensor(pos, device=device),
                            ForwardContext(attention, attention.plan(batch), batch))
             logits = model.compute_logits(hidden).float().cpu()  # [T, V]

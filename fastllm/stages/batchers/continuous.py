@@ -6,6 +6,12 @@ starting after its cached prefix. A long prompt is prefilled in chunks over seve
 When a running request cannot get a block, the newest running request is preempted: its
 blocks are freed and it waits at the front of the queue to be recomputed, prompt and output
 tokens together, mostly from the prefix cache.
+
+num_computed advances at schedule time (as in vLLM v1), so the engine may schedule step N+1
+before step N's sampled tokens reach the host (`overlap = True`): a request whose last token
+is still PENDING is fed it on the device, and one with nothing left to compute (its pending
+token ends it by length) is skipped. update() publishes the full blocks once the step's
+tokens are known.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ PAGING = ("match_prefix", "reserve", "cache_full_blocks")
 
 class ContinuousBatcher:
     api_version = 1
+    overlap = True  # tolerates PENDING last tokens: the engine may schedule one step ahead
 
     def __init__(self) -> None:
         self.waiting: deque[Request] = deque()
@@ -51,6 +58,9 @@ class ContinuousBatcher:
             r = self.running[i]
             start = r.num_computed
             n = min(len(r.token_ids) - start, budget)
+            if n <= 0:  # its in-flight token is its last: nothing to compute
+                i += 1
+                continue
             while not reserve(r.id, start + n):
                 self._preempt(self.running.pop())  # the newest; never one scheduled above
                 preempted = True
@@ -60,6 +70,7 @@ class ContinuousBatcher:
                 reqs.append(r)
                 starts.append(start)
                 nums.append(n)
+                r.num_computed = start + n
                 budget -= n
                 i += 1
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs and budget > 0:
@@ -70,7 +81,7 @@ class ContinuousBatcher:
                 self.attention.free(r.id)
                 break
             self.waiting.popleft()
-            r.num_computed, r.status = cached, Status.RUNNING
+            r.num_computed, r.status = cached + n, Status.RUNNING
             self.running.append(r)
             reqs.append(r)
             starts.append(cached)
@@ -87,10 +98,8 @@ class ContinuousBatcher:
     def update(self, batch: Batch) -> None:
         publish, running = self.attention.cache_full_blocks, Status.RUNNING
         for r, s, n in zip(batch.requests, batch.start, batch.num_new):
-            if r.status is not running:  # finished while the step ran
-                continue
-            r.num_computed = s + n
-            publish(r.id, r.token_ids, s + n)
+            if r.status is running:  # else finished or preempted since the step was scheduled
+                publish(r.id, r.token_ids, s + n)
 
     def finish(self, request: Request) -> None:
         """Free the request's KV once, whether it runs or waits; a second call does nothing."""

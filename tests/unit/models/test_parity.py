@@ -93,7 +93,7 @@ def test_chunked_prefill_matches_hf(built, case):
     with Engine(str(d), dtype="float32", device="cpu", progress=False, max_num_batched_tokens=16) as engine:
         steps: list[list[int]] = []
         run = engine.runner.run
-        engine.runner.run = lambda batch, rows: (steps.append(list(batch.num_new)), run(batch, rows))[1]
+        engine.runner.run = lambda batch, rows, *a: (steps.append(list(batch.num_new)), run(batch, rows, *a))[1]
         out = engine.generate({"prompt_token_ids": ids}, GREEDY)[0]
         assert steps[:3] == [[16], [16], [8]]  # the prompt really went in three chunks
         assert out.token_ids == hf_greedy(hf, ids, 12)

@@ -153,7 +153,8 @@ def tiny_llama(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("continuous"), "llama")
 
 
-def test_preemption_under_a_tiny_cache_keeps_greedy_outputs(tiny_llama):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_under_a_tiny_cache_keeps_greedy_outputs(tiny_llama, overlap):
     rng = random.Random(0)
     prompts = [[rng.randrange(300) for _ in range(rng.randint(20, 40))] for _ in range(8)]
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
@@ -161,7 +162,7 @@ def test_preemption_under_a_tiny_cache_keeps_greedy_outputs(tiny_llama):
     for blocks in (1000, 9):  # 8 x 16 = 128 tokens: two sequences of up to 70
         attention = {"name": "paged", "kv_cache_memory": (blocks + 1) * 16 * BYTES_PER_TOKEN}
         with Engine(str(tiny_llama), batcher="continuous", attention=attention, max_num_batched_tokens=64,
-                    **OPTS) as e:
+                    async_scheduling=overlap, **OPTS) as e:
             res = e.generate([{"prompt_token_ids": p} for p in prompts], sp)
             outs.append([o.token_ids for o in res])
             assert all(o.finish_reason == "length" for o in res)
@@ -171,10 +172,12 @@ def test_preemption_under_a_tiny_cache_keeps_greedy_outputs(tiny_llama):
     assert outs[0] == outs[1]
 
 
-def test_a_thousand_requests_with_aborts_give_every_block_back(tiny_llama):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_thousand_requests_with_aborts_give_every_block_back(tiny_llama, overlap):
     rng = random.Random(0)  # 120 blocks of 8: the 64 running requests need up to 8,000 tokens, so some are preempted
     attention = {"name": "paged", "block_size": 8, "kv_cache_memory": 121 * 8 * BYTES_PER_TOKEN}
-    with Engine(str(tiny_llama), batcher="continuous", attention=attention, max_num_seqs=64, **OPTS) as e:
+    with Engine(str(tiny_llama), batcher="continuous", attention=attention, max_num_seqs=64,
+                async_scheduling=overlap, **OPTS) as e:
         pool = e.attention.pool
         start = pool.num_free_blocks
         stats = {"length": 0, "abort": 0, "cancelled": 0}

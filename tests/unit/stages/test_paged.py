@@ -161,8 +161,9 @@ def test_greedy_matches_static_sdpa_and_hf(tiny_dirs, family):
     ref = [hf_greedy(hf, p, 10) for p in prompts]
     assert _greedy(tiny_dirs[family], prompts) == ref  # static + sdpa
     # a small token budget: long prompts are prefilled in chunks next to decodes
-    assert _greedy(tiny_dirs[family], prompts, max_num_batched_tokens=48,
-                   attention={"name": "paged", "block_size": 8}, batcher="continuous") == ref
+    for overlap in (False, True):  # async_scheduling: each step scheduled before the last one's ids are read
+        assert _greedy(tiny_dirs[family], prompts, max_num_batched_tokens=48, async_scheduling=overlap,
+                       attention={"name": "paged", "block_size": 8}, batcher="continuous") == ref
     assert _greedy(tiny_dirs[family], prompts, attention="paged", batcher="static") == ref
 
 
@@ -186,8 +187,9 @@ def test_prefix_cache_hits_a_shared_system_prompt_and_keeps_outputs(tiny_dirs):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_batch_matches_hf(smollm2_dir, smollm2_hf):
-    with Engine(**OPTS, **PAGED) as e:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_smollm2_greedy_batch_matches_hf(smollm2_dir, smollm2_hf, overlap):
+    with Engine(**OPTS, **PAGED, async_scheduling=overlap) as e:
         tok = e.tokenizer
         texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
                  "The three primary colors are", "import numpy as np\n", "Water boils at"]
