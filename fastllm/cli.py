@@ -40,6 +40,19 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--max-model-len", type=int, metavar="N")
+    g.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig field, e.g. max_num_seqs=256 or async_scheduling=false (repeatable)")
+
+
+def _setting(value: str) -> tuple[str, object]:
+    """`key=value`, the value read as JSON when it parses (numbers, true/false, null), else a string."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key.replace("-", "_"), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), raw
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -86,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--mix", choices=["fixed", "sharegpt"], default="fixed",
                      help="fixed lengths, or a synthetic ShareGPT-like long-tailed mix")
     thr.add_argument("--compare-requests", type=int, default=256, help="requests given to the HF baseline")
+    thr.add_argument("--repeats", type=int, default=3, help="timed runs (median), each on a cold prefix cache")
     for p, default in ((lat, "dummy:llama-2-7b"), (thr, "dummy:llama-3-8b")):
         p.add_argument("--compare", choices=["transformers"], help="run this baseline in the same process")
         p.add_argument("--json", metavar="PATH")
@@ -95,13 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(args: argparse.Namespace) -> dict:
+    opts = {k: getattr(args, k) for k in (*STAGES, "dtype", "device", "max_model_len") if getattr(args, k) is not None}
+    return opts | dict(args.set)
+
+
 def _engine(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from .config import EngineConfig
     from .engine import Engine
 
-    opts = {k: getattr(args, k) for k in (*STAGES, "dtype", "device", "max_model_len") if getattr(args, k) is not None}
+    opts = _options(args)
     try:
         config = EngineConfig(model=args.model, **opts)
     except ValidationError as e:
@@ -192,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_gpu(args: argparse.Namespace) -> int:
     from .bench import common, gpu
 
-    opts = {k: getattr(args, k) for k in (*STAGES, "dtype", "device", "max_model_len") if getattr(args, k) is not None}
+    opts = _options(args)
     compare = args.compare == "transformers"
     if args.workload == "latency":
         res = gpu.latency(args.model, args.batch, args.input_len, args.output_len, args.repeats, compare, opts)
@@ -205,7 +224,7 @@ def _bench_gpu(args: argparse.Namespace) -> int:
         bars, title = {r["engine"]: r["tok_s"] for r in res["rows"]}, "decode tok/s"
     else:
         res = gpu.throughput(args.model, args.num_requests, args.input_len, args.output_len, args.mix,
-                             compare, args.compare_requests, opts)
+                             compare, args.compare_requests, opts, args.repeats)
         print(f"{res['device']}  {args.model}  mix {args.mix}")
         print(f"{'engine':<30}{'requests':>9}{'output tok/s':>14}{'total tok/s':>13}")
         for r in res["rows"]:

@@ -119,6 +119,16 @@ class BlockPool:
                 self.cached[h] = b
                 self.block_hash[b], self.block_tokens[b] = h, toks
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the hashes of every free block (blocks in use keep theirs): later requests
+        compute their prefixes again, as on a fresh cache."""
+        for b in self.free_queue:
+            h = self.block_hash[b]
+            if h is not None:
+                if self.cached.get(h) == b:
+                    del self.cached[h]
+                self.block_hash[b] = self.block_tokens[b] = None
+
     def block_table(self, seq_id: str) -> list[int]:
         return self.tables.get(seq_id, [])
 

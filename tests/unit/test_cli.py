@@ -78,3 +78,26 @@ def test_chat_keeps_history(capsys, monkeypatch):
     assert seen == [["user"], ["user", "assistant", "user"]]
     out = capsys.readouterr().out
     assert out.count("\n") >= 2 and "> " not in out
+
+
+def test_bench_throughput_on_the_cpu_with_engine_settings(tmp_path, capsys):
+    import json
+
+    from helpers import make_tiny_model
+
+    model = make_tiny_model(tmp_path, "llama")
+    out = tmp_path / "thr.json"
+    assert main(["bench", "throughput", "--model", str(model), "--device", "cpu", "--dtype", "float32",
+                 "--batcher", "continuous", "--attention", "paged", "--num-requests", "6", "--input-len", "5",
+                 "--output-len", "3", "--repeats", "2", "--set", "async_scheduling=true",
+                 "--set", "max_num_seqs=4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["options"]["async_scheduling"] is True and res["options"]["max_num_seqs"] == 4
+    row = res["rows"][0]
+    assert row["requests"] == 6 and len(row["runs_output_tok_s"]) == 2 and row["output_tok_s"] > 0
+    assert "fastllm" in capsys.readouterr().out
+
+
+def test_set_rejects_a_malformed_setting(capsys):
+    assert main(["generate", "hi", "--set", "novalue"]) == 2
+    assert "expected KEY=VALUE, got 'novalue'" in capsys.readouterr().err

@@ -147,6 +147,9 @@ class PagedAttention:
     def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
         self.pool.cache_full_blocks(seq_id, token_ids, num_computed)
 
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+
     # ---- the step -------------------------------------------------------------------------
     def plan(self, batch: Batch) -> PagedMeta:
         bs, dev = self.block_size, self.spec.device

@@ -144,3 +144,17 @@ def test_prefix_caching_off_never_hits():
     assert p.match_prefix("a", tokens) == 0 and p.reserve("a", 9)
     p.cache_full_blocks("a", tokens, 9)
     assert not p.cached and p.match_prefix("b", tokens) == 0 and p.reserve("b", 9) and p.prefix_queries == 18
+
+
+def test_reset_prefix_cache_forgets_free_blocks_and_keeps_those_in_use():
+    p = pool()
+    held, gone = list(range(9)), list(range(100, 109))
+    computed(p, "held", held)
+    computed(p, "gone", gone)
+    p.free("gone")
+    p.reset_prefix_cache()
+    assert p.match_prefix("x", gone) == 0  # freed: forgotten
+    assert p.match_prefix("y", held) == 8  # still held by a running sequence: kept
+    for s in ("held", "x", "y"):
+        p.free(s)
+    assert sum(p.ref) == 0 and p.num_free_blocks == 8

@@ -1,0 +1,161 @@
+"""Where a batch-1 decode step of the Llama-2-7B shape spends its time, on one GPU.
+
+1. the linear layers alone at M=1: cuBLAS (F.linear) against fastllm's Triton GEMV, eight
+   weight copies rotated so L2 does not help, timed as CUDA-graph replays;
+2. the captured decode graph alone (GPU time of one step without the LM head), the LM head
+   and argmax, and the kernels of one eager decode forward by name (torch.profiler);
+3. engine latency: synchronous, overlapped (async_scheduling), overlapped + Triton GEMV.
+
+Usage: python scripts/profile_decode.py OUTDIR [shape]. Prints a table last; JSON in OUTDIR.
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+shape = sys.argv[2] if len(sys.argv) > 2 else "llama-2-7b"
+out_dir.mkdir(parents=True, exist_ok=True)
+dev = torch.device("cuda")
+report: dict = {"device": torch.cuda.get_device_name(), "shape": shape, "torch": torch.__version__}
+lines: list[str] = []
+
+
+def dump():
+    (out_dir / "profile_decode.json").write_text(json.dumps(report, indent=1))
+
+
+def graph_time(fn, iters: int = 20) -> float:
+    """Seconds per fn() call, from replays of a CUDA graph of `iters` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(15):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / iters)
+    return statistics.median(times)
+
+
+# ---- 1. linears at M=1 -----------------------------------------------------------------
+from fastllm.bench.common import copy_bandwidth  # noqa: E402
+from fastllm.kernels import gemv as G  # noqa: E402
+
+bw = copy_bandwidth(dev)
+report["copy_bandwidth_TBps"] = bw / 1e12
+shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+          "lm_head": (32000, 4096)}
+lin = {}
+for name, (N, K) in shapes.items():
+    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(8)]
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    ref = (x.double() @ ws[0].double().T)
+    err = ((G.gemv(x, ws[0]).double() - ref).norm() / ref.norm()).item()
+    it = iter(range(10 ** 9))
+    t_cublas = graph_time(lambda: F.linear(x, ws[next(it) % 8]), 16)
+    t_triton = graph_time(lambda: G.gemv(x, ws[next(it) % 8]), 16)
+    best = G._tuned.best_config
+    nbytes = N * K * 2
+    lin[name] = dict(N=N, K=K, cublas_us=t_cublas * 1e6, triton_us=t_triton * 1e6, rel_err=err,
+                     cublas_TBps=nbytes / t_cublas / 1e12, triton_TBps=nbytes / t_triton / 1e12, best=str(best))
+    del ws
+report["linears"] = lin
+dump()
+lines.append(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+for name, r in lin.items():
+    lines.append(f"{name:8s} {r['N']}x{r['K']}: cuBLAS {r['cublas_us']:.1f} us ({r['cublas_TBps']:.2f} TB/s), "
+                 f"triton {r['triton_us']:.1f} us ({r['triton_TBps']:.2f} TB/s) err {r['rel_err']:.1e} [{r['best']}]")
+print("\n".join(lines), flush=True)
+
+# ---- 2. the decode step on the GPU -------------------------------------------------------
+from fastllm import Engine, SamplingParams  # noqa: E402
+from fastllm.models.context import ForwardContext  # noqa: E402
+
+eng = Engine(f"dummy:{shape}", progress=False)
+prompt = {"prompt_token_ids": torch.randint(10, eng.vocab_size - 10, (128,)).tolist()}
+eng.generate(prompt, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+graphs = eng.runner.graphs
+graph, hidden = graphs.graphs[1]
+model = eng.runner.model
+t_graph = graph_time(lambda: graph.replay(), 1)
+t_head = graph_time(lambda: model.compute_logits(hidden).argmax(-1), 10)
+meta = graphs.metas[1]
+ctx = ForwardContext(eng.attention, meta, None)
+ids, pos = graphs.input_ids[:1], graphs.positions[:1]
+with torch.inference_mode():
+    for _ in range(3):
+        model(ids, pos, ctx)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            model(ids, pos, ctx)
+        torch.cuda.synchronize()
+kern: dict[str, list[float]] = {}
+for e in prof.events():
+    if e.device_type.name == "CUDA":
+        kern.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+rows = sorted(((n, sum(v) / 5, len(v) / 5) for n, v in kern.items()), key=lambda r: -r[1])
+report["graph_step_us"], report["lm_head_argmax_us"] = t_graph * 1e6, t_head * 1e6
+report["eager_kernels"] = [dict(name=n[:120], us_per_step=us, calls_per_step=c) for n, us, c in rows]
+wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+report["weight_bytes"] = wbytes
+dump()
+eng.close()
+del eng, model, graphs, graph, hidden, ctx, meta
+torch.cuda.empty_cache()
+lines.append(f"decode graph (bs 1, no LM head): {t_graph * 1e6:.0f} us; LM head + argmax {t_head * 1e6:.0f} us; "
+             f"floor {wbytes / bw * 1e6:.0f} us")
+total = sum(r[1] for r in rows)
+lines.append(f"eager kernels per step: {sum(r[2] for r in rows):.0f} launches, {total:.0f} us of kernel time")
+for n, us, c in rows[:12]:
+    lines.append(f"  {us:8.1f} us {c:5.0f}x  {n[:90]}")
+print("\n".join(lines[-14:]), flush=True)
+
+# ---- 3. engine latency variants ------------------------------------------------------------
+from fastllm.bench import gpu as B  # noqa: E402
+import fastllm.engine as E  # noqa: E402
+
+
+def with_gemv(enable: bool):
+    from fastllm.core import cuda_linear
+    orig = E.DecodeGraphs.__init__
+
+    def patched(self, model, *a, **k):
+        cuda_linear.use_gemv(model)
+        orig(self, model, *a, **k)
+    E.DecodeGraphs.__init__ = patched if enable else E.DecodeGraphs.__init__
+    return orig
+
+
+variants = {}
+for name, opts, gemv in [("sync", {"async_scheduling": False}, False), ("async", {}, False),
+                         ("async+gemv", {}, True)]:
+    orig = with_gemv(gemv)
+    try:
+        r = B.latency(f"dummy:{shape}", options=opts)
+    finally:
+        E.DecodeGraphs.__init__ = orig
+    variants[name] = r["rows"][0]
+    report["latency"] = variants
+    report["floor_tok_s"] = r["floor_tok_s"]
+    dump()
+    print(f"latency {name}: {r['rows'][0]['tok_s']:.1f} tok/s = {r['rows'][0]['fraction_of_floor']:.1%} of floor "
+          f"{r['floor_tok_s']:.0f}", flush=True)
+    torch.cuda.empty_cache()
+for name, r in variants.items():
+    lines.append(f"latency {name:11s}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.3f} ms/token, "
+                 f"{r['fraction_of_floor']:.1%} of floor")
+print("\n==== summary ====\n" + "\n".join(lines))
