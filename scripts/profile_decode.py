@@ -11,7 +11,6 @@ Usage: python scripts/profile_decode.py OUTDIR [shape]. Prints a table last; JSO
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
