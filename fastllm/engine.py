@@ -22,6 +22,7 @@ from . import registry
 from .config import EngineConfig
 from .core import cpu
 from .core.cuda_graphs import DecodeGraphs
+from .core.cuda_linear import use_gemv
 from .core.inputs import InputProcessor
 from .core.model_runner import ModelRunner
 from .core.inflight import InFlight
@@ -133,6 +134,8 @@ class Engine:
             model = registry.create(stage, spec.name, spec.options).apply(model, ctx)
         if self.device.type == "cpu" and cpu.can_pack():
             cpu.pack_linears(model)
+        elif self.device.type == "cuda" and config.cuda_graphs:  # batch-1 decode through our GEMV
+            use_gemv(model)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
@@ -150,7 +153,7 @@ class Engine:
         self.attention = registry.create("attention", attention, config.attention.options)
         self.attention.setup(KVSpec(layers, heads, kv_heads, head_dim, self.dtype, self.device, head_dim ** -0.5))
         self.batcher = registry.create("batcher", batcher, config.batcher.options)
-        self.batcher.setup(self.attention, max_seqs, config.max_num_batched_tokens or (8192 if cuda else 2048))
+        self.batcher.setup(self.attention, max_seqs, config.max_num_batched_tokens or (16384 if cuda else 2048))
         if hasattr(self.attention, "describe"):
             log.info(self.attention.describe(self.max_model_len))
         self.speculator = registry.create("speculator", config.speculator.name, config.speculator.options)

@@ -4,7 +4,8 @@
    weight copies rotated so L2 does not help, timed as CUDA-graph replays;
 2. the captured decode graph alone (GPU time of one step without the LM head), the LM head
    and argmax, and the kernels of one eager decode forward by name (torch.profiler);
-3. engine latency: synchronous, overlapped (async_scheduling), overlapped + Triton GEMV.
+3. engine latency: synchronous with cuBLAS, overlapped (async_scheduling) with cuBLAS, and
+   the default (overlapped, with the fused GEMV at batch 1).
 
 Usage: python scripts/profile_decode.py OUTDIR [shape]. Prints a table last; JSON in OUTDIR.
 """
@@ -66,8 +67,16 @@ for name, (N, K) in shapes.items():
     t_cublas = graph_time(lambda: F.linear(x, ws[next(it) % 8]), 16)
     t_triton = graph_time(lambda: G.gemv(x, ws[next(it) % 8]), 16)
     best = G._tuned.best_config
+    if name in ("qkv", "gate_up"):  # the RMSNorm and residual add fused in front
+        nw, res = torch.randn(K, device=dev, dtype=torch.bfloat16), torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        t_fused = graph_time(lambda: G.gemv(x, ws[next(it) % 8], norm_weight=nw, residual=res), 16)
+    elif name == "down":  # SiLU-and-mul fused in front
+        gu = torch.randn(1, 2 * K, device=dev, dtype=torch.bfloat16)
+        t_fused = graph_time(lambda: G.gemv(gu, ws[next(it) % 8], silu_mul=True), 16)
+    else:
+        t_fused = float("nan")
     nbytes = N * K * 2
-    lin[name] = dict(N=N, K=K, cublas_us=t_cublas * 1e6, triton_us=t_triton * 1e6, rel_err=err,
+    lin[name] = dict(N=N, K=K, cublas_us=t_cublas * 1e6, triton_us=t_triton * 1e6, fused_us=t_fused * 1e6, rel_err=err,
                      cublas_TBps=nbytes / t_cublas / 1e12, triton_TBps=nbytes / t_triton / 1e12, best=str(best))
     del ws
 report["linears"] = lin
@@ -75,7 +84,8 @@ dump()
 lines.append(f"copy bandwidth {bw / 1e12:.2f} TB/s")
 for name, r in lin.items():
     lines.append(f"{name:8s} {r['N']}x{r['K']}: cuBLAS {r['cublas_us']:.1f} us ({r['cublas_TBps']:.2f} TB/s), "
-                 f"triton {r['triton_us']:.1f} us ({r['triton_TBps']:.2f} TB/s) err {r['rel_err']:.1e} [{r['best']}]")
+                 f"triton {r['triton_us']:.1f} us ({r['triton_TBps']:.2f} TB/s), fused prologue {r['fused_us']:.1f} us, "
+                 f"err {r['rel_err']:.1e} [{r['best']}]")
 print("\n".join(lines), flush=True)
 
 # ---- 2. the decode step on the GPU -------------------------------------------------------
@@ -88,7 +98,18 @@ eng.generate(prompt, SamplingParams(temperature=0, max_tokens=64, ignore_eos=Tru
 graphs = eng.runner.graphs
 graph, hidden = graphs.graphs[1]
 model = eng.runner.model
-t_graph = graph_time(lambda: graph.replay(), 1)
+
+def replay_time(g, iters: int = 200) -> float:
+    g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        g.replay()
+    b.record(); b.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
+t_graph = replay_time(graph)
 t_head = graph_time(lambda: model.compute_logits(hidden).argmax(-1), 10)
 meta = graphs.metas[1]
 ctx = ForwardContext(eng.attention, meta, None)
@@ -128,25 +149,15 @@ from fastllm.bench import gpu as B  # noqa: E402
 import fastllm.engine as E  # noqa: E402
 
 
-def with_gemv(enable: bool):
-    from fastllm.core import cuda_linear
-    orig = E.DecodeGraphs.__init__
-
-    def patched(self, model, *a, **k):
-        cuda_linear.use_gemv(model)
-        orig(self, model, *a, **k)
-    E.DecodeGraphs.__init__ = patched if enable else E.DecodeGraphs.__init__
-    return orig
-
-
 variants = {}
-for name, opts, gemv in [("sync", {"async_scheduling": False}, False), ("async", {}, False),
-                         ("async+gemv", {}, True)]:
-    orig = with_gemv(gemv)
+for name, opts, gemv in [("sync, cuBLAS", {"async_scheduling": False}, False), ("async, cuBLAS", {}, False),
+                         ("async, GEMV (default)", {}, True)]:
+    orig = E.use_gemv
+    E.use_gemv = orig if gemv else (lambda m: m)
     try:
         r = B.latency(f"dummy:{shape}", options=opts)
     finally:
-        E.DecodeGraphs.__init__ = orig
+        E.use_gemv = orig
     variants[name] = r["rows"][0]
     report["latency"] = variants
     report["floor_tok_s"] = r["floor_tok_s"]
@@ -155,6 +166,6 @@ for name, opts, gemv in [("sync", {"async_scheduling": False}, False), ("async",
           f"{r['floor_tok_s']:.0f}", flush=True)
     torch.cuda.empty_cache()
 for name, r in variants.items():
-    lines.append(f"latency {name:11s}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.3f} ms/token, "
+    lines.append(f"latency {name:22s}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.3f} ms/token, "
                  f"{r['fraction_of_floor']:.1%} of floor")
 print("\n==== summary ====\n" + "\n".join(lines))

@@ -96,10 +96,10 @@ def throughput(model: str, num_requests: int = 1000, input_len: int = 128, outpu
                else sharegpt_like_lengths(num_requests, max_len=min(1024, eng.max_model_len // 2)))
     prompts = _prompts(num_requests, [a for a, _ in lengths], eng.vocab_size, 1)
     params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for _, b in lengths]
-    eng.generate(prompts[:8], params[:8])  # warm-up
+    eng.generate(prompts[:256], params[:256])  # warm-up: full-size steps, so the allocator has grown
     walls = []
     for i in range(repeats):
-        if i and hasattr(eng.attention, "reset_prefix_cache"):  # each run starts cold, as the first did
+        if hasattr(eng.attention, "reset_prefix_cache"):  # each run starts cold: no hits from the last
             eng.attention.reset_prefix_cache()
         sync(dev); t = time.perf_counter()
         outs = eng.generate(prompts, params)

@@ -1,5 +1,6 @@
 """Linear layers that take fastllm's Triton GEMV when one token passes through (batch-1
-decode) and cuBLAS otherwise: a model transform applied on CUDA."""
+decode) and cuBLAS otherwise: a model transform applied on CUDA. At one token the GEMV also
+absorbs the small op before the layer (RMSNorm with its residual add, or SiLU-and-mul)."""
 from __future__ import annotations
 
 import torch
@@ -8,12 +9,37 @@ from torch import nn
 
 
 class DecodeLinear(nn.Linear):
+    devices = ("cuda",)  # tests add "cpu" to run the kernels in Triton's interpreter
+
+    def _one_token(self, x: torch.Tensor) -> bool:
+        return (x.dim() == 2 and x.shape[0] == 1 and x.device.type in self.devices
+                and x.dtype == self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and x.dim() == 2 and self.weight.dtype == x.dtype:
+        if self._one_token(x):
             from ..kernels.gemv import gemv
 
             return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_normed(self, h: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(RMSNorm(h + residual)), h + residual) in one kernel; None when not one token."""
+        if not self._one_token(h):
+            return None
+        from ..kernels.gemv import gemv
+
+        if residual is None:
+            return gemv(h, self.weight, self.bias, norm_weight=norm_weight, eps=eps), h
+        return gemv(h, self.weight, self.bias, norm_weight=norm_weight, eps=eps, residual=residual)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """self(silu(gate) * up) from gate_up [1, 2K] in one kernel; None when not one token."""
+        if not self._one_token(gate_up):
+            return None
+        from ..kernels.gemv import gemv
+
+        return gemv(gate_up, self.weight, self.bias, silu_mul=True)
 
 
 def use_gemv(model: nn.Module) -> nn.Module:

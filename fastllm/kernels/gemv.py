@@ -1,9 +1,15 @@
 """Matrix-vector product for batch-1 decode (Triton): y[N] = W[N, K] @ x[K] (+ bias).
 
 At one token a linear layer is a pure weight stream: each program reads BLOCK_N full rows of W
-in BLOCK_K-wide, 16-byte-vectorised tiles, multiplies by x in fp32 registers and reduces once
-at the end. N / BLOCK_N programs, no split-K (which would need an fp32 buffer and a second
-kernel): small BLOCK_N gives the grid enough programs to fill the card.
+in BLOCK_K-wide tiles, multiplies by x in fp32 registers and reduces once at the end. N /
+BLOCK_N programs, no split-K (which would need an fp32 buffer and a second kernel): small
+BLOCK_N gives the grid enough programs to fill the card.
+
+The input vector may be produced inside the kernel, saving the launch of the small op before
+it (a few microseconds each, 64-96 per decode step): every program rebuilds x from L2
+- `norm_weight`: x = RMSNorm(h [+ residual]); program 0 also writes h + residual;
+- `silu_mul`: x = silu(h[:K]) * h[K:] (the gate_up output feeding down_proj).
+Rounding follows the unfused kernels of fastllm.kernels.fused step by step.
 """
 from __future__ import annotations
 
@@ -17,9 +23,40 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _input(x_ptr, res_ptr, cols, col_ok, K, rstd, nw_ptr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+           SILU_MUL: tl.constexpr):
+    """The fp32 input vector at `cols`, built as the unfused ops would have built it."""
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        u = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = (x / (1.0 + tl.exp(-x)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if NORM:
+        w = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = (w * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, N, K, stride_w, eps,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rstd = 1.0
+    if NORM:  # pass over h (+ residual): the mean square, and the new residual stream
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            cols = k + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = _input(x_ptr, res_ptr, cols, col_ok, K, 1.0, nw_ptr, HAS_RES, False, False)
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
+            ss += x * x
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -28,32 +65,46 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
         col_ok = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                     eviction_policy="evict_first")  # streamed once: keep L2 for x and the rest
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = _input(x_ptr, res_ptr, cols, col_ok, K, rstd, nw_ptr, HAS_RES, NORM, SILU_MUL)
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["N", "K"])(_gemv_kernel)
+_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL"])(_gemv_kernel)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: triton.Config | None = None) -> torch.Tensor:
-    """x [1, K] or [K], weight [N, K] (row-major), bias [N] -> [1, N] or [N] in x's dtype.
-    `config` pins a kernel configuration (benchmarks); by default it is autotuned per shape."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+         silu_mul: bool = False, config: triton.Config | None = None):
+    """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
+    result has x's leading shape and dtype.
+
+    norm_weight: multiply by RMSNorm(x + residual) (residual optional) instead of x; with a
+    residual the result is (y, x + residual) and neither input is modified.
+    silu_mul: x is [1, 2K]; multiply by silu(x[:K]) * x[K:].
+    config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
+    """
     N, K = weight.shape
-    assert x.shape[-1] == K and x.numel() == K and weight.stride(1) == 1, (x.shape, weight.shape)
-    xv = x.reshape(K).contiguous()
+    assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
+    assert not (silu_mul and norm_weight is not None)
+    xv = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
-    b = bias if bias is not None else y
+    has_res = residual is not None
+    assert not has_res or norm_weight is not None, "a residual is only added before a norm"
+    res = residual.reshape(K).contiguous() if has_res else xv
+    res_out = torch.empty_like(res) if has_res else y
+    args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
+            res_out, N, K, weight.stride(0), eps)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul)
     if config is None:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned[grid](xv, weight, b, y, N, K, weight.stride(0), HAS_BIAS=bias is not None)
+        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     else:
         kw = dict(config.kwargs)
-        _gemv_kernel[(triton.cdiv(N, kw["BLOCK_N"]),)](
-            xv, weight, b, y, N, K, weight.stride(0), HAS_BIAS=bias is not None, **kw,
-            num_warps=config.num_warps, num_stages=config.num_stages)
-    return y.view(*x.shape[:-1], N)
+        _gemv_kernel[(triton.cdiv(N, kw["BLOCK_N"]),)](*args, **flags, **kw, num_warps=config.num_warps,
+                                                       num_stages=config.num_stages)
+    lead = x.shape[:-1]
+    y = y.view(*lead, N)
+    return (y, res_out.view(*lead, K)) if has_res else y

@@ -135,8 +135,12 @@ class LlamaAttention(nn.Module):
         return qk  # [T, H + KVH, D]; Qwen3 normalises each head here
 
     def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
-        T, H = x.shape[0], self.num_heads
-        qkv = self.qkv_proj(x).view(T, -1, self.head_dim)  # [T, H + 2*KVH, D]
+        return self.attend(self.qkv_proj(x), rope, ctx)
+
+    def attend(self, qkv: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
+        """o_proj(attention(q, k, v)) from the fused projection qkv [T, (H + 2*KVH) * D]."""
+        T, H = qkv.shape[0], self.num_heads
+        qkv = qkv.view(T, -1, self.head_dim)  # [T, H + 2*KVH, D]
         # q and k heads are adjacent: one rotary pass covers both
         qk = rope(self.qk_norm(qkv[:, :H + self.num_kv_heads]))
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.num_kv_heads:]
@@ -156,7 +160,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up) from gate_up [T, 2 * inter]."""
+        fused_down = getattr(self.down_proj, "forward_silu_mul", None)  # one kernel at batch 1 (DecodeLinear)
+        out = fused_down(gate_up) if fused_down is not None else None
+        if out is not None:
+            return out
         fused = fused_ops(gate_up)
         if fused is not None:
             return self.down_proj(fused.silu_and_mul(gate_up))
@@ -177,12 +188,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope, ctx: ForwardContext):
         """Returns (this layer's MLP output, the residual stream before adding it): the add is
         fused into the next RMSNorm."""
-        if residual is None:
-            x, residual = self.input_layernorm(h), h
-        else:
-            x, residual = self.input_layernorm(h, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, ctx), residual)
-        return self.mlp(x), residual
+        attn = self.self_attn
+        qkv, residual = normed_linear(attn.qkv_proj, self.input_layernorm, h, residual)
+        gate_up, residual = normed_linear(self.mlp.gate_up_proj, self.post_attention_layernorm,
+                                          attn.attend(qkv, rope, ctx), residual)
+        return self.mlp.down(gate_up), residual
+
+
+def normed_linear(linear: nn.Module, norm: RMSNorm, h: torch.Tensor, residual: torch.Tensor | None):
+    """(linear(norm(h + residual)), h + residual); one kernel where the linear can fuse the norm
+    (DecodeLinear at batch 1), else the fused RMSNorm and then the linear."""
+    fused = getattr(linear, "forward_normed", None)
+    out = fused(h, residual, norm.weight, norm.eps) if fused is not None else None
+    if out is not None:
+        return out
+    x, residual = (norm(h), h) if residual is None else norm(h, residual)
+    return linear(x), residual
 
 
 class LlamaModel(nn.Module):

@@ -11,6 +11,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton loads (tests/conftest.py does it too)
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16: rounding of the output, and the interpreter's fp32->bf16 casts truncate (the GPU rounds
+# to nearest): float32 checks the math exactly, bf16 within a few roundings
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def test_gemv_matches_float64(gemv, dtype, N, K, bias, cfg):
     ref = x.double() @ w.double().T + (b.double() if bias else 0)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and out.dtype == dtype and not out.isnan().any()
-    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+    assert err < TOL[dtype], err
 
 
 def test_gemv_reads_a_strided_weight_view(gemv):
@@ -38,3 +41,43 @@ def test_gemv_reads_a_strided_weight_view(gemv):
     x = torch.randn(64, device=DEV)
     out = gemv.gemv(x, w, config=gemv.CONFIGS[1])
     torch.testing.assert_close(out, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-4)
+
+
+def _rms(x, w, eps):  # the model's RMSNorm, rounding as it does
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K", [(37, 300), (64, 1024), (130, 96)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gemv_with_the_rms_norm_before_it(gemv, dtype, N, K, with_residual):
+    w = torch.randn(N, K, dtype=dtype, device=DEV)
+    h = torch.randn(1, K, dtype=dtype, device=DEV)
+    nw = (1 + 0.3 * torch.randn(K)).to(dtype).to(DEV)
+    res = torch.randn(1, K, dtype=dtype, device=DEV) if with_residual else None
+    h0, r0 = h.clone(), res.clone() if with_residual else None
+    out = gemv.gemv(h, w, norm_weight=nw, eps=1e-5, residual=res, config=gemv.CONFIGS[1])
+    stream = h + res if with_residual else h
+    if with_residual:
+        out, new_res = out
+        ulp = 0 if dtype == torch.float32 else 2 ** -7  # one bf16 rounding apart at most
+        torch.testing.assert_close(new_res, stream, rtol=ulp, atol=0)
+        assert torch.equal(res, r0)  # inputs untouched
+    assert torch.equal(h, h0)
+    ref = _rms(stream, nw, 1e-5).double() @ w.double().T
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (1, N) and err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K", [(37, 300), (64, 1024)])
+def test_gemv_with_silu_and_mul_before_it(gemv, dtype, N, K):
+    w = torch.randn(N, K, dtype=dtype, device=DEV)
+    gate_up = torch.randn(1, 2 * K, dtype=dtype, device=DEV)
+    out = gemv.gemv(gate_up, w, silu_mul=True, config=gemv.CONFIGS[2])
+    g, u = gate_up.float().split(K, dim=-1)
+    x = (torch.nn.functional.silu(g) * u).to(dtype)
+    ref = x.double() @ w.double().T
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (1, N) and err < TOL[dtype], err
