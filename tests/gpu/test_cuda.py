@@ -68,10 +68,24 @@ def test_cuda_graphs_and_continuous_match_eager_static(tiny_dir):
     prompts = [{"prompt_token_ids": torch.randint(0, 300, (n,), generator=g).tolist()} for n in (1, 9, 33, 70, 4)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     runs = {}
-    for name, opts in {"graphs": {}, "eager": {"cuda_graphs": False},
+    for name, opts in {"graphs": {}, "eager": {"cuda_graphs": False}, "sync": {"async_scheduling": False},
                        "static": {"attention": "sdpa", "batcher": "static"}}.items():
         with Engine(str(tiny_dir), device="cuda", dtype="float32", progress=False, **opts) as eng:
             runs[name] = [o.token_ids for o in eng.generate(prompts, sp)]
             if name == "graphs":
                 assert eng.runner.graphs is not None and eng.runner.graphs.graphs
-    assert runs["graphs"] == runs["eager"] == runs["static"]
+    assert runs["graphs"] == runs["eager"] == runs["sync"] == runs["static"]
+
+
+def test_batch_one_decode_through_the_fused_gemv_matches_cublas(tiny_dir):
+    from fastllm.core.cuda_linear import DecodeLinear
+
+    prompt = {"prompt_token_ids": torch.randint(0, 300, (21,)).tolist()}
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    runs = {}
+    for name, opts in {"default": {}, "cublas": {"cuda_graphs": False, "attention": "sdpa", "batcher": "static"}}.items():
+        with Engine(str(tiny_dir), device="cuda", dtype="float32", progress=False, **opts) as eng:
+            runs[name] = eng.generate(prompt, sp)[0].token_ids
+            fused = isinstance(eng.runner.model.model.layers[0].mlp.down_proj, DecodeLinear)
+            assert fused == (name == "default")
+    assert runs["default"] == runs["cublas"]
