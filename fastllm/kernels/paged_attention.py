@@ -5,7 +5,8 @@ two. Token t of a sequence lives in block block_table[b, t // block_size], row t
 its slot id is block * block_size + row.
 
 - store_kv: write new K/V rows into their slots (slot -1 is skipped: CUDA-graph padding).
-- paged_decode: one query per sequence, two-stage split-K (flash-decoding), graph-safe.
+- paged_decode: one query per sequence, split-K (flash-decoding) in one launch: the last split
+  of each sequence and kv head to finish merges the others, graph-safe.
 - paged_prefill: varlen causal attention of new tokens against the cache (chunked prefill,
   prefix-cache hits and decode rows in one launch).
 - reference_attention: float64 torch reference of the same semantics (tests, slow CPU path).
@@ -88,12 +89,12 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, key_
 
 
 @_jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scratch_ptr,
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scratch_ptr, out_ptr,
                          qk_scale, num_splits,
                          stride_qb, stride_qh, stride_cb, stride_cr, stride_ch, stride_bt,
-                         stride_sb, stride_sh, stride_ss,
+                         stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # Grid (B, KVH, num_splits): the GROUP query heads of one kv head over one slice of keys.
     b = tl.program_id(0)
@@ -131,27 +132,27 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     tl.store(dst[:, None] + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(dst + HEAD_DIM, lse, mask=mask_g)
 
-
-@_jit
-def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
-                         stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
-    mask_d = offs_d < HEAD_DIM
-    base = scratch_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s * stride_ss  # [S]
-    lse = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
-    denom = tl.sum(w, axis=0)
-    o = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    acc = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+    # The last split of this (sequence, kv head) to finish merges them all: no second kernel.
+    # Its counter is row num_splits of the group's first head, reset to 0 by the merger.
+    counter = scratch_ptr + b.to(tl.int64) * stride_sb + (kvh * GROUP) * stride_sh + num_splits * stride_ss
+    tl.debug_barrier()  # every thread's partial results are stored before the release below
+    done = tl.atomic_add(counter, 1.0, sem="acq_rel")
+    if done == num_splits - 1:
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_s = offs_s < num_splits
+        for g in range(GROUP):
+            base = scratch_ptr + b.to(tl.int64) * stride_sb + (kvh * GROUP + g) * stride_sh + offs_s * stride_ss
+            # .cg: read from L2, where the other programs' stores are, never a stale L1 line
+            lse_s = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+            m = tl.max(lse_s, axis=0)
+            w = tl.exp2(lse_s - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
+            denom = tl.sum(w, axis=0)
+            o_s = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+                          cache_modifier=".cg")
+            merged = tl.sum(w[:, None] * o_s, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+            tl.store(out_ptr + b.to(tl.int64) * stride_ob + (kvh * GROUP + g) * stride_oh + offs_d,
+                     merged.to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(counter, 0.0)  # ready for the next launch (CUDA-graph replays reuse the scratch)
 
 
 @_jit
@@ -249,8 +250,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,
                    device: torch.device | str | None = None) -> torch.Tensor:
-    """fp32 scratch of paged_decode: [batch, num_heads, num_splits, head_dim + 1] (split outputs and lse)."""
-    return torch.empty(batch, num_heads, num_splits, head_dim + 1, dtype=torch.float32, device=device)
+    """fp32 scratch of paged_decode: [batch, num_heads, num_splits + 1, head_dim + 1], the split
+    outputs and lse, and a row of counters (zero between launches: reuse it, never refill it)."""
+    return torch.zeros(batch, num_heads, num_splits + 1, head_dim + 1, dtype=torch.float32, device=device)
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device | str | None = None) -> int:
@@ -277,9 +279,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          f"dim, got {tuple(q.shape)} and {tuple(out.shape)}")
     if scratch is None:
         scratch = decode_scratch(batch, h, d, num_splits, q.device)
-    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits, d + 1):
-        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits}, {d + 1}], got "
-                         f"{scratch.dtype} {tuple(scratch.shape)}")
+    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits + 1, d + 1):
+        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits + 1}, {d + 1}] (see decode_scratch), "
+                         f"got {scratch.dtype} {tuple(scratch.shape)}")
     if batch == 0:
         return
     group = h // kvh
@@ -288,15 +290,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_g = max(triton.next_power_of_2(group), 16)
     block_d = triton.next_power_of_2(d)
     _decode_split_kernel[(batch, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, scratch, scale * LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, seq_lens, scratch, out, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scratch.stride(0), scratch.stride(1), scratch.stride(2),
+        scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d,
-        BLOCK_N=DECODE_BLOCK_N, **_dot_args(q.dtype),
+        BLOCK_N=DECODE_BLOCK_N, BLOCK_S=triton.next_power_of_2(num_splits), **_dot_args(q.dtype),
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
-    _decode_merge_kernel[(batch, h)](
-        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

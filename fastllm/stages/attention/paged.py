@@ -91,6 +91,7 @@ class PagedAttention:
         self.pool = BlockPool(num_blocks, self.block_size, self.enable_prefix_caching)
         self._kernels = None
         self._splits: dict[int, int] = {}  # paged_decode split count per batch size
+        self._scratch: dict[int, tuple[int, torch.Tensor]] = {}  # eager decode steps' (splits, scratch)
         if spec.device.type == "cuda":
             if self.block_size & (self.block_size - 1):
                 raise ConfigError(f"paged attention on CUDA needs a power-of-two block_size (the Triton "
@@ -180,7 +181,10 @@ class PagedAttention:
             for (name, t), part in zip(host.items(), flat.split([t.numel() for t in host.values()])):
                 setattr(meta, name, part.view(t.shape).to(t.dtype))
         if self._kernels is not None and meta.decode_only:
-            meta.num_splits, meta.decode_scratch = self._splits_and_scratch(len(tables))
+            B = len(tables)
+            if B not in self._scratch:  # reused step after step: paged_decode leaves it ready
+                self._scratch[B] = self._splits_and_scratch(B)
+            meta.num_splits, meta.decode_scratch = self._scratch[B]
         return meta
 
     def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor]:
