@@ -5,6 +5,7 @@ two. Token t of a sequence lives in block block_table[b, t // block_size], row t
 its slot id is block * block_size + row.
 
 - store_kv: write new K/V rows into their slots (slot -1 is skipped: CUDA-graph padding).
+- rope_store_kv: RoPE of q (in place) and k, and the store of k and v, in one launch.
 - paged_decode: one query per sequence, split-K (flash-decoding) in one launch: the last split
   of each sequence and kv head to finish merges the others, graph-safe.
 - paged_prefill: varlen causal attention of new tokens against the cache (chunked prefill,
@@ -54,6 +55,43 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+@_jit
+def _rope_store_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
+                       stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch,
+                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One token: rotate its q heads in place, and store its rotated k heads and its v in the cache.
+    t = tl.program_id(0)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    j = tl.arange(0, BLOCK_HALF)
+    mask_j = j < HALF
+    freq = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=mask_j, other=0.0)
+    c = (tl.cos(freq) * rope_scale)[None, :]
+    s = (tl.sin(freq) * rope_scale)[None, :]
+    heads = tl.arange(0, BLOCK_H)
+    is_q = heads < NUM_HEADS
+    mask = (heads < NUM_HEADS + NUM_KV_HEADS)[:, None] & mask_j[None, :]
+    src = qk_ptr + t.to(tl.int64) * stride_t + heads[:, None] * stride_h + j[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1 = x1 * c - x2 * s
+    y2 = x2 * c + x1 * s
+    q_mask = mask & is_q[:, None]
+    tl.store(src, y1.to(qk_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(src + HALF, y2.to(qk_ptr.dtype.element_ty), mask=q_mask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # -1: CUDA-graph padding
+        k_mask = mask & ~is_q[:, None]
+        dst = k_cache_ptr + slot * stride_cs + (heads - NUM_HEADS)[:, None] * stride_ch + j[None, :]
+        tl.store(dst, y1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(dst + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        kv_heads = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        v_mask = (kv_heads < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kv_heads[:, None] * stride_vh + d[None, :], mask=v_mask)
+        tl.store(v_cache_ptr + slot * stride_cs + kv_heads[:, None] * stride_ch + d[None, :], v, mask=v_mask)
 
 
 @_jit
@@ -246,6 +284,26 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(d))
+
+
+def rope_store_kv(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                  num_heads: int) -> None:
+    """RoPE (rotate-half, cos/sin of positions * inv_freq, times scale) and store_kv in one launch:
+    qk [T, num_heads + KVH, D] holds q then k; q is rotated in place, the rotated k and v [T, KVH, D]
+    go to the cache rows slot_mapping [T] (-1 skipped). qk itself keeps k unrotated."""
+    _, kvh, d = _check_cache(k_cache, v_cache)
+    T = qk.shape[0]
+    if qk.shape[1:] != (num_heads + kvh, d) or v.shape != (T, kvh, d) or qk.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"qk must be [T, {num_heads + kvh}, {d}] and v [T, {kvh}, {d}] with unit stride in "
+                         f"the last dim, got {tuple(qk.shape)} and {tuple(v.shape)}")
+    if T == 0:
+        return
+    _rope_store_kernel[(T,)](
+        qk, v, k_cache, v_cache, slot_mapping, positions, inv_freq, scale,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(num_heads + kvh),
+        BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
 
 
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,

@@ -102,15 +102,26 @@ class Rotary(nn.Module):
         self.inv_freq = inv.float().to(self.inv_freq.device)
         self.scaling = float(scaling)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """A function that rotates x [T, heads, D] at these positions (in place on CUDA)."""
-        fused = fused_ops(positions)
-        if fused is not None:
-            return lambda x: fused.rotary_(x, positions, self.inv_freq, self.scaling)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-        return lambda x: apply_rotary(x, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> "Rope":
+        return Rope(positions, self.inv_freq, self.scaling, dtype)
+
+
+class Rope:
+    """RoPE at one step's positions: rope(x) rotates x [T, heads, D] (in place on CUDA). An
+    attention backend may apply it itself (positions, inv_freq, scaling), fused with its KV store."""
+
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
+        self.positions, self.inv_freq, self.scaling = positions, inv_freq, scaling
+        self._fused = fused_ops(positions)
+        if self._fused is None:
+            freqs = positions[:, None].float() * inv_freq[None, :]  # [T, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+            self._cos, self._sin = (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return self._fused.rotary_(x, self.positions, self.inv_freq, self.scaling)
+        return apply_rotary(x, self._cos, self._sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -142,9 +153,13 @@ class LlamaAttention(nn.Module):
         T, H = qkv.shape[0], self.num_heads
         qkv = qkv.view(T, -1, self.head_dim)  # [T, H + 2*KVH, D]
         # q and k heads are adjacent: one rotary pass covers both
-        qk = rope(self.qk_norm(qkv[:, :H + self.num_kv_heads]))
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.num_kv_heads:]
-        o = ctx.attention.forward(self.layer_idx, q, k, v, ctx.meta)  # [T, H, D]
+        qk, v = self.qk_norm(qkv[:, :H + self.num_kv_heads]), qkv[:, H + self.num_kv_heads:]
+        fused = getattr(ctx.attention, "forward_rope", None)  # RoPE inside the backend's KV store
+        if fused is not None:
+            o = fused(self.layer_idx, qk, v, rope, ctx.meta)
+        else:
+            qk = rope(qk)
+            o = ctx.attention.forward(self.layer_idx, qk[:, :H], qk[:, H:], v, ctx.meta)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 

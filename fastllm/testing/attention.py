@@ -85,10 +85,13 @@ def check_attention(backend, *, num_layers: int = 2, num_heads: int = 6, num_kv_
             v = v.view(T, num_kv_heads, head_dim)
             saved = (q.clone(), k.clone(), v.clone())
             _poison(device, q.numel(), dtype)
-            out = backend.forward(layer, q, k, v, meta)
-            assert all(torch.equal(a, b) for a, b in zip((q, k, v), saved)), (
-                f"{name}: forward() modified its q, k or v input in place")
             where = f"{name}, step {step} ({what}), layer {layer}"
+            if layer % 2 and callable(getattr(backend, "forward_rope", None)):  # RoPE fused in the backend
+                out, q, k = _forward_rope(backend, layer, q, k, v, meta, batch, where)
+            else:
+                out = backend.forward(layer, q, k, v, meta)
+                assert all(torch.equal(a, b) for a, b in zip((q, k, v), saved)), (
+                    f"{name}: forward() modified its q, k or v input in place")
             assert isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(q.shape), (
                 f"{where}: output shape {tuple(getattr(out, 'shape', ()))}, expected {tuple(q.shape)}")
             assert out.dtype == dtype and out.device.type == device.type, (
@@ -122,6 +125,26 @@ def check_attention(backend, *, num_layers: int = 2, num_heads: int = 6, num_kv_
     assert after == before, (f"{name}: after every sequence was freed, can_allocate{tuple(probes)} is "
                              f"{after}, but was {before} on the empty cache: freed KV is not given back")
     _check_capacity(backend, name)
+
+
+def _forward_rope(backend, layer, q, k, v, meta, batch, where):
+    """backend.forward_rope on unrotated q and k; returns its output and q, k rotated by the
+    model's torch RoPE (float64 cos/sin of fp32 angles), the reference's inputs."""
+    from ..models.llama import Rope, apply_rotary
+
+    dev, D = q.device, q.shape[-1]
+    positions = torch.tensor([p for r, s, n in zip(batch.requests, batch.start, batch.num_new)
+                              for p in range(s, s + n)], device=dev)
+    inv_freq = 1.0 / (500.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    qk = torch.cat([q, k], dim=1)  # [T, H + KVH, D], as the model's fused projection lays them out
+    out = backend.forward_rope(layer, qk, v, Rope(positions, inv_freq, 0.8, q.dtype), meta)
+    angles = (positions[:, None].float() * inv_freq[None, :]).double()
+    emb = torch.cat((angles, angles), dim=-1)[:, None, :]
+    rotated = apply_rotary(torch.cat([q, k], dim=1).double(), 0.8 * emb.cos(), 0.8 * emb.sin()).to(q.dtype)
+    H = q.shape[1]
+    assert isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(q.shape), (
+        f"{where}: forward_rope() output shape {tuple(getattr(out, 'shape', ()))}, expected {tuple(q.shape)}")
+    return out, rotated[:, :H], rotated[:, H:]
 
 
 def _check_capacity(backend, name: str) -> None:

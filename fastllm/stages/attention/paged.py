@@ -217,23 +217,37 @@ class PagedAttention:
         else:
             meta.key_slots = slots[valid]
 
+    def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta) -> torch.Tensor:
+        """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
+        rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope)."""
+        H = self.spec.num_heads
+        if self._kernels is None:
+            qk = rope(qk)
+            return self.forward(layer, qk[:, :H], qk[:, H:], v, meta)
+        kc, vc = self.kv[layer, 0], self.kv[layer, 1]
+        self._kernels.rope_store_kv(qk, v, kc, vc, meta.slot_mapping, rope.positions, rope.inv_freq, rope.scaling, H)
+        return self._attend(qk[:, :H], kc, vc, meta)
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: PagedMeta) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D]
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]  # [NB, bs, KVH, D]
-        scale = self.spec.scale
         if self._kernels is not None:
-            ops = self._kernels
-            ops.store_kv(k, v, kc, vc, meta.slot_mapping)
-            out = torch.empty_like(q)
-            if meta.decode_only:
-                ops.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, scale, out, meta.num_splits,
-                                 meta.decode_scratch)
-            else:
-                ops.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, scale, out,
-                                  meta.max_query_len)
-            return out
+            self._kernels.store_kv(k, v, kc, vc, meta.slot_mapping)
+            return self._attend(q, kc, vc, meta)
         return self._forward_cpu(q, k, v, kc, vc, meta)
+
+    def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: PagedMeta) -> torch.Tensor:
+        """The kernels' attention of q [T, H, D] over the cache, this step's K/V already stored."""
+        ops, scale = self._kernels, self.spec.scale
+        out = torch.empty_like(q)
+        if meta.decode_only:
+            ops.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, scale, out, meta.num_splits,
+                             meta.decode_scratch)
+        else:
+            ops.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, scale, out,
+                              meta.max_query_len)
+        return out
 
     def _forward_cpu(self, q, k, v, kc, vc, meta: PagedMeta) -> torch.Tensor:
         kvh, d = kc.shape[2], kc.shape[3]

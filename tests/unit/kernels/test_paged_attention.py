@@ -85,6 +85,40 @@ def test_store_kv_strided_input():
     assert torch.equal(c["v_cache"].flatten(0, 1)[slots], v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80), (3, 1, 32)])
+def test_rope_store_kv_equals_rotary_then_store(dtype, heads, kv_heads, head_dim):
+    from fastllm.models.llama import apply_rotary
+
+    c = make_case(heads, kv_heads, head_dim, 4, dtype, [8], [1])
+    k_cache, v_cache = c["k_cache"], c["v_cache"]
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    T = 5
+    qkv = torch.randn(T, heads + 2 * kv_heads, head_dim, device=DEVICE).to(dtype)  # one fused projection
+    qk, v = qkv[:, :heads + kv_heads], qkv[:, heads + kv_heads:]
+    k_in = qk[:, heads:].clone()
+    positions = torch.tensor([0, 7, 3, 1000, 42], device=DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    n = k_cache.shape[0] * k_cache.shape[1]
+    slots = torch.tensor([n - 1, -1, 2, n // 2, 5], dtype=torch.int64, device=DEVICE)
+    # reference: the model's torch rotary in float64, then a plain store
+    freqs = (positions[:, None].float() * inv_freq[None, :]).double()  # angles in fp32, as HF computes them
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    want = apply_rotary(qk.double(), 0.9 * emb.cos(), 0.9 * emb.sin())
+    pa.rope_store_kv(qk, v, k_cache, v_cache, slots, positions, inv_freq, 0.9, heads)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(qk[:, :heads].double(), want[:, :heads], **tol)  # q rotated in place
+    assert torch.equal(qk[:, heads:], k_in)  # k itself is left as it was
+    stored = slots >= 0
+    rows_k, rows_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    torch.testing.assert_close(rows_k[slots[stored]].double(), want[stored, heads:], **tol)
+    assert torch.equal(rows_v[slots[stored]], v[stored])
+    keep = torch.ones(rows_k.shape[0], dtype=torch.bool, device=DEVICE)
+    keep[slots[stored]] = False
+    assert torch.equal(rows_k[keep], before_k.flatten(0, 1)[keep])
+    assert torch.equal(rows_v[keep], before_v.flatten(0, 1)[keep])
+
+
 SHAPES = [  # heads, kv_heads, head_dim, block_size, dtype: GQA and MHA, head_dim padded or not
     (h, kvh, d, bs, dtype) for h, kvh in ((6, 2), (4, 4)) for d in (64, 80) for bs in (4, 16)
     for dtype in (torch.float32, torch.bfloat16)]
