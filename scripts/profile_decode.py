@@ -4,8 +4,8 @@
    weight copies rotated so L2 does not help, timed as CUDA-graph replays;
 2. the captured decode graph alone (GPU time of one step without the LM head), the LM head
    and argmax, and the kernels of one eager decode forward by name (torch.profiler);
-3. engine latency: synchronous with cuBLAS, overlapped (async_scheduling) with cuBLAS, and
-   the default (overlapped, with the fused GEMV at batch 1).
+3. engine latency (overlapped scheduling) with cuBLAS, with the GEMV, and with the GEMV taking
+   in the RMSNorm and then also SiLU-and-mul (the default).
 
 Usage: python scripts/profile_decode.py OUTDIR [shape]. Prints a table last; JSON in OUTDIR.
 """
@@ -149,15 +149,19 @@ from fastllm.bench import gpu as B  # noqa: E402
 import fastllm.engine as E  # noqa: E402
 
 
+from fastllm.core.cuda_linear import DecodeLinear  # noqa: E402
+
 variants = {}
-for name, opts, gemv in [("sync, cuBLAS", {"async_scheduling": False}, False), ("async, cuBLAS", {}, False),
-                         ("async, GEMV (default)", {}, True)]:
+for name, gemv, norm, silu in [("cuBLAS", False, False, False), ("GEMV", True, False, False),
+                               ("GEMV+norm", True, True, False), ("GEMV+norm+silu (default)", True, True, True)]:
     orig = E.use_gemv
     E.use_gemv = orig if gemv else (lambda m: m)
+    DecodeLinear.fuse_norm, DecodeLinear.fuse_silu_mul = norm, silu
     try:
-        r = B.latency(f"dummy:{shape}", options=opts)
+        r = B.latency(f"dummy:{shape}")
     finally:
         E.use_gemv = orig
+        DecodeLinear.fuse_norm = DecodeLinear.fuse_silu_mul = True
     variants[name] = r["rows"][0]
     report["latency"] = variants
     report["floor_tok_s"] = r["floor_tok_s"]
@@ -166,6 +170,6 @@ for name, opts, gemv in [("sync, cuBLAS", {"async_scheduling": False}, False), (
           f"{r['floor_tok_s']:.0f}", flush=True)
     torch.cuda.empty_cache()
 for name, r in variants.items():
-    lines.append(f"latency {name:22s}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.3f} ms/token, "
+    lines.append(f"latency {name:25s}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.3f} ms/token, "
                  f"{r['fraction_of_floor']:.1%} of floor")
 print("\n==== summary ====\n" + "\n".join(lines))

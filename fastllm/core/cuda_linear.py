@@ -10,6 +10,8 @@ from torch import nn
 
 class DecodeLinear(nn.Linear):
     devices = ("cuda",)  # tests add "cpu" to run the kernels in Triton's interpreter
+    fuse_norm = True  # take the RMSNorm before the layer into the GEMV
+    fuse_silu_mul = True  # take SiLU-and-mul before the layer into the GEMV
 
     def _one_token(self, x: torch.Tensor) -> bool:
         return (x.dim() == 2 and x.shape[0] == 1 and x.device.type in self.devices
@@ -25,7 +27,7 @@ class DecodeLinear(nn.Linear):
     def forward_normed(self, h: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(self(RMSNorm(h + residual)), h + residual) in one kernel; None when not one token."""
-        if not self._one_token(h):
+        if not (self.fuse_norm and self._one_token(h)):
             return None
         from ..kernels.gemv import gemv
 
@@ -35,7 +37,7 @@ class DecodeLinear(nn.Linear):
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """self(silu(gate) * up) from gate_up [1, 2K] in one kernel; None when not one token."""
-        if not self._one_token(gate_up):
+        if not (self.fuse_silu_mul and self._one_token(gate_up)):
             return None
         from ..kernels.gemv import gemv
 

@@ -7,9 +7,12 @@ BLOCK_N gives the grid enough programs to fill the card.
 
 The input vector may be produced inside the kernel, saving the launch of the small op before
 it (a few microseconds each, 64-96 per decode step): every program rebuilds x from L2
-- `norm_weight`: x = RMSNorm(h [+ residual]); program 0 also writes h + residual;
-- `silu_mul`: x = silu(h[:K]) * h[K:] (the gate_up output feeding down_proj).
-Rounding follows the unfused kernels of fastllm.kernels.fused step by step.
+- `norm_weight`: x = RMSNorm(h [+ residual]); program 0 also writes h + residual. The sum of
+  squares is gathered in the same pass as the product and 1/rms applied to each output, so the
+  weights stream from the first cycle; the normalised x is kept in fp32 (the unfused kernels
+  round it to the model dtype twice), so results agree with them to bf16 rounding, not bit for bit;
+- `silu_mul`: x = silu(h[:K]) * h[K:] (the gate_up output feeding down_proj), rounded as
+  fastllm.kernels.fused.silu_and_mul rounds it.
 """
 from __future__ import annotations
 
@@ -17,19 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-# PROGRAMS > 0: a persistent grid of that many programs, each looping over row blocks, so a
-# fused prologue (the norm's pass over x) runs once per program instead of once per block.
-CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PROGRAMS": p}, num_warps=w, num_stages=s)
-           for n, k, w, s, p in [(4, 512, 4, 4, 0), (8, 256, 4, 4, 0), (8, 512, 4, 3, 0), (8, 512, 8, 4, 0),
-                                 (16, 256, 4, 4, 0), (16, 512, 8, 3, 0), (4, 1024, 4, 3, 0), (8, 1024, 8, 3, 0),
-                                 (2, 1024, 4, 4, 0), (32, 256, 8, 3, 0), (2, 1024, 4, 4, 1024), (4, 512, 4, 4, 1024),
-                                 (2, 1024, 4, 4, 512), (4, 1024, 4, 3, 512), (8, 512, 8, 4, 512)]]
+CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+           for n, k, w, s in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 4), (16, 256, 4, 4),
+                              (16, 512, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3)]]
 
 
 @triton.jit
-def _input(x_ptr, res_ptr, cols, col_ok, K, rstd, nw_ptr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-           SILU_MUL: tl.constexpr):
-    """The fp32 input vector at `cols`, built as the unfused ops would have built it."""
+def _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr):
+    """The fp32 input vector at `cols` before any norm, rounded as the unfused ops round it."""
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if SILU_MUL:
         u = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -37,54 +35,41 @@ def _input(x_ptr, res_ptr, cols, col_ok, K, rstd, nw_ptr, HAS_RES: tl.constexpr,
     if HAS_RES:
         r = tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         x = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
-    if NORM:
-        w = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        x = (w * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     return x
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    rstd = 1.0
-    if NORM:  # pass over h (+ residual): the mean square, and the new residual stream
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            cols = k + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = _input(x_ptr, res_ptr, cols, col_ok, K, 1.0, nw_ptr, HAS_RES, False, False)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")  # streamed once: keep L2 for x and the rest
+        x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
+        if NORM:  # W (nw * x) now, times 1 / rms(x) at the end: one pass, weights stream from the start
             if HAS_RES:
                 if pid == 0:
                     tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
             ss += x * x
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    step = PROGRAMS if PROGRAMS > 0 else (N + BLOCK_N - 1) // BLOCK_N
-    for block in range(pid, (N + BLOCK_N - 1) // BLOCK_N, step):
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            cols = k + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")  # streamed once: keep L2 for x and the rest
-            x = _input(x_ptr, res_ptr, cols, col_ok, K, rstd, nw_ptr, HAS_RES, NORM, SILU_MUL)
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+            x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL"])(_gemv_kernel)
-
-
-def _grid(N: int, meta: dict) -> int:
-    blocks = triton.cdiv(N, meta["BLOCK_N"])
-    return min(blocks, meta["PROGRAMS"]) if meta["PROGRAMS"] else blocks
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -111,10 +96,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             res_out, N, K, weight.stride(0), eps)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul)
     if config is None:
-        _tuned[lambda meta: (_grid(N, meta),)](*args, **flags)
+        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     else:
         kw = dict(config.kwargs)
-        _gemv_kernel[(_grid(N, kw),)](*args, **flags, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
+        _gemv_kernel[(triton.cdiv(N, kw["BLOCK_N"]),)](*args, **flags, **kw, num_warps=config.num_warps,
+                                                       num_stages=config.num_stages)
     lead = x.shape[:-1]
     y = y.view(*lead, N)
     return (y, res_out.view(*lead, K)) if has_res else y

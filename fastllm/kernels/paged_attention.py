@@ -6,8 +6,7 @@ its slot id is block * block_size + row.
 
 - store_kv: write new K/V rows into their slots (slot -1 is skipped: CUDA-graph padding).
 - rope_store_kv: RoPE of q (in place) and k, and the store of k and v, in one launch.
-- paged_decode: one query per sequence, split-K (flash-decoding) in one launch: the last split
-  of each sequence and kv head to finish merges the others, graph-safe.
+- paged_decode: one query per sequence, two-stage split-K (flash-decoding), graph-safe.
 - paged_prefill: varlen causal attention of new tokens against the cache (chunked prefill,
   prefix-cache hits and decode rows in one launch).
 - reference_attention: float64 torch reference of the same semantics (tests, slow CPU path).
@@ -60,38 +59,35 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 @_jit
 def _rope_store_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
                        stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch,
-                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One token: rotate its q heads in place, and store its rotated k heads and its v in the cache.
+                       NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # Grid (T, H + KVH): one head of one token. A q head is rotated in place; a k head is rotated
+    # into the cache, with the v head of the same index.
     t = tl.program_id(0)
+    h = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, BLOCK_HALF)
-    mask_j = j < HALF
-    freq = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=mask_j, other=0.0)
-    c = (tl.cos(freq) * rope_scale)[None, :]
-    s = (tl.sin(freq) * rope_scale)[None, :]
-    heads = tl.arange(0, BLOCK_H)
-    is_q = heads < NUM_HEADS
-    mask = (heads < NUM_HEADS + NUM_KV_HEADS)[:, None] & mask_j[None, :]
-    src = qk_ptr + t.to(tl.int64) * stride_t + heads[:, None] * stride_h + j[None, :]
+    mask = j < HALF
+    freq = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=mask, other=0.0)
+    c = tl.cos(freq) * rope_scale
+    s = tl.sin(freq) * rope_scale
+    src = qk_ptr + t.to(tl.int64) * stride_t + h * stride_h + j
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     y1 = x1 * c - x2 * s
     y2 = x2 * c + x1 * s
-    q_mask = mask & is_q[:, None]
-    tl.store(src, y1.to(qk_ptr.dtype.element_ty), mask=q_mask)
-    tl.store(src + HALF, y2.to(qk_ptr.dtype.element_ty), mask=q_mask)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:  # -1: CUDA-graph padding
-        k_mask = mask & ~is_q[:, None]
-        dst = k_cache_ptr + slot * stride_cs + (heads - NUM_HEADS)[:, None] * stride_ch + j[None, :]
-        tl.store(dst, y1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        tl.store(dst + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        kv_heads = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        v_mask = (kv_heads < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
-        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kv_heads[:, None] * stride_vh + d[None, :], mask=v_mask)
-        tl.store(v_cache_ptr + slot * stride_cs + kv_heads[:, None] * stride_ch + d[None, :], v, mask=v_mask)
+    if h < NUM_HEADS:
+        tl.store(src, y1.to(qk_ptr.dtype.element_ty), mask=mask)
+        tl.store(src + HALF, y2.to(qk_ptr.dtype.element_ty), mask=mask)
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:  # -1: CUDA-graph padding
+            kvh = h - NUM_HEADS
+            dst = slot * stride_cs + kvh * stride_ch + j
+            tl.store(k_cache_ptr + dst, y1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_cache_ptr + dst + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            vsrc = v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + j
+            tl.store(v_cache_ptr + dst, tl.load(vsrc, mask=mask), mask=mask)
+            tl.store(v_cache_ptr + dst + HALF, tl.load(vsrc + HALF, mask=mask), mask=mask)
 
 
 @_jit
@@ -127,12 +123,12 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, key_
 
 
 @_jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scratch_ptr, out_ptr,
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scratch_ptr,
                          qk_scale, num_splits,
                          stride_qb, stride_qh, stride_cb, stride_cr, stride_ch, stride_bt,
-                         stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
+                         stride_sb, stride_sh, stride_ss,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # Grid (B, KVH, num_splits): the GROUP query heads of one kv head over one slice of keys.
     b = tl.program_id(0)
@@ -170,27 +166,27 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     tl.store(dst[:, None] + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(dst + HEAD_DIM, lse, mask=mask_g)
 
-    # The last split of this (sequence, kv head) to finish merges them all: no second kernel.
-    # Its counter is row num_splits of the group's first head, reset to 0 by the merger.
-    counter = scratch_ptr + b.to(tl.int64) * stride_sb + (kvh * GROUP) * stride_sh + num_splits * stride_ss
-    tl.debug_barrier()  # every thread's partial results are stored before the release below
-    done = tl.atomic_add(counter, 1.0, sem="acq_rel")
-    if done == num_splits - 1:
-        offs_s = tl.arange(0, BLOCK_S)
-        mask_s = offs_s < num_splits
-        for g in range(GROUP):
-            base = scratch_ptr + b.to(tl.int64) * stride_sb + (kvh * GROUP + g) * stride_sh + offs_s * stride_ss
-            # .cg: read from L2, where the other programs' stores are, never a stale L1 line
-            lse_s = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-            m = tl.max(lse_s, axis=0)
-            w = tl.exp2(lse_s - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
-            denom = tl.sum(w, axis=0)
-            o_s = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-                          cache_modifier=".cg")
-            merged = tl.sum(w[:, None] * o_s, axis=0) / tl.where(denom > 0.0, denom, 1.0)
-            tl.store(out_ptr + b.to(tl.int64) * stride_ob + (kvh * GROUP + g) * stride_oh + offs_d,
-                     merged.to(out_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(counter, 0.0)  # ready for the next launch (CUDA-graph replays reuse the scratch)
+
+@_jit
+def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
+                         stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    base = scratch_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s * stride_ss  # [S]
+    lse = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
+    denom = tl.sum(w, axis=0)
+    o = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @_jit
@@ -299,18 +295,18 @@ def rope_store_kv(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                          f"the last dim, got {tuple(qk.shape)} and {tuple(v.shape)}")
     if T == 0:
         return
-    _rope_store_kernel[(T,)](
+    if d % 2:
+        raise ValueError(f"rotate-half RoPE needs an even head_dim, got {d}")
+    _rope_store_kernel[(T, num_heads + kvh)](
         qk, v, k_cache, v_cache, slot_mapping, positions, inv_freq, scale,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(num_heads + kvh),
-        BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1)
 
 
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,
                    device: torch.device | str | None = None) -> torch.Tensor:
-    """fp32 scratch of paged_decode: [batch, num_heads, num_splits + 1, head_dim + 1], the split
-    outputs and lse, and a row of counters (zero between launches: reuse it, never refill it)."""
-    return torch.zeros(batch, num_heads, num_splits + 1, head_dim + 1, dtype=torch.float32, device=device)
+    """fp32 scratch of paged_decode: [batch, num_heads, num_splits, head_dim + 1] (split outputs and lse)."""
+    return torch.empty(batch, num_heads, num_splits, head_dim + 1, dtype=torch.float32, device=device)
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device | str | None = None) -> int:
@@ -337,9 +333,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          f"dim, got {tuple(q.shape)} and {tuple(out.shape)}")
     if scratch is None:
         scratch = decode_scratch(batch, h, d, num_splits, q.device)
-    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits + 1, d + 1):
-        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits + 1}, {d + 1}] (see decode_scratch), "
-                         f"got {scratch.dtype} {tuple(scratch.shape)}")
+    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits, d + 1):
+        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits}, {d + 1}], got "
+                         f"{scratch.dtype} {tuple(scratch.shape)}")
     if batch == 0:
         return
     group = h // kvh
@@ -348,12 +344,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_g = max(triton.next_power_of_2(group), 16)
     block_d = triton.next_power_of_2(d)
     _decode_split_kernel[(batch, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, scratch, out, scale * LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, seq_lens, scratch, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
+        scratch.stride(0), scratch.stride(1), scratch.stride(2),
         GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d,
-        BLOCK_N=DECODE_BLOCK_N, BLOCK_S=triton.next_power_of_2(num_splits), **_dot_args(q.dtype),
+        BLOCK_N=DECODE_BLOCK_N, **_dot_args(q.dtype),
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+    _decode_merge_kernel[(batch, h)](
+        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -23,7 +23,7 @@ def gemv():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K, bias", [(37, 300, False), (64, 1024, True), (5, 1100, True), (129, 77, False)])
-@pytest.mark.parametrize("cfg", [0, 3, 8, 13])  # rows per program and tile widths that do and do not divide the shape
+@pytest.mark.parametrize("cfg", [0, 3, 8, 9])  # rows per program and tile widths that do and do not divide the shape
 def test_gemv_matches_float64(gemv, dtype, N, K, bias, cfg):
     w = torch.randn(N, K, dtype=dtype, device=DEV)
     x = torch.randn(1, K, dtype=dtype, device=DEV)
@@ -51,11 +51,9 @@ def _rms(x, w, eps):  # the model's RMSNorm, rounding as it does
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K", [(37, 300), (64, 1024), (130, 96)])
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("persistent", [False, True])  # 3 programs loop over all row blocks
-def test_gemv_with_the_rms_norm_before_it(gemv, dtype, N, K, with_residual, persistent):
-    import triton
-
-    cfg = triton.Config({"BLOCK_N": 4, "BLOCK_K": 256, "PROGRAMS": 3}, num_warps=4) if persistent else gemv.CONFIGS[1]
+@pytest.mark.parametrize("cfg", [1, 6])
+def test_gemv_with_the_rms_norm_before_it(gemv, dtype, N, K, with_residual, cfg):
+    cfg = gemv.CONFIGS[cfg]
     w = torch.randn(N, K, dtype=dtype, device=DEV)
     h = torch.randn(1, K, dtype=dtype, device=DEV)
     nw = (1 + 0.3 * torch.randn(K)).to(dtype).to(DEV)
