@@ -152,16 +152,19 @@ import fastllm.engine as E  # noqa: E402
 from fastllm.core.cuda_linear import DecodeLinear  # noqa: E402
 
 variants = {}
-for name, gemv, norm, silu in [("cuBLAS", False, False, False), ("GEMV", True, False, False),
-                               ("GEMV+norm", True, True, False), ("GEMV+norm+silu (default)", True, True, True)]:
+from fastllm.kernels import launch  # noqa: E402
+
+for name, gemv, norm, silu, use_pdl in [("cuBLAS", False, False, False, True), ("GEMV", True, False, False, True),
+                                        ("GEMV+norm+silu, no PDL", True, True, True, False),
+                                        ("GEMV+norm+silu (default)", True, True, True, True)]:
     orig = E.use_gemv
     E.use_gemv = orig if gemv else (lambda m: m)
-    DecodeLinear.fuse_norm, DecodeLinear.fuse_silu_mul = norm, silu
+    DecodeLinear.fuse_norm, DecodeLinear.fuse_silu_mul, launch.ENABLED = norm, silu, use_pdl
     try:
         r = B.latency(f"dummy:{shape}")
     finally:
         E.use_gemv = orig
-        DecodeLinear.fuse_norm = DecodeLinear.fuse_silu_mul = True
+        DecodeLinear.fuse_norm = DecodeLinear.fuse_silu_mul = launch.ENABLED = True
     variants[name] = r["rows"][0]
     report["latency"] = variants
     report["floor_tok_s"] = r["floor_tok_s"]

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl
+
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for n, k, w, s in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 4), (16, 256, 4, 4),
                               (16, 512, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3)]]
@@ -41,8 +43,10 @@ def _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES: tl.constexpr, SILU_MUL: tl.
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
+    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
@@ -61,6 +65,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, N, K,
             ss += x * x
             x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
@@ -94,7 +100,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = torch.empty_like(res) if has_res else y
     args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
             res_out, N, K, weight.stride(0), eps)
-    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul,
+                 **pdl(x))
     if config is None:
         _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     else:

@@ -29,6 +29,8 @@ except ImportError:  # the torch reference still works; the kernels raise when l
     tl = SimpleNamespace(constexpr=None)
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
+from .launch import pdl  # noqa: E402
+
 LOG2E = 1.4426950408889634
 # Tiles (scripts/check_kernels.py --sweep, H200, Llama shapes, bf16): decode BLOCK_N 32 / 4 warps was
 # best or tied among 16/32/64 x 2/4 warps; prefill 64x64 / 4 warps / 2 stages was within ~5% of
@@ -59,11 +61,15 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 @_jit
 def _rope_store_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
                        stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch,
-                       NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                       NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     # Grid (T, H + KVH): one head of one token. A q head is rotated in place; a k head is rotated
     # into the cache, with the v head of the same index.
     t = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_PDL:  # qk comes from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, BLOCK_HALF)
     mask = j < HALF
@@ -129,11 +135,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          stride_sb, stride_sh, stride_ss,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr):
     # Grid (B, KVH, num_splits): the GROUP query heads of one kv head over one slice of keys.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:  # q and the new keys come from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
     seq_len = tl.load(seq_lens_ptr + b)
     # On the device, so the grid stays graph-safe. (Not tl.cdiv: a @jit helper that the CPU
     # interpreter cannot call when triton was imported before TRITON_INTERPRET was set.)
@@ -157,6 +165,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, end, offs_g,
                                      qk_scale, kvh * stride_ch, stride_cb, stride_cr, offs_d, mask_d,
                                      BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
     # An empty split (seq_len 0, or fewer keys than splits) stores o = 0, lse = -inf.
     nonempty = l_i > 0.0
@@ -170,10 +180,14 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 @_jit
 def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
                          stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_PDL:  # the partial results come from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_splits
@@ -300,7 +314,7 @@ def rope_store_kv(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _rope_store_kernel[(T, num_heads + kvh)](
         qk, v, k_cache, v_cache, slot_mapping, positions, inv_freq, scale,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1)
+        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1, **pdl(qk))
 
 
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,
@@ -349,10 +363,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         scratch.stride(0), scratch.stride(1), scratch.stride(2),
         GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_N=DECODE_BLOCK_N, **_dot_args(q.dtype),
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(q))
     _decode_merge_kernel[(batch, h)](
         scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, **pdl(q))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

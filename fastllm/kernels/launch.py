@@ -1,0 +1,30 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the kernels of a decode step.
+
+A kernel launched with PDL may start while the one before it in the stream is still finishing:
+its programs become resident and wait (`gdc_wait`, at their start) until the previous kernel's
+memory is visible, so a step of ~200 back-to-back kernels loses a launch-and-ramp gap at each
+boundary. Every kernel launched this way must wait before it touches memory the previous one
+writes; kernels that let the next one start early call `gdc_launch_dependents` after their
+main loop.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+ENABLED = True  # benchmarks switch it off to measure what it buys
+
+
+@functools.cache
+def _supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """Launch options for a kernel with a USE_PDL constexpr, for tensors on t's device."""
+    if not ENABLED or t.device.type != "cuda" or not _supported(t.device.index if t.device.index is not None
+                                                  else torch.cuda.current_device()):
+        return {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True}
