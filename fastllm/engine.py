@@ -149,7 +149,7 @@ class Engine:
         # the GPU fast path by default on CUDA; the lean baseline (fastest at batch 1) on the CPU
         attention = config.attention.name if config.attention.name != "auto" else ("paged" if cuda else "sdpa")
         batcher = config.batcher.name if config.batcher.name != "auto" else ("continuous" if cuda else "static")
-        max_seqs = config.max_num_seqs or (512 if cuda else 16)
+        max_seqs = config.max_num_seqs or (1024 if cuda else 16)
         self.attention = registry.create("attention", attention, config.attention.options)
         self.attention.setup(KVSpec(layers, heads, kv_heads, head_dim, self.dtype, self.device, head_dim ** -0.5))
         self.batcher = registry.create("batcher", batcher, config.batcher.options)

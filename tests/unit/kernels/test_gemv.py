@@ -23,7 +23,7 @@ def gemv():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K, bias", [(37, 300, False), (64, 1024, True), (5, 1100, True), (129, 77, False)])
-@pytest.mark.parametrize("cfg", [0, 3, 8, 9])  # rows per program and tile widths that do and do not divide the shape
+@pytest.mark.parametrize("cfg", [0, 3, 8, 9, 10])  # rows per program and tile widths that do and do not divide the shape
 def test_gemv_matches_float64(gemv, dtype, N, K, bias, cfg):
     w = torch.randn(N, K, dtype=dtype, device=DEV)
     x = torch.randn(1, K, dtype=dtype, device=DEV)
