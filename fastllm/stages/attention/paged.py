@@ -221,7 +221,8 @@ class PagedAttention:
         """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
         rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope)."""
         H = self.spec.num_heads
-        if self._kernels is None:
+        # a subclass with its own forward() (plugins/fastllm-flash-attn) attends its own way
+        if self._kernels is None or type(self).forward is not PagedAttention.forward:
             qk = rope(qk)
             return self.forward(layer, qk[:, :H], qk[:, H:], v, meta)
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]

@@ -198,3 +198,31 @@ def test_smollm2_greedy_batch_matches_hf(smollm2_dir, smollm2_hf, overlap):
                           SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(smollm2_hf, p, 16), tok.decode(p)
+
+
+def test_forward_rope_goes_through_a_subclass_forward(monkeypatch):
+    from fastllm.models.llama import Rope
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU test: the kernels run in Triton's interpreter")
+    pytest.importorskip("triton")
+    if "fastllm.kernels.paged_attention" not in sys.modules:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = importlib.import_module("fastllm.kernels.paged_attention")
+
+    calls = []
+
+    class OwnForward(PagedAttention):  # as plugins/fastllm-flash-attn does
+        def forward(self, layer, q, k, v, meta):
+            calls.append((q.shape, k.shape))
+            return super().forward(layer, q, k, v, meta)
+
+    b = OwnForward()
+    b.setup(KVSpec(1, 4, 2, 16, torch.float32, torch.device("cpu"), 0.25))
+    b._kernels = kernels  # the CUDA path, where forward_rope would otherwise fuse and skip forward()
+    req = fake_request("a", list(range(5)), max_tokens=1)
+    b.allocate("a", 5)
+    batch = Batch([req], [5])
+    qk, v = torch.randn(5, 6, 16), torch.randn(5, 2, 16)
+    out = b.forward_rope(0, qk, v, Rope(torch.arange(5), torch.rand(8), 1.0, torch.float32), b.plan(batch))
+    assert out.shape == (5, 4, 16) and calls == [((5, 4, 16), (5, 2, 16))]
