@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plot", metavar="PNG")
         _add_engine_options(p)
         p.set_defaults(model=default)
+    ev = sub.add_parser("eval", help="quality of an engine configuration")
+    evw = ev.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    ppl = evw.add_parser("perplexity", help="perplexity on a text file (default: Python's pydoc_data/topics.py)")
+    ppl.add_argument("--file", metavar="PATH", help="a UTF-8 text file (default: pydoc_data/topics.py)")
+    ppl.add_argument("--context", type=int, default=512, metavar="N", help="tokens per scored window (512)")
+    ppl.add_argument("--max-tokens", type=int, default=8192, metavar="N", help="tokens of the text used (8192; 0: all)")
+    ppl.add_argument("--json", metavar="PATH")
+    _add_engine_options(ppl)
     return parser
 
 
@@ -208,6 +216,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import perplexity
+
+    text = source = None
+    if args.file:
+        try:
+            text, source = open(args.file, encoding="utf-8").read(), args.file
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --file {args.file!r}: {e}") from e
+    with _engine(args) as engine:
+        res = perplexity(engine, text, context=args.context, max_tokens=args.max_tokens or None, source=source)
+    print(f"perplexity {res.perplexity:.4f}  ({res.num_tokens} tokens in {res.num_windows} windows of "
+          f"{res.context}, {res.seconds:.1f} s; {res.source})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.to_dict() | {"options": _options(args), "model": args.model}, f, indent=1)
+    return 0
+
+
 def _bench_gpu(args: argparse.Namespace) -> int:
     from .bench import common, gpu
 
@@ -234,7 +261,8 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins, "bench": cmd_bench,
+            "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
