@@ -42,8 +42,9 @@ def _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES: tl.constexpr, SILU_MUL: tl.
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, N, K, stride_w, eps,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
+                 HAS_SCALE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
@@ -71,23 +72,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, N, K,
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if HAS_SCALE:  # weight-only quantized rows: W = q * scale[row]
+        y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL"])(_gemv_kernel)
+_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
-         silu_mul: bool = False, config: triton.Config | None = None):
+         silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
     norm_weight: multiply by RMSNorm(x + residual) (residual optional) instead of x; with a
     residual the result is (y, x + residual) and neither input is modified.
     silu_mul: x is [1, 2K]; multiply by silu(x[:K]) * x[K:].
+    scale: [N] per-row scales of a weight-only quantized weight (int8 [N, K]), applied to y.
     config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
     """
     N, K = weight.shape
@@ -100,9 +104,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res = residual.reshape(K).contiguous() if has_res else xv
     res_out = torch.empty_like(res) if has_res else y
     args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
-            res_out, N, K, weight.stride(0), eps)
+            res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul,
-                 **pdl(x))
+                 HAS_SCALE=scale is not None, **pdl(x))
     if config is None:
         _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     else:

@@ -1,0 +1,115 @@
+"""`quantizer="int8"`: weight-only int8 with one scale per output channel (symmetric,
+q in [-127, 127], w ~ q * scale), applied by swapping nn.Linear layers.
+
+The weights take half the bytes of bf16; the activations stay in the model dtype.
+- CUDA, one token: fastllm's Triton GEMV reads the int8 rows and dequantizes in registers (with
+  the RMSNorm or SiLU-and-mul before the layer folded in, as for bf16 weights);
+- CPU with bf16 activations: torch's `_weight_int8pack_mm` (when in_features % 32 == 0);
+- otherwise (CUDA batches, fp32 on the CPU): the weight is dequantized for the call. Correct, but
+  on CUDA it reads the bf16 copy it makes too, so batches gain nothing yet.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError
+from ..base import LoadContext
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale fp32 [N]) with w ~ q * scale[:, None]; |w - q*s| <= s/2."""
+    scale = w.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and per-output-channel fp32 scales."""
+
+    devices = ("cuda",)  # where the Triton GEMV runs (tests add "cpu": Triton's interpreter)
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_int8(linear.weight)
+        self.register_buffer("qweight", q)  # int8 [N, K]
+        self.register_buffer("scale", scale)  # fp32 [N]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
+
+    def _one_token(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[0] == 1 and x.device.type in self.devices
+
+    def _scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._scale_cache.get(dtype)
+        if s is None:
+            s = self._scale_cache[dtype] = self.scale.to(dtype)
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self._one_token(flat):
+            from ...kernels.gemv import gemv
+
+            out = gemv(flat, self.qweight, self.bias, scale=self.scale)
+        elif flat.device.type == "cpu" and flat.dtype == torch.bfloat16 and self.in_features % 32 == 0:
+            # (torch 2.13's CPU kernel reads out of bounds when K is not a multiple of 16)
+            out = torch._weight_int8pack_mm(flat, self.qweight, self._scale_as(flat.dtype))
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def forward_normed(self, h, residual, norm_weight, eps):
+        """As fastllm.core.cuda_linear.DecodeLinear: the RMSNorm before the layer in the GEMV."""
+        if not self._one_token(h):
+            return None
+        from ...kernels.gemv import gemv
+
+        if residual is None:
+            return gemv(h, self.qweight, self.bias, norm_weight=norm_weight, eps=eps, scale=self.scale), h
+        return gemv(h, self.qweight, self.bias, norm_weight=norm_weight, eps=eps, residual=residual,
+                    scale=self.scale)
+
+    def forward_silu_mul(self, gate_up):
+        if not self._one_token(gate_up):
+            return None
+        from ...kernels.gemv import gemv
+
+        return gemv(gate_up, self.qweight, self.bias, silu_mul=True, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8Quantizer:
+    """`quantizer="int8"`, or `{"name": "int8", "skip": ["lm_head", "*.o_proj"]}`: every
+    nn.Linear whose module name matches none of `skip` (fnmatch patterns; default: the LM head,
+    kept in full precision) becomes an Int8Linear. Embeddings are never quantized."""
+
+    api_version = 1
+
+    def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",)):
+        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+            raise ConfigError(f"int8 quantizer: skip is a list of module-name patterns, got {skip!r}")
+        self.skip = tuple(skip)
+
+    def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
+        swaps = []
+        for parent_name, parent in model.named_modules():
+            for name, child in parent.named_children():
+                full = f"{parent_name}.{name}" if parent_name else name
+                if type(child) is nn.Linear and not any(fnmatch.fnmatchcase(full, p) or
+                                                        fnmatch.fnmatchcase(name, p) for p in self.skip):
+                    swaps.append((parent, name, child))
+        for parent, name, child in swaps:
+            setattr(parent, name, Int8Linear(child))
+        return model

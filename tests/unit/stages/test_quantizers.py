@@ -1,0 +1,81 @@
+"""quantizer="int8": the quantization itself, the layer against a float64 reference on each
+of its paths, the conformance kit, and the engine end to end on the real model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastllm import Engine, SamplingParams
+from fastllm.errors import ConfigError
+from fastllm.stages.base import LoadContext
+from fastllm.stages.quantizers.int8 import Int8Linear, Int8Quantizer, quantize_int8
+from fastllm.testing import check_model_transform
+
+
+def test_quantize_int8_round_trip_is_within_half_a_step():
+    w = torch.randn(37, 300) * torch.logspace(-3, 1, 37)[:, None]  # channels of very different ranges
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and s.shape == (37,)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7).all()
+    assert (q.abs().amax(1) == 127).all()  # every channel uses its full range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("K", [300, 320])  # bf16 on the CPU: 320 takes torch's int8 kernel, 300 cannot
+def test_int8_linear_matches_its_dequantized_weight(dtype, M, K):
+    lin = nn.Linear(K, 37, bias=True).to(dtype)
+    layer = Int8Linear(lin)
+    x = torch.randn(M, K, dtype=dtype)
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    out = layer(x)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == dtype and out.shape == (M, 37)
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
+def test_int8_linear_one_token_through_the_triton_gemv(monkeypatch):
+    pytest.importorskip("triton")
+    from fastllm.kernels import gemv
+
+    monkeypatch.setattr(Int8Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: real(*a, config=gemv.CONFIGS[1], **k))
+    lin = nn.Linear(96, 45, bias=False)
+    layer = Int8Linear(lin)
+    x = torch.randn(1, 96)
+    ref = x.double() @ layer.dequantize(torch.float64).T
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    nw, res = torch.rand(96) + 0.5, torch.randn(1, 96)
+    y, new_res = layer.forward_normed(x, res, nw, 1e-6)
+    h = x + res
+    normed = nw * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(y.double(), normed.double() @ layer.dequantize(torch.float64).T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new_res, h)
+
+
+def test_conformance_and_what_is_kept_in_full_precision():
+    ctx = LoadContext(torch.device("cpu"), torch.float32)
+    model = check_model_transform(Int8Quantizer(), "quantizer", ctx, max_rel_error=0.05)
+    names = {n for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert names and all("lm_head" not in n for n in names)
+    assert type(model.lm_head) is nn.Linear
+    model = check_model_transform(Int8Quantizer(skip=["*.o_proj"]), "quantizer", ctx, max_rel_error=0.05)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert all(type(layer.self_attn.o_proj) is nn.Linear for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("skip", ["lm_head", [3]])
+def test_bad_skip_is_a_config_error(skip):
+    with pytest.raises(ConfigError, match="skip"):
+        Int8Quantizer(skip=skip)
+
+
+@pytest.mark.slow
+def test_int8_engine_on_the_real_model_keeps_its_answers(smollm2_dir):
+    sp = SamplingParams(temperature=0, max_tokens=8)
+    with Engine(dtype="bfloat16", device="cpu", progress=False, quantizer="int8") as e:
+        assert isinstance(e.runner.model.model.layers[0].mlp.down_proj, Int8Linear)
+        out = e.generate("The capital of France is", sp)[0]
+    assert "Paris" in out.text
