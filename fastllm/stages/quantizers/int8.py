@@ -10,14 +10,13 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 """
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
+from . import linears
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +102,6 @@ class Int8Quantizer:
         self.skip = tuple(skip)
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
-        swaps = []
-        for parent_name, parent in model.named_modules():
-            for name, child in parent.named_children():
-                full = f"{parent_name}.{name}" if parent_name else name
-                if type(child) is nn.Linear and not any(fnmatch.fnmatchcase(full, p) or
-                                                        fnmatch.fnmatchcase(name, p) for p in self.skip):
-                    swaps.append((parent, name, child))
-        for parent, name, child in swaps:
+        for parent, name, child in linears(model, self.skip):
             setattr(parent, name, Int8Linear(child))
         return model

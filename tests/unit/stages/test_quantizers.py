@@ -79,3 +79,51 @@ def test_int8_engine_on_the_real_model_keeps_its_answers(smollm2_dir):
         assert isinstance(e.runner.model.model.layers[0].mlp.down_proj, Int8Linear)
         out = e.generate("The capital of France is", sp)[0]
     assert "Paris" in out.text
+
+
+# ---- int4 ---------------------------------------------------------------------------------
+
+from fastllm.stages.quantizers.int4 import Int4Linear, Int4Quantizer, dequantize_int4, quantize_int4  # noqa: E402
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("K", [300, 256])  # padded to the group size, or not
+def test_quantize_int4_round_trip_is_within_half_a_step(G, K):
+    w = torch.randn(37, K) * torch.logspace(-2, 1, 37)[:, None]
+    packed, scales, zeros = quantize_int4(w, G)
+    Kp = -(-K // G) * G
+    assert packed.dtype == torch.uint8 and packed.shape == (37, Kp // 2) and scales.shape == zeros.shape == (37, Kp // G)
+    back = dequantize_int4(packed, scales, zeros, K)
+    step = scales.repeat_interleave(G, dim=1)[:, :K]
+    assert back.shape == w.shape and ((back - w).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("G", [32, 128])
+@pytest.mark.parametrize("cfg", [0, 3])
+def test_int4_gemv_matches_the_dequantized_weight(monkeypatch, G, cfg):
+    pytest.importorskip("triton")
+    from fastllm.kernels import gemv_int4
+
+    lin = nn.Linear(300, 45, bias=True)
+    layer = Int4Linear(lin, G)
+    x = torch.randn(1, 300)
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    out = gemv_int4.gemv_int4(x, layer.packed, layer.scales, layer.zeros, G, layer.bias, config=gemv_int4.CONFIGS[cfg])
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))  # the layer's own one-token path
+    real = gemv_int4.gemv_int4
+    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.CONFIGS[cfg], **k))
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_int4_conformance(G):
+    ctx = LoadContext(torch.device("cpu"), torch.float32)
+    model = check_model_transform(Int4Quantizer(group_size=G), "quantizer", ctx, max_rel_error=0.3)  # random weights: 4 bits move more
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear) and type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("opts", [{"group_size": 48}, {"group_size": "64"}, {"skip": "lm_head"}])
+def test_int4_bad_options_are_config_errors(opts):
+    with pytest.raises(ConfigError):
+        Int4Quantizer(**opts)

@@ -1,0 +1,93 @@
+"""`quantizer="int4"`: weight-only int4, group-wise and asymmetric (w ~ (q - zero) * scale, q in
+0..15, one scale and zero point per `group_size` columns of a row), two values per byte.
+
+A quarter of bf16's weight bytes (plus 2 x fp32 per group). At one token on CUDA,
+fastllm.kernels.gemv_int4 reads the packed bytes and dequantizes in registers; elsewhere the
+weight is dequantized for the call (correct; no speed-up there yet). K is padded to a multiple
+of the group size (SmolLM2's 576 columns in groups of 128, for one).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError
+from ..base import LoadContext
+from . import linears
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, Kp/2], scales fp32 [N, Kp/G], zeros fp32 [N, Kp/G]),
+    round to nearest per group; padded columns are zero."""
+    N, K = w.shape
+    Kp = -(-K // group_size) * group_size
+    wf = F.pad(w.detach().float(), (0, Kp - K)).view(N, Kp // group_size, group_size)
+    lo, hi = wf.amin(dim=2), wf.amax(dim=2)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    zeros = torch.round(-lo / scales).clamp(0, 15)
+    q = (torch.round(wf / scales[..., None]) + zeros[..., None]).clamp(0, 15).to(torch.uint8).view(N, Kp)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.contiguous(), scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, K: int) -> torch.Tensor:
+    """fp32 [N, K] from the packed form."""
+    N = packed.shape[0]
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(N, -1).float()  # [N, Kp]
+    G = q.shape[1] // scales.shape[1]
+    w = (q.view(N, -1, G) - zeros[..., None]) * scales[..., None]
+    return w.view(N, -1)[:, :K]
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with group-wise asymmetric int4 weights."""
+
+    devices = ("cuda",)  # where the Triton GEMV runs (tests add "cpu": Triton's interpreter)
+
+    def __init__(self, linear: nn.Linear, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        packed, scales, zeros = quantize_int4(linear.weight, group_size)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int4(self.packed, self.scales, self.zeros, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] == 1 and flat.device.type in self.devices:
+            from ...kernels.gemv_int4 import gemv_int4
+
+            out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+        else:
+            out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+class Int4Quantizer:
+    """`quantizer={"name": "int4", "group_size": 64}` (32, 64 or 128; default 128), `skip`:
+    module-name patterns kept in full precision (default: the LM head)."""
+
+    api_version = 1
+
+    def __init__(self, group_size: int = 128, skip: list[str] | tuple[str, ...] = ("lm_head",)):
+        if group_size not in GROUP_SIZES:
+            raise ConfigError(f"int4 quantizer: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+            raise ConfigError(f"int4 quantizer: skip is a list of module-name patterns, got {skip!r}")
+        self.group_size, self.skip = group_size, tuple(skip)
+
+    def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
+        for parent, name, child in linears(model, self.skip):
+            setattr(parent, name, Int4Linear(child, self.group_size))
+        return model
+
