@@ -129,6 +129,7 @@ class Engine:
         model_arg = config.model.removeprefix("dummy:") if config.model else None
         loaded = registry.create("loader", loader, config.loader.options).load(model_arg, ctx)
         model = loaded.model
+        ctx.text_tokenizer = loaded.tokenizer
         for stage in ("pruner", "quantizer", "parallelizer"):
             spec = getattr(config, stage)
             model = registry.create(stage, spec.name, spec.options).apply(model, ctx)

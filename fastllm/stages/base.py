@@ -26,6 +26,9 @@ class LoadContext:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "fastllm")
     progress: bool = True
     tokenizer: str | None = None
+    # set once the model is loaded: its tokenizer object (or None), for transforms that
+    # calibrate on text (activation-aware quantization, Wanda pruning)
+    text_tokenizer: Any = None
 
 
 @dataclass

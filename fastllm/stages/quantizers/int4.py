@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
-from . import linears
+from . import calibration_ids, capture_inputs, linears
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -47,24 +47,36 @@ class Int4Linear(nn.Module):
 
     devices = ("cuda",)  # where the Triton GEMV runs (tests add "cpu": Triton's interpreter)
 
-    def __init__(self, linear: nn.Linear, group_size: int):
+    def __init__(self, linear: nn.Linear, group_size: int, input_scale: torch.Tensor | None = None):
+        """input_scale [K] (activation-aware): the weight's columns are quantized multiplied by it,
+        and inputs are divided by it, so columns that meet large activations keep more precision."""
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        packed, scales, zeros = quantize_int4(linear.weight, group_size)
+        w = linear.weight.detach().float()
+        if input_scale is not None:
+            w = w * input_scale[None, :]
+        packed, scales, zeros = quantize_int4(w, group_size)
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
+        inv = None if input_scale is None else (1.0 / input_scale.float()).to(linear.weight.dtype)
+        self.register_buffer("inv_input_scale", inv)  # [K] or None
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int4(self.packed, self.scales, self.zeros, self.in_features).to(dtype)
+        """The weight as the layer applies it, input scaling folded back in: [N, K]."""
+        w = dequantize_int4(self.packed, self.scales, self.zeros, self.in_features)
+        if self.inv_input_scale is not None:
+            w = w * self.inv_input_scale.float()[None, :]
+        return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] == 1 and flat.device.type in self.devices:
             from ...kernels.gemv_int4 import gemv_int4
 
-            out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+            xin = flat if self.inv_input_scale is None else flat * self.inv_input_scale
+            out = gemv_int4(xin, self.packed, self.scales, self.zeros, self.group_size, self.bias)
         else:
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
@@ -75,19 +87,55 @@ class Int4Linear(nn.Module):
 
 class Int4Quantizer:
     """`quantizer={"name": "int4", "group_size": 64}` (32, 64 or 128; default 128), `skip`:
-    module-name patterns kept in full precision (default: the LM head)."""
+    module-name patterns kept in full precision (default: the LM head).
+
+    `activation_aware=True` (AWQ's idea): run the model once over `calibration_tokens` tokens of a
+    text (`calibration_file`, default Python's pydoc topics), and for each layer pick the input
+    scaling s = mean|x|^a (a on a grid of 0..1; a = 0 is plain rounding) that minimises the
+    error of its output on those activations."""
 
     api_version = 1
 
-    def __init__(self, group_size: int = 128, skip: list[str] | tuple[str, ...] = ("lm_head",)):
+    def __init__(self, group_size: int = 128, skip: list[str] | tuple[str, ...] = ("lm_head",),
+                 activation_aware: bool = False, calibration_tokens: int = 512, calibration_file: str | None = None):
         if group_size not in GROUP_SIZES:
             raise ConfigError(f"int4 quantizer: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
         if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
             raise ConfigError(f"int4 quantizer: skip is a list of module-name patterns, got {skip!r}")
+        if not isinstance(calibration_tokens, int) or calibration_tokens < 16:
+            raise ConfigError(f"int4 quantizer: calibration_tokens must be an int >= 16, got {calibration_tokens!r}")
         self.group_size, self.skip = group_size, tuple(skip)
+        self.activation_aware, self.calibration_tokens = bool(activation_aware), calibration_tokens
+        self.calibration_file = calibration_file
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
-        for parent, name, child in linears(model, self.skip):
-            setattr(parent, name, Int4Linear(child, self.group_size))
+        targets = linears(model, self.skip)
+        scales: list = [None] * len(targets)
+        if self.activation_aware:
+            ids = calibration_ids(ctx, self.calibration_tokens, self.calibration_file)
+            inputs = capture_inputs(model, [c for _, _, c in targets], ids, ctx.device, ctx.dtype)
+            scales = [search_input_scale(c.weight, x, self.group_size) if x is not None else None
+                      for (_, _, c), x in zip(targets, inputs)]
+        for (parent, name, child), s in zip(targets, scales):
+            setattr(parent, name, Int4Linear(child, self.group_size, s))
         return model
+
+
+def search_input_scale(weight: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 11) -> torch.Tensor | None:
+    """The s = mean|x|^a (normalised to geometric mean 1) that minimises |x W^T - (x / s) Q(W s)^T|^2
+    on the calibration inputs x [T, K]; None when a = 0 (plain rounding) is best."""
+    w = weight.detach().float()
+    x = x.to(w.device, torch.float32)
+    ref = x @ w.T
+    act = x.abs().mean(dim=0).clamp(min=1e-5)
+    best, best_err = None, None
+    for i in range(grid):
+        a = i / (grid - 1)
+        s = act.pow(a)
+        s = s / (s.max() * s.min()).sqrt()
+        wq = dequantize_int4(*quantize_int4(w * s[None, :], group_size), w.shape[1]) / s[None, :]
+        err = (x @ wq.T - ref).pow(2).mean().item()
+        if best_err is None or err < best_err:
+            best, best_err = (None if a == 0 else s), err
+    return best
 

@@ -127,3 +127,59 @@ def test_int4_conformance(G):
 def test_int4_bad_options_are_config_errors(opts):
     with pytest.raises(ConfigError):
         Int4Quantizer(**opts)
+
+
+# ---- activation-aware int4 ------------------------------------------------------------------
+
+from fastllm.stages.quantizers.int4 import search_input_scale  # noqa: E402
+
+
+def _rtn_error(w, x, G, s=None):
+    s = torch.ones(w.shape[1]) if s is None else s
+    wq = dequantize_int4(*quantize_int4(w * s[None, :], G), w.shape[1]) / s[None, :]
+    return (x @ wq.T - x @ w.T).pow(2).mean().item()
+
+
+def test_activation_aware_scaling_beats_plain_rounding_where_activations_are_uneven():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    x = torch.randn(200, 256, generator=g)
+    x[:, :8] *= 30  # a few input channels carry large activations (as in real LLMs)
+    s = search_input_scale(w, x, 64)
+    assert s is not None and s.shape == (256,) and s[:8].mean() > s[8:].mean()
+    assert _rtn_error(w, x, 64, s) < 0.8 * _rtn_error(w, x, 64)
+
+
+def test_int4_linear_with_an_input_scale_applies_the_same_weight_on_every_path(monkeypatch):
+    pytest.importorskip("triton")
+    from fastllm.kernels import gemv_int4
+
+    lin = nn.Linear(128, 40)
+    s = torch.rand(128) + 0.5
+    layer = Int4Linear(lin, 32, s)
+    assert ((layer.dequantize(torch.float32) - lin.weight).abs() < 0.25).all()  # still the same layer, roughly
+    x = torch.randn(3, 128)
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))
+    real = gemv_int4.gemv_int4
+    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.CONFIGS[0], **k))
+    torch.testing.assert_close(layer(x[:1]).double(), ref[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_activation_aware_needs_a_tokenizer():
+    with pytest.raises(ConfigError, match="tokenizer"):
+        Engine("dummy:smollm2-135m", device="cpu", dtype="float32", progress=False,
+               quantizer={"name": "int4", "activation_aware": True})
+
+
+@pytest.mark.slow
+def test_activation_aware_int4_beats_plain_int4_on_the_real_model(smollm2_dir):
+    from fastllm.eval import perplexity
+
+    ppl = {}
+    for aware in (False, True):
+        q = {"name": "int4", "group_size": 128, "activation_aware": aware, "calibration_tokens": 256}
+        with Engine(dtype="float32", device="cpu", progress=False, quantizer=q) as e:
+            ppl[aware] = perplexity(e, context=256, max_tokens=1024).perplexity
+    assert ppl[True] < ppl[False], ppl
