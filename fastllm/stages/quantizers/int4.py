@@ -2,8 +2,9 @@
 0..15, one scale and zero point per `group_size` columns of a row), two values per byte.
 
 A quarter of bf16's weight bytes (plus 2 x fp32 per group). At one token on CUDA,
-fastllm.kernels.gemv_int4 reads the packed bytes and dequantizes in registers; elsewhere the
-weight is dequantized for the call (correct; no speed-up there yet). K is padded to a multiple
+fastllm.kernels.gemv_int4 reads the packed bytes and dequantizes in registers; on the CPU with
+bf16 activations torch's int4 kernel runs (a second, CPU-layout copy of the packed weight is
+made on first use); elsewhere the weight is dequantized for the call (correct; no speed-up). K is padded to a multiple
 of the group size (SmolLM2's 576 columns in groups of 128, for one).
 """
 from __future__ import annotations
@@ -70,15 +71,39 @@ class Int4Linear(nn.Module):
             w = w * self.inv_input_scale.float()[None, :]
         return w.to(dtype)
 
+    def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch's CPU int4 layout, made on first use: (weight, scales_and_zeros [Kp/G, N, 2] bf16);
+        tinygemm's zero point is in the float domain: w = (q - 8) * s + (8 - z) * s."""
+        if getattr(self, "_cpu", None) is None:
+            q = torch.stack([self.packed & 0xF, self.packed >> 4], dim=-1).view(self.out_features, -1)
+            sz = torch.stack([self.scales, (8 - self.zeros) * self.scales], dim=-1).transpose(0, 1)
+            self._cpu = (torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+                         sz.contiguous().to(torch.bfloat16))
+        return self._cpu
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.inv_input_scale is not None and (flat.shape[0] == 1 or flat.device.type == "cpu"):
+            flat = flat * self.inv_input_scale
+            w_scaled = True
+        else:
+            w_scaled = False
         if flat.shape[0] == 1 and flat.device.type in self.devices:
             from ...kernels.gemv_int4 import gemv_int4
 
-            xin = flat if self.inv_input_scale is None else flat * self.inv_input_scale
-            out = gemv_int4(xin, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+            out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+        elif flat.device.type == "cpu" and flat.dtype == torch.bfloat16 and self.out_features % 16 == 0:
+            weight, sz = self._cpu_packed()
+            Kp = self.packed.shape[1] * 2
+            out = torch._weight_int4pack_mm_for_cpu(F.pad(flat, (0, Kp - self.in_features)), weight,
+                                                    self.group_size, sz)
+            if self.bias is not None:
+                out = out + self.bias
         else:
-            out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
+            w = dequantize_int4(self.packed, self.scales, self.zeros, self.in_features)
+            if self.inv_input_scale is not None and not w_scaled:
+                w = w * self.inv_input_scale.float()[None, :]
+            out = F.linear(flat, w.to(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

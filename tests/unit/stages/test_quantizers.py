@@ -183,3 +183,17 @@ def test_activation_aware_int4_beats_plain_int4_on_the_real_model(smollm2_dir):
         with Engine(dtype="float32", device="cpu", progress=False, quantizer=q) as e:
             ppl[aware] = perplexity(e, context=256, max_tokens=1024).perplexity
     assert ppl[True] < ppl[False], ppl
+
+
+@pytest.mark.parametrize("K, G", [(256, 64), (300, 128)])  # K a multiple of the group, or padded
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("M", [1, 3])
+def test_int4_on_the_cpu_with_bf16_takes_torchs_kernel_and_agrees(K, G, scaled, M):
+    lin = nn.Linear(K, 48).to(torch.bfloat16)
+    layer = Int4Linear(lin, G, torch.rand(K) + 0.5 if scaled else None)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    out = layer(x)
+    assert getattr(layer, "_cpu", None) is not None  # N = 48: torch's CPU int4 kernel ran
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.bfloat16 and err < 2e-2, err
