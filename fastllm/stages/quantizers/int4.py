@@ -120,6 +120,7 @@ class Int4Quantizer:
     error of its output on those activations."""
 
     api_version = 1
+    conformance_max_rel_error = 0.3  # fastllm.testing: 4 bits move the tiny random model's logits ~20%
 
     def __init__(self, group_size: int = 128, skip: list[str] | tuple[str, ...] = ("lm_head",),
                  activation_aware: bool = False, calibration_tokens: int = 512, calibration_file: str | None = None):

@@ -119,7 +119,7 @@ def test_int4_gemv_matches_the_dequantized_weight(monkeypatch, G, cfg):
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_int4_conformance(G):
     ctx = LoadContext(torch.device("cpu"), torch.float32)
-    model = check_model_transform(Int4Quantizer(group_size=G), "quantizer", ctx, max_rel_error=0.3)  # random weights: 4 bits move more
+    model = check_model_transform(Int4Quantizer(group_size=G), "quantizer", ctx)  # its declared bound: 0.3
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear) and type(model.lm_head) is nn.Linear
 
 
