@@ -135,7 +135,7 @@ class Engine:
             model = registry.create(stage, spec.name, spec.options).apply(model, ctx)
         if self.device.type == "cpu" and cpu.can_pack():
             cpu.pack_linears(model)
-        elif self.device.type == "cuda" and config.cuda_graphs:  # batch-1 decode through our GEMV
+        elif self.device.type == "cuda":  # batch-1 decode through our GEMV
             use_gemv(model)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
