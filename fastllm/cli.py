@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plot", metavar="PNG")
         _add_engine_options(p)
         p.set_defaults(model=default)
+    qz = sub.add_parser("quantize", help="quantize a model once and save it; Engine(OUT_DIR) then loads it fast")
+    qz.add_argument("out_dir", metavar="OUT_DIR")
+    _add_engine_options(qz)
     ev = sub.add_parser("eval", help="quality of an engine configuration")
     evw = ev.add_subparsers(dest="metric", required=True, metavar="METRIC")
     ppl = evw.add_parser("perplexity", help="perplexity on a text file (default: Python's pydoc_data/topics.py)")
@@ -216,6 +219,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from . import registry
+    from .config import EngineConfig
+    from .engine import DTYPES, Engine, _cache_dir, default_dtype
+    from .stages.base import LoadContext
+    from .stages.loaders.auto import choose_loader
+    from .stages.quantizers.saved import save_quantized
+
+    try:
+        config = EngineConfig(model=args.model, **_options(args))
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from e
+    if config.quantizer.name == "none":
+        raise ConfigError("fastllm quantize needs --quantizer (e.g. int8, or '{\"name\": \"int4\", \"group_size\": 64}')")
+    device = Engine._resolve_device(config.device)
+    ctx = LoadContext(device, DTYPES.get(config.dtype) or default_dtype(device), config.allow_pickle,
+                      _cache_dir(config), config.progress, config.tokenizer)
+    loader = choose_loader(config.model) if config.loader.name == "auto" else config.loader.name
+    model_arg = config.model.removeprefix("dummy:") if config.model else None
+    loaded = registry.create("loader", loader, config.loader.options).load(model_arg, ctx)
+    ctx.text_tokenizer = loaded.tokenizer
+    model = registry.create("quantizer", config.quantizer.name, config.quantizer.options).apply(loaded.model, ctx)
+    out = save_quantized(model, loaded.tokenizer, {"name": config.quantizer.name, **config.quantizer.options},
+                         args.out_dir)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"saved {config.quantizer.name}-quantized {loaded.name} to {out} ({size / 2**20:.1f} MiB); "
+          f"load it with Engine({str(out)!r}) or --model {out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import perplexity
 
@@ -262,7 +297,7 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins, "bench": cmd_bench,
-            "eval": cmd_eval}
+            "eval": cmd_eval, "quantize": cmd_quantize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

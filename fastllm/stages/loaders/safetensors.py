@@ -93,8 +93,13 @@ class SafetensorsLoader:
         from transformers import AutoConfig
 
         hf_config = AutoConfig.from_pretrained(str(path))
-        files = weight_files(path, ctx.allow_pickle)
-        net = build_model(hf_config, ctx)
-        fill_model(net, iter_tensors(files, ctx.device, ctx.progress), str(path))
+        from ..quantizers.saved import QUANT_FILE, load_quantized
+
+        if (path / QUANT_FILE).exists():  # saved by `fastllm quantize`: no quantizing at start-up
+            net = load_quantized(path, hf_config, ctx)
+        else:
+            files = weight_files(path, ctx.allow_pickle)
+            net = build_model(hf_config, ctx)
+            fill_model(net, iter_tensors(files, ctx.device, ctx.progress), str(path))
         tok = load_tokenizer(ctx.tokenizer or path)
         return LoadedModel(net, tok, eos_token_ids(hf_config, path, tok), max_model_len(hf_config), path.name)
