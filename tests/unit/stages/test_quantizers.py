@@ -197,3 +197,52 @@ def test_int4_on_the_cpu_with_bf16_takes_torchs_kernel_and_agrees(K, G, scaled, 
     ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.dtype == torch.bfloat16 and err < 2e-2, err
+
+
+# ---- fp8 -------------------------------------------------------------------------------------
+
+from fastllm.stages.quantizers.fp8 import Fp8Linear, Fp8Quantizer, quantize_fp8  # noqa: E402
+
+
+def test_quantize_fp8_keeps_three_mantissa_bits():
+    w = torch.randn(37, 300) * torch.logspace(-3, 1, 37)[:, None]
+    q, s = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (37,)
+    back = q.float() * s[:, None]
+    big = w.abs() > s[:, None] * 2 ** -6  # normal e4m3 range: relative error <= 2^-4
+    assert ((back - w).abs()[big] <= w.abs()[big] * 2 ** -4 + 1e-12).all()
+
+
+def test_fp8_linear_dequantized_path_and_one_token_gemv(monkeypatch):
+    pytest.importorskip("triton")
+    from fastllm.kernels import gemv
+
+    lin = nn.Linear(96, 45)
+    layer = Fp8Linear(lin)
+    x = torch.randn(4, 96)
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(Fp8Linear, "devices", ("cuda", "cpu"))  # the GEMV in Triton's interpreter
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: real(*a, config=gemv.CONFIGS[1], **k))
+    torch.testing.assert_close(layer(x[:1]).double(), ref[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_conformance():
+    ctx = LoadContext(torch.device("cpu"), torch.float32)
+    model = check_model_transform(Fp8Quantizer(), "quantizer", ctx)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, Fp8Linear) and type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm needs CUDA")
+@pytest.mark.parametrize("M", [2, 5, 17, 300])  # odd M (pytorch#133334)
+def test_fp8_batches_through_scaled_mm_match_the_dequantized_weight(M):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    lin = nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = Fp8Linear(lin)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    out = layer(x)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.bfloat16 and err < 0.06, err  # activations in e4m3 too: a few percent

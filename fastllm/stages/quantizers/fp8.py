@@ -1,0 +1,80 @@
+"""`quantizer="fp8"`: e4m3 weights with one fp32 scale per output channel (w ~ q * scale,
+|q| <= 448), half of bf16's bytes.
+
+- CUDA, one token: fastllm's Triton GEMV reads the fp8 rows and converts in registers;
+- CUDA batches: `torch._scaled_mm` with the activations quantized per token (dynamic scales);
+- elsewhere (the CPU): the weight is dequantized for the call (correct, for quality numbers).
+fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper): on older cards it is refused.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError
+from ..base import LoadContext
+from . import linears
+
+E4M3_MAX = 448.0
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q float8_e4m3fn [N, K], scale fp32 [N]) with w ~ q * scale[:, None]."""
+    scale = w.detach().float().abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
+    q = (w.detach().float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class Fp8Linear(nn.Module):
+    devices = ("cuda",)  # where the Triton GEMV runs (tests add "cpu": Triton's interpreter)
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_fp8(linear.weight)
+        self.register_buffer("qweight", q)  # float8_e4m3fn [N, K]
+        self.register_buffer("scale", scale)  # fp32 [N]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] == 1 and flat.device.type in self.devices:
+            from ...kernels.gemv import gemv
+
+            out = gemv(flat, self.qweight, self.bias, scale=self.scale)
+        elif flat.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            amax = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+            x_scale = amax / E4M3_MAX  # [M, 1]: one scale per token
+            xq = (flat.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            out = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scale[None, :],
+                                   bias=self.bias, out_dtype=flat.dtype)
+        else:
+            out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"
+
+
+class Fp8Quantizer:
+    """`quantizer="fp8"`, `skip`: module-name patterns kept in full precision (default the LM head)."""
+
+    api_version = 1
+
+    def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",)):
+        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+            raise ConfigError(f"fp8 quantizer: skip is a list of module-name patterns, got {skip!r}")
+        self.skip = tuple(skip)
+
+    def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
+        if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) < (8, 9):
+            name = torch.cuda.get_device_name(ctx.device)
+            raise ConfigError(f"fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); {name} is "
+                              f"{'.'.join(map(str, torch.cuda.get_device_capability(ctx.device)))}. Use int8 instead")
+        for parent, name, child in linears(model, self.skip):
+            setattr(parent, name, Fp8Linear(child))
+        return model
