@@ -39,6 +39,11 @@ def decode_speed(quantizer) -> float:
 
 variants = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("int8", "float32", "int8"),
             ("fp8", "float32", "fp8")]
+try:  # plugins/fastllm-bitsandbytes, where bitsandbytes is installed
+    import bitsandbytes  # noqa: F401
+    variants += [("bnb-int8 (LLM.int8)", "float32", "bnb-int8"), ("bnb-nf4", "float32", "bnb-nf4")]
+except ImportError:
+    pass
 for g in (32, 64, 128):
     variants.append((f"int4 g{g}", "float32", {"name": "int4", "group_size": g}))
     variants.append((f"int4 g{g} activation-aware", "float32", {"name": "int4", "group_size": g, "activation_aware": True}))
@@ -46,7 +51,7 @@ for name, dtype, q in variants:
     with Engine(dtype=dtype, device="cpu", progress=False, quantizer=q) as e:
         res = perplexity(e, text, context=CONTEXT, max_tokens=max_tokens, source=source)
     # AWQ decodes as fast as plain int4; fp8 is dequantized per call on the CPU (no speed path there)
-    timed = name == "bf16" or (q not in ("none", "fp8") and "activation" not in name)
+    timed = name == "bf16" or (q not in ("none", "fp8", "bnb-int8", "bnb-nf4") and "activation" not in name)
     add(name, "fastllm", res, decode_speed(q) if timed else None)
 
 # torchao on the same weights: HF transformers' model of the converted checkpoint, fp32
