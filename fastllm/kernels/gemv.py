@@ -91,7 +91,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     norm_weight: multiply by RMSNorm(x + residual) (residual optional) instead of x; with a
     residual the result is (y, x + residual) and neither input is modified.
     silu_mul: x is [1, 2K]; multiply by silu(x[:K]) * x[K:].
-    scale: [N] per-row scales of a weight-only quantized weight (int8 [N, K]), applied to y.
+    scale: [N] per-row scales of a weight-only quantized weight (int8 or fp8 [N, K]), applied to y.
     config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
     """
     N, K = weight.shape
