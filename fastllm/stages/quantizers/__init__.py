@@ -75,3 +75,56 @@ def capture_inputs(model: nn.Module, layers: list[nn.Module], ids: list[int], de
         for h in handles:
             h.remove()
     return seen
+
+
+def check_skip(owner: str, skip) -> tuple[str, ...]:
+    """A quantizer's `skip` option: a list of module-name patterns, or a ConfigError."""
+    from ...errors import ConfigError
+
+    if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+        raise ConfigError(f"{owner}: skip is a list of module-name patterns, got {skip!r}")
+    return tuple(skip)
+
+
+class RowScaledLinear(nn.Module):
+    """A linear layer whose weight is stored as q [N, K] (int8, fp8) times one fp32 scale per
+    output row. Subclasses give `quantize(w) -> (q, scale)` and their forward paths."""
+
+    devices = ("cuda",)  # where fastllm's Triton GEMV runs (tests add "cpu": Triton's interpreter)
+
+    @staticmethod
+    def quantize(w):
+        raise NotImplementedError
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = self.quantize(linear.weight)
+        self.register_buffer("qweight", q)  # [N, K]
+        self.register_buffer("scale", scale)  # fp32 [N]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantize(self, dtype):
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def _one_token(self, x) -> bool:
+        return x.dim() == 2 and x.shape[0] == 1 and x.device.type in self.devices
+
+    def _gemv(self, x, **fused):
+        from ...kernels.gemv import gemv
+
+        return gemv(x, self.qweight, self.bias, scale=self.scale, **fused)
+
+    def forward_normed(self, h, residual, norm_weight, eps):
+        """As fastllm.core.cuda_linear.DecodeLinear: the RMSNorm before the layer in the GEMV."""
+        if not self._one_token(h):
+            return None
+        if residual is None:
+            return self._gemv(h, norm_weight=norm_weight, eps=eps), h
+        return self._gemv(h, norm_weight=norm_weight, eps=eps, residual=residual)
+
+    def forward_silu_mul(self, gate_up):
+        return self._gemv(gate_up, silu_mul=True) if self._one_token(gate_up) else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.dtype} per row"

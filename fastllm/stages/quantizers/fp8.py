@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
-from . import linears
+from . import RowScaledLinear, check_skip, linears
 
 E4M3_MAX = 448.0
 
@@ -26,26 +26,13 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Fp8Linear(nn.Module):
-    devices = ("cuda",)  # where the Triton GEMV runs (tests add "cpu": Triton's interpreter)
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_fp8(linear.weight)
-        self.register_buffer("qweight", q)  # float8_e4m3fn [N, K]
-        self.register_buffer("scale", scale)  # fp32 [N]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+class Fp8Linear(RowScaledLinear):
+    quantize = staticmethod(quantize_fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] == 1 and flat.device.type in self.devices:
-            from ...kernels.gemv import gemv
-
-            out = gemv(flat, self.qweight, self.bias, scale=self.scale)
+        if self._one_token(flat):
+            out = self._gemv(flat)
         elif flat.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             amax = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
             x_scale = amax / E4M3_MAX  # [M, 1]: one scale per token
@@ -56,9 +43,6 @@ class Fp8Linear(nn.Module):
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"
-
 
 class Fp8Quantizer:
     """`quantizer="fp8"`, `skip`: module-name patterns kept in full precision (default the LM head)."""
@@ -66,9 +50,7 @@ class Fp8Quantizer:
     api_version = 1
 
     def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",)):
-        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
-            raise ConfigError(f"fp8 quantizer: skip is a list of module-name patterns, got {skip!r}")
-        self.skip = tuple(skip)
+        self.skip = check_skip("fp8 quantizer", skip)
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
         if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) < (8, 9):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
-from . import calibration_ids, capture_inputs, linears
+from . import calibration_ids, capture_inputs, check_skip, linears
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -126,8 +126,7 @@ class Int4Quantizer:
                  activation_aware: bool = False, calibration_tokens: int = 512, calibration_file: str | None = None):
         if group_size not in GROUP_SIZES:
             raise ConfigError(f"int4 quantizer: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
-        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
-            raise ConfigError(f"int4 quantizer: skip is a list of module-name patterns, got {skip!r}")
+        skip = check_skip("int4 quantizer", skip)
         if not isinstance(calibration_tokens, int) or calibration_tokens < 16:
             raise ConfigError(f"int4 quantizer: calibration_tokens must be an int >= 16, got {calibration_tokens!r}")
         self.group_size, self.skip = group_size, tuple(skip)

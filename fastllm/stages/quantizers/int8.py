@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError
 from ..base import LoadContext
-from . import linears
+from . import RowScaledLinear, check_skip, linears
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,25 +25,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(RowScaledLinear):
     """A linear layer with int8 weights and per-output-channel fp32 scales."""
 
-    devices = ("cuda",)  # where the Triton GEMV runs (tests add "cpu": Triton's interpreter)
+    quantize = staticmethod(quantize_int8)
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_int8(linear.weight)
-        self.register_buffer("qweight", q)  # int8 [N, K]
-        self.register_buffer("scale", scale)  # fp32 [N]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        super().__init__(linear)
         self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
-
-    def _one_token(self, x: torch.Tensor) -> bool:
-        return x.dim() == 2 and x.shape[0] == 1 and x.device.type in self.devices
 
     def _scale_as(self, dtype: torch.dtype) -> torch.Tensor:
         s = self._scale_cache.get(dtype)
@@ -55,9 +43,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
-            from ...kernels.gemv import gemv
-
-            out = gemv(flat, self.qweight, self.bias, scale=self.scale)
+            out = self._gemv(flat)
         elif flat.device.type == "cpu" and flat.dtype == torch.bfloat16 and self.in_features % 32 == 0:
             # (torch 2.13's CPU kernel reads out of bounds when K is not a multiple of 16)
             out = torch._weight_int8pack_mm(flat, self.qweight, self._scale_as(flat.dtype))
@@ -66,27 +52,6 @@ class Int8Linear(nn.Module):
         else:
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
-
-    def forward_normed(self, h, residual, norm_weight, eps):
-        """As fastllm.core.cuda_linear.DecodeLinear: the RMSNorm before the layer in the GEMV."""
-        if not self._one_token(h):
-            return None
-        from ...kernels.gemv import gemv
-
-        if residual is None:
-            return gemv(h, self.qweight, self.bias, norm_weight=norm_weight, eps=eps, scale=self.scale), h
-        return gemv(h, self.qweight, self.bias, norm_weight=norm_weight, eps=eps, residual=residual,
-                    scale=self.scale)
-
-    def forward_silu_mul(self, gate_up):
-        if not self._one_token(gate_up):
-            return None
-        from ...kernels.gemv import gemv
-
-        return gemv(gate_up, self.qweight, self.bias, silu_mul=True, scale=self.scale)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
 class Int8Quantizer:
@@ -97,9 +62,7 @@ class Int8Quantizer:
     api_version = 1
 
     def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",)):
-        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
-            raise ConfigError(f"int8 quantizer: skip is a list of module-name patterns, got {skip!r}")
-        self.skip = tuple(skip)
+        self.skip = check_skip("int8 quantizer", skip)
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
         for parent, name, child in linears(model, self.skip):

@@ -5,7 +5,7 @@ from torch import nn
 
 from fastllm.errors import ConfigError
 from fastllm.stages.base import LoadContext
-from fastllm.stages.quantizers import linears
+from fastllm.stages.quantizers import check_skip, linears
 
 
 def bnb_module():
@@ -22,9 +22,7 @@ class _BnbQuantizer:
     api_version = 1
 
     def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",)):
-        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
-            raise ConfigError(f"{self.name}: skip is a list of module-name patterns, got {skip!r}")
-        self.skip = tuple(skip)
+        self.skip = check_skip(self.name, skip)
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
         bnb = bnb_module()
