@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl
+from .launch import launch_rows, pdl
 
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for n, k, w, s in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 4), (16, 256, 4, 4),
@@ -107,12 +107,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul,
                  HAS_SCALE=scale is not None, **pdl(x))
-    if config is None:
-        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-    else:
-        kw = dict(config.kwargs)
-        _gemv_kernel[(triton.cdiv(N, kw["BLOCK_N"]),)](*args, **flags, **kw, num_warps=config.num_warps,
-                                                       num_stages=config.num_stages)
+    launch_rows(_tuned, _gemv_kernel, N, args, flags, config)
     lead = x.shape[:-1]
     y = y.view(*lead, N)
     return (y, res_out.view(*lead, K)) if has_res else y

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl
+from .launch import launch_rows, pdl
 
 CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
            for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3)]]
@@ -68,10 +68,5 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     args = (xv, packed, scales, zeros, bias if bias is not None else y, y, N, K, Kp, packed.stride(0), scales.stride(0))
     flags = dict(G=group_size, HAS_BIAS=bias is not None, **pdl(x))
-    if config is None:
-        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-    else:
-        kw = dict(config.kwargs)
-        _gemv_int4_kernel[(triton.cdiv(N, kw["BLOCK_N"]),)](*args, **flags, **kw, num_warps=config.num_warps,
-                                                            num_stages=config.num_stages)
+    launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
     return y.view(*x.shape[:-1], N)

@@ -28,3 +28,15 @@ def pdl(t: torch.Tensor) -> dict:
                                                   else torch.cuda.current_device()):
         return {"USE_PDL": False}
     return {"USE_PDL": True, "launch_pdl": True}
+
+
+def launch_rows(tuned, kernel, rows: int, args: tuple, flags: dict, config=None) -> None:
+    """Launch a kernel whose grid is rows / BLOCK_N programs: autotuned (`tuned`), or with a
+    pinned triton.Config (benchmarks, tests in Triton's interpreter)."""
+    import triton
+
+    if config is None:
+        tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]),)](*args, **flags)
+    else:
+        kernel[(triton.cdiv(rows, config.kwargs["BLOCK_N"]),)](*args, **flags, **config.kwargs,
+                                                              num_warps=config.num_warps, num_stages=config.num_stages)

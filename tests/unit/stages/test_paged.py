@@ -55,9 +55,9 @@ def test_conformance_catches_a_prefix_hit_without_its_kv():
         check_attention(_HitWithoutKV())
 
 
-def test_kernel_path_passes_in_the_triton_interpreter(monkeypatch):
-    # What runs on CUDA (store_kv, paged_decode, paged_prefill with this backend's metadata),
-    # here in Triton's CPU interpreter, which reads TRITON_INTERPRET when the kernels are defined.
+def _interpreted_kernels(monkeypatch):
+    """fastllm.kernels.paged_attention in Triton's CPU interpreter (which reads TRITON_INTERPRET
+    when the kernels are defined); skips on CUDA, where the compiled kernels run (tests/gpu)."""
     if torch.cuda.is_available():
         pytest.skip("on CUDA the compiled kernels run: tests/gpu")
     pytest.importorskip("triton")
@@ -66,6 +66,12 @@ def test_kernel_path_passes_in_the_triton_interpreter(monkeypatch):
     kernels = importlib.import_module("fastllm.kernels.paged_attention")
     if type(kernels._prefill_kernel).__name__ != "InterpretedFunction":
         pytest.skip("fastllm.kernels.paged_attention was imported before TRITON_INTERPRET was set")
+    return kernels
+
+
+def test_kernel_path_passes_in_the_triton_interpreter(monkeypatch):
+    # What runs on CUDA (store_kv, rope_store_kv, paged_decode, paged_prefill with this backend's metadata)
+    kernels = _interpreted_kernels(monkeypatch)
 
     class OnKernels(PagedAttention):
         def setup(self, spec):
@@ -203,12 +209,7 @@ def test_smollm2_greedy_batch_matches_hf(smollm2_dir, smollm2_hf, overlap):
 def test_forward_rope_goes_through_a_subclass_forward(monkeypatch):
     from fastllm.models.llama import Rope
 
-    if torch.cuda.is_available():
-        pytest.skip("CPU test: the kernels run in Triton's interpreter")
-    pytest.importorskip("triton")
-    if "fastllm.kernels.paged_attention" not in sys.modules:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = importlib.import_module("fastllm.kernels.paged_attention")
+    kernels = _interpreted_kernels(monkeypatch)
 
     calls = []
 
