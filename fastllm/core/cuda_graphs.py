@@ -3,7 +3,8 @@
 A decode step launches hundreds of small kernels; replaying a graph turns them into one
 launch. Inputs and attention metadata live in static buffers that each step copies into;
 padded rows get slot -1 (the KV store skips them) and seq_len 0 (attention writes zeros).
-The LM head and the sampler stay outside the graph.
+The graph ends with the LM head (every row of a decode step samples); the sampler, whose
+options change per request, stays outside.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class DecodeGraphs:
         return self.attention.decode_meta(self.slot_mapping[:bs], self.block_tables[:bs], self.seq_lens[:bs],
                                           self.cu_seqlens_q[:bs + 1])
 
+    def _forward(self, bs: int, ctx: ForwardContext) -> torch.Tensor:
+        return self.model.compute_logits(self.model(self.input_ids[:bs], self.positions[:bs], ctx))
+
     @torch.inference_mode()
     def capture(self) -> None:
         t = time.perf_counter()
@@ -54,18 +58,19 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up compiles every Triton kernel outside the capture
-                    self.model(self.input_ids[:bs], self.positions[:bs], ctx)
+                    self._forward(bs, ctx)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model(self.input_ids[:bs], self.positions[:bs], ctx)
+                out = self._forward(bs, ctx)
             pool = graph.pool()
             self.graphs[bs] = (graph, out)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor | None:
-        """Replay for a decode-only step of at most max_bs sequences; None when it does not apply."""
+        """Logits [B, V] of a decode-only step of B <= max_bs sequences (one row each), by replay;
+        None when it does not apply."""
         bs = input_ids.shape[0]
         if not meta.decode_only or bs > self.max_bs:
             return None

@@ -31,9 +31,10 @@ class ModelRunner:
             fill = host[2 * T + R:]
             input_ids.index_copy_(0, fill[:F], pending.index_select(0, fill[F:]))
         meta = self.attention.plan(batch)
-        hidden = self.graphs.run(input_ids, positions, meta) if self.graphs is not None else None
-        if hidden is None:
-            hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta, batch))
+        logits = self.graphs.run(input_ids, positions, meta) if self.graphs is not None else None
+        if logits is not None:  # every row of a decode step samples, in order
+            return logits if R == T else logits.index_select(0, last)
+        hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta, batch))
         return self.model.compute_logits(hidden.index_select(0, last))
 
     @torch.inference_mode()

@@ -10,11 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
+    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -37,7 +42,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     N = x2.shape[-1]
     res = residual.reshape(-1, N) if residual is not None else x2
     _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps,
-                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4)
+                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
+                                     **pdl(x2))
     return out.view(x.shape)
 
 
@@ -68,8 +74,11 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sc
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -84,5 +93,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     N = x2.shape[-1] // 2
     out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     BLOCK = 1024
-    _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, out, x2.stride(0), out.stride(0), N, BLOCK=BLOCK)
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, out, x2.stride(0), out.stride(0), N, BLOCK=BLOCK,
+                                                                  **pdl(x2))
     return out.view(*x.shape[:-1], N)

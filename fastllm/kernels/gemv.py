@@ -47,18 +47,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
                  HAS_SCALE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
-    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
-        tl.extra.cuda.gdc_wait()
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    # The weights do not depend on the kernel before: the first tile is requested before waiting
+    # for it (under PDL this program may start while that kernel's last programs still run), and
+    # each later tile one iteration ahead of its use.
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0,
+                eviction_policy="evict_first")  # streamed once: keep L2 for x and the rest
+    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")  # streamed once: keep L2 for x and the rest
+        nxt = cols + BLOCK_K
+        w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0,
+                         eviction_policy="evict_first")
         x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
         if NORM:  # W (nw * x) now, times 1 / rms(x) at the end: one pass, weights stream from the start
             if HAS_RES:
@@ -67,8 +75,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
             ss += x * x
             x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+        w = w_next
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)

@@ -23,18 +23,25 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
                       G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
                       USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
-    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
-        tl.extra.cuda.gdc_wait()
     HALF: tl.constexpr = GROUPS * G // 2  # bytes of one row per tile
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    # As in fastllm.kernels.gemv: the first tile is requested before waiting for x, each later
+    # one an iteration ahead of its use.
+    j = tl.arange(0, HALF)
+    b = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < Kp // 2)[None, :], other=0,
+                eviction_policy="evict_first")
+    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
     for k0 in range(0, Kp, GROUPS * G):
         groups = k0 // G + tl.arange(0, GROUPS)
         g_ok = groups < Kp // G
-        j = k0 // 2 + tl.arange(0, HALF)
-        b = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + j[None, :],
-                    mask=row_ok[:, None] & (j < Kp // 2)[None, :], other=0, eviction_policy="evict_first")
+        jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
+        b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
+                         eviction_policy="evict_first")
         lo = (b & 0xF).to(tl.float32)
         hi = (b >> 4).to(tl.float32)
         q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
@@ -47,8 +54,7 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         s = tl.load(s_ptr + sz, mask=m, other=0.0)
         z = tl.load(z_ptr + sz, mask=m, other=0.0)
         acc += s * (dots - z * xs[None, :])
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+        b = b_next
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)

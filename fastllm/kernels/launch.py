@@ -1,11 +1,13 @@
 """Programmatic dependent launch (PDL, Hopper and later) for the kernels of a decode step.
 
 A kernel launched with PDL may start while the one before it in the stream is still finishing:
-its programs become resident and wait (`gdc_wait`, at their start) until the previous kernel's
-memory is visible, so a step of ~200 back-to-back kernels loses a launch-and-ramp gap at each
-boundary. Every kernel launched this way must wait before it touches memory the previous one
-writes; kernels that let the next one start early call `gdc_launch_dependents` after their
-main loop.
+its programs become resident and wait (`gdc_wait`) until the previous kernel has completed and
+its memory is visible, so a step of ~200 back-to-back kernels loses less of a launch-and-ramp gap
+at each boundary. Every kernel launched this way must wait before it touches memory that an
+earlier kernel writes (the wait is transitive: each kernel waits for the one before it). Work
+that reads only constant memory may come before the wait: the GEMVs request their first weight
+tile there, so the weight stream runs on through the boundary. A kernel lets the next one
+launch (`gdc_launch_dependents`) right after its own wait or after its main loop.
 """
 from __future__ import annotations
 

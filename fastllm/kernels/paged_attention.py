@@ -140,9 +140,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # seq_lens is written before the step's first kernel, which every earlier kernel waited for
+    seq_len = tl.load(seq_lens_ptr + b)
     if USE_PDL:  # q and the new keys come from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
-    seq_len = tl.load(seq_lens_ptr + b)
     # On the device, so the grid stays graph-safe. (Not tl.cdiv: a @jit helper that the CPU
     # interpreter cannot call when triton was imported before TRITON_INTERPRET was set.)
     per_split = (seq_len + num_splits - 1) // num_splits

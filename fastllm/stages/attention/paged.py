@@ -176,10 +176,11 @@ class PagedAttention:
                          max_seq_len=max(seq_lens))
         if dev.type == "cpu":
             self._plan_cpu(meta)
-        else:  # one pinned host-to-device copy for all four, then views
-            flat = torch.cat([t.view(-1).long() for t in host.values()]).pin_memory().to(dev, non_blocking=True)
-            for (name, t), part in zip(host.items(), flat.split([t.numel() for t in host.values()])):
-                setattr(meta, name, part.view(t.shape).to(t.dtype))
+        else:  # one pinned host-to-device copy of all four bytes (int64 first: aligned), then views
+            parts = [t.reshape(-1).view(torch.uint8) for t in host.values()]
+            flat = torch.cat(parts).pin_memory().to(dev, non_blocking=True)
+            for (name, t), part in zip(host.items(), flat.split([p.numel() for p in parts])):
+                setattr(meta, name, part.view(t.dtype).view(t.shape))
         if self._kernels is not None and meta.decode_only:
             B = len(tables)
             if B not in self._scratch:  # reused step after step: paged_decode leaves it ready

@@ -2,7 +2,9 @@
 |q| <= 448), half of bf16's bytes.
 
 - CUDA, one token: fastllm's Triton GEMV reads the fp8 rows and converts in registers;
-- CUDA batches: `torch._scaled_mm` with the activations quantized per token (dynamic scales);
+- CUDA, a few tokens: fastllm.kernels.qgemm (weights converted to bf16 in registers);
+- CUDA, `scaled_mm_min_tokens` or more: `torch._scaled_mm` on the fp8 tensor cores, with the
+  activations quantized per token (dynamic scales);
 - elsewhere (the CPU): the weight is dequantized for the call (correct, for quality numbers).
 fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper): on older cards it is refused.
 """
@@ -28,17 +30,23 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Fp8Linear(RowScaledLinear):
     quantize = staticmethod(quantize_fp8)
+    scaled_mm_min_tokens = 128  # fewer tokens: the weight-only GEMM (fp8 tensor cores pay off when compute-bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
             out = self._gemv(flat)
-        elif flat.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+        elif (flat.is_cuda and flat.shape[0] >= self.scaled_mm_min_tokens and self.in_features % 16 == 0
+              and self.out_features % 16 == 0):
             amax = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
             x_scale = amax / E4M3_MAX  # [M, 1]: one scale per token
             xq = (flat.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
             out = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scale[None, :],
                                    bias=self.bias, out_dtype=flat.dtype)
+        elif flat.device.type in self.devices:
+            from ...kernels.qgemm import qgemm_rows
+
+            out = qgemm_rows(flat, self.qweight, self.scale, self.bias)
         else:
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)

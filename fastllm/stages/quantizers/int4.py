@@ -1,11 +1,12 @@
 """`quantizer="int4"`: weight-only int4, group-wise and asymmetric (w ~ (q - zero) * scale, q in
 0..15, one scale and zero point per `group_size` columns of a row), two values per byte.
 
-A quarter of bf16's weight bytes (plus 2 x fp32 per group). At one token on CUDA,
-fastllm.kernels.gemv_int4 reads the packed bytes and dequantizes in registers; on the CPU with
-bf16 activations torch's int4 kernel runs (a second, CPU-layout copy of the packed weight is
-made on first use); elsewhere the weight is dequantized for the call (correct; no speed-up). K is padded to a multiple
-of the group size (SmolLM2's 576 columns in groups of 128, for one).
+A quarter of bf16's weight bytes (plus 2 x fp32 per group). On CUDA, fastllm.kernels.gemv_int4
+(one token) and fastllm.kernels.qgemm (more tokens) read the packed bytes and dequantize in
+registers; on the CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy
+of the packed weight is made on first use); elsewhere the weight is dequantized for the call
+(correct; no speed-up). K is padded to a multiple of the group size (SmolLM2's 576 columns in
+groups of 128, for one).
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.inv_input_scale is not None and (flat.shape[0] == 1 or flat.device.type == "cpu"):
+        fused = flat.device.type in self.devices  # the Triton kernels (GEMV, GEMM) or torch's CPU kernel
+        if self.inv_input_scale is not None and (fused or flat.device.type == "cpu"):
             flat = flat * self.inv_input_scale
             w_scaled = True
         else:
@@ -92,6 +94,10 @@ class Int4Linear(nn.Module):
             from ...kernels.gemv_int4 import gemv_int4
 
             out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+        elif fused:
+            from ...kernels.qgemm import qgemm_int4
+
+            out = qgemm_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
         elif flat.device.type == "cpu" and flat.dtype == torch.bfloat16 and self.out_features % 16 == 0:
             weight, sz = self._cpu_packed()
             Kp = self.packed.shape[1] * 2

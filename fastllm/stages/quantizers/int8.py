@@ -5,8 +5,9 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 - CUDA, one token: fastllm's Triton GEMV reads the int8 rows and dequantizes in registers (with
   the RMSNorm or SiLU-and-mul before the layer folded in, as for bf16 weights);
 - CPU with bf16 activations: torch's `_weight_int8pack_mm` (when in_features % 32 == 0);
-- otherwise (CUDA batches, fp32 on the CPU): the weight is dequantized for the call. Correct, but
-  on CUDA it reads the bf16 copy it makes too, so batches gain nothing yet.
+- CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
+  before the tensor-core product;
+- otherwise (fp32 on the CPU): the weight is dequantized for the call.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ class Int8Linear(RowScaledLinear):
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
             out = self._gemv(flat)
+        elif flat.device.type in self.devices:
+            from ...kernels.qgemm import qgemm_rows
+
+            out = qgemm_rows(flat, self.qweight, self.scale, self.bias)
         elif flat.device.type == "cpu" and flat.dtype == torch.bfloat16 and self.in_features % 32 == 0:
             # (torch 2.13's CPU kernel reads out of bounds when K is not a multiple of 16)
             out = torch._weight_int8pack_mm(flat, self.qweight, self._scale_as(flat.dtype))

@@ -152,7 +152,7 @@ def test_activation_aware_scaling_beats_plain_rounding_where_activations_are_une
 
 def test_int4_linear_with_an_input_scale_applies_the_same_weight_on_every_path(monkeypatch):
     pytest.importorskip("triton")
-    from fastllm.kernels import gemv_int4
+    from fastllm.kernels import gemv_int4, qgemm
 
     lin = nn.Linear(128, 40)
     s = torch.rand(128) + 0.5
@@ -165,6 +165,31 @@ def test_int4_linear_with_an_input_scale_applies_the_same_weight_on_every_path(m
     real = gemv_int4.gemv_int4
     monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.CONFIGS[0], **k))
     torch.testing.assert_close(layer(x[:1]).double(), ref[:1], rtol=1e-5, atol=1e-5)
+    real_mm = qgemm.qgemm_int4
+    monkeypatch.setattr(qgemm, "qgemm_int4", lambda *a, **k: real_mm(*a, config=qgemm.CONFIGS[0], **k))
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)  # the batch GEMM, input scaled
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_batches_on_the_gpu_path_take_the_quantized_gemm(monkeypatch, kind):
+    """More than one token where the Triton kernels run (here: the interpreter): the layer calls
+    fastllm.kernels.qgemm, never a dequantized weight, and agrees with that weight."""
+    pytest.importorskip("triton")
+    from fastllm.kernels import qgemm
+
+    cls = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}[kind]
+    lin = nn.Linear(200, 48)
+    layer = cls(lin, 64) if kind == "int4" else cls(lin)
+    x = torch.randn(7, 200)
+    ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    monkeypatch.setattr(cls, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(cls, "dequantize", lambda *a: pytest.fail("dequantized the weight"))
+    calls = []
+    for name in ("qgemm_rows", "qgemm_int4"):
+        real = getattr(qgemm, name)
+        monkeypatch.setattr(qgemm, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, config=qgemm.CONFIGS[0], **k))
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
 
 
 def test_activation_aware_needs_a_tokenizer():

@@ -1,0 +1,119 @@
+"""Matrix product over weight-only quantized weights for more than one token (Triton):
+y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias), with W dequantized tile by tile in registers and
+multiplied on the tensor cores in x's dtype; the bf16 weight is never written to memory.
+
+Weights:
+- row-scaled (int8 or fp8 [N, K], fp32 scale [N]): the tile is converted exactly to x's dtype and
+  the scale applied to the fp32 result (fastllm.stages.quantizers.int8 / fp8);
+- int4 (packed uint8 [N, Kp / 2], two values per byte along K, low nibble first; fp32 scales and
+  zeros [N, Kp / G]): each value becomes (q - zero) * scale in fp32, rounded to x's dtype, as
+  fastllm.stages.quantizers.int4.dequantize_int4 does.
+
+Tiles are autotuned per (M rounded up to a power of two, N, K); the grid walks N tiles in groups
+so that programs running together share x rows in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+           for m, n, k, w, s in [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
+                                 (32, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3),
+                                 (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                                 (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """int4 tiles hold whole groups; tiles no wider than the problem (after rounding M up)."""
+    g = named_args["G"] if "G" in named_args else kwargs.get("G", 1)
+    int4 = named_args.get("INT4", kwargs.get("INT4", False))
+    m = named_args["M_BUCKET"]
+    keep = [c for c in configs if (not int4 or c.kwargs["BLOCK_K"] % g == 0) and c.kwargs["BLOCK_M"] <= max(16, m)]
+    return keep or [c for c in configs if not int4 or c.kwargs["BLOCK_K"] % g == 0]
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w, stride_s,
+                  stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    GROUP_N: tl.constexpr = 8  # N tiles per band: a band's programs reuse the same x rows
+    band = pid // (GROUP_N * num_m)
+    first_n = band * GROUP_N
+    width = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * num_m)) % width
+    pid_m = (pid % (GROUP_N * num_m)) // width
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, Kw, BLOCK_K):  # Kw: K, or for int4 the padded Kp (a multiple of G)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        if INT4:
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0)
+            q = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)  # k = 2 j + (0, 1)
+            GROUPS: tl.constexpr = BLOCK_K // G
+            g = k0 // G + tl.arange(0, GROUPS)
+            sz = offs_n[:, None] * stride_s + g[None, :]
+            s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)
+            z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0)
+            w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter: bf16 dot operands (and casts to bf16) go wrong; fp32 there
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+    if not INT4:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"],
+                         prune_configs_by={"early_config_prune": _prune})(_qgemm_kernel)
+
+
+def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
+    M, K = x.shape
+    assert x.stride(1) == 1 and w.stride(1) == 1
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
+    args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, M, N, K, Kw,
+            triton.next_power_of_2(M), x.stride(0), w.stride(0), s.stride(0), y.stride(0))
+    flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast)
+    if config is None:
+        _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    else:
+        kw = config.kwargs
+        _qgemm_kernel[(triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)](
+            *args, **flags, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
+
+
+def qgemm_rows(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+               config: triton.Config | None = None) -> torch.Tensor:
+    """x [M, K] (bf16, fp16 or fp32) times a row-scaled int8 or fp8 weight q [N, K] (w = q * scale[n])."""
+    N, K = qweight.shape
+    assert x.dim() == 2 and x.shape[1] == K and scale.shape == (N,)
+    return _launch(x, qweight, scale, None, bias, N, K, False, 1, config)
+
+
+def qgemm_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """x [M, K] times the int4 weight of fastllm.stages.quantizers.int4 (K <= Kp, zero-padded)."""
+    N, Kp = packed.shape[0], packed.shape[1] * 2
+    assert x.dim() == 2 and x.shape[1] <= Kp and Kp % group_size == 0
+    assert scales.shape == zeros.shape == (N, Kp // group_size)
+    return _launch(x, packed, scales, zeros, bias, N, Kp, True, group_size, config)

@@ -1,0 +1,111 @@
+"""Quantized linear layers against bf16 on one GPU, Llama-2-7B shapes, in one process.
+
+1. Each layer shape alone at M = 1, 16, 64, 256, 1024 tokens: bf16 (the Triton GEMV at M=1,
+   cuBLAS above), and the int8, int4 (g128) and fp8 layers through their real forward (fp8 both
+   with the weight-only GEMM and with torch._scaled_mm), eight weight copies rotated so L2 does
+   not help, timed as CUDA-graph replays; each checked against its dequantized weight.
+2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
+
+Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e]. Prints a table last; JSON in OUTDIR.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+out_dir.mkdir(parents=True, exist_ok=True)
+dev = torch.device("cuda")
+report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+lines: list[str] = []
+
+
+def dump():
+    (out_dir / "quant_gpu.json").write_text(json.dumps(report, indent=1))
+
+
+def graph_time(fn, iters: int = 16) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / iters)
+    return statistics.median(times)
+
+
+from fastllm.core.cuda_linear import DecodeLinear  # noqa: E402
+from fastllm.stages.quantizers.fp8 import Fp8Linear  # noqa: E402
+from fastllm.stages.quantizers.int4 import Int4Linear  # noqa: E402
+from fastllm.stages.quantizers.int8 import Int8Linear  # noqa: E402
+
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+MS = [1, 16, 64, 256, 1024]
+if "--skip-layers" not in sys.argv:
+    layers_report = []
+    for name, (N, K) in SHAPES.items():
+        base = [nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(8)]
+        for b in base:
+            b.__class__ = DecodeLinear
+        variants = {"bf16": base, "int8": [Int8Linear(b) for b in base], "int4": [Int4Linear(b, 128) for b in base],
+                    "fp8": [Fp8Linear(b) for b in base]}
+        for M in MS:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            row = {"shape": name, "N": N, "K": K, "M": M}
+            for vname, mods in list(variants.items()) + [("fp8-scaled_mm", variants["fp8"])]:
+                if vname.startswith("fp8"):
+                    Fp8Linear.scaled_mm_min_tokens = 2 if vname == "fp8-scaled_mm" else 10 ** 9
+                    if M == 1 and vname == "fp8-scaled_mm":
+                        continue
+                w = mods[0].weight if vname == "bf16" else mods[0].dequantize(torch.float32)
+                ref = x.double() @ w.double().T
+                with torch.inference_mode():
+                    err = ((mods[0](x).double() - ref).norm() / ref.norm()).item()
+                    it = iter(range(10 ** 9))
+                    t = graph_time(lambda: mods[next(it) % 8](x))
+                row[vname + "_us"], row[vname + "_err"] = t * 1e6, err
+            Fp8Linear.scaled_mm_min_tokens = 128
+            layers_report.append(row)
+            report["layers"] = layers_report
+            dump()
+            cells = "  ".join(f"{v} {row[v + '_us']:7.1f}us ({row['bf16_us'] / row[v + '_us']:.2f}x, err {row[v + '_err']:.0e})"
+                              for v in ["int8", "int4", "fp8", "fp8-scaled_mm"] if v + "_us" in row)
+            line = f"{name:8s} M={M:5d}: bf16 {row['bf16_us']:7.1f}us  {cells}"
+            lines.append(line)
+            print(line, flush=True)
+        del variants, base
+        torch.cuda.empty_cache()
+
+if "--skip-e2e" not in sys.argv:
+    from fastllm.bench import gpu as B
+
+    e2e = []
+    for batch in (1, 64):
+        for q in ("bf16", "int8", "int4", "fp8"):
+            opts = {"max_num_seqs": 64}
+            if q != "bf16":
+                opts["quantizer"] = q
+            r = B.latency("dummy:llama-2-7b", batch=batch, options=opts)
+            row = dict(batch=batch, quantizer=q, **r["rows"][0], weight_bytes=r["weight_bytes"])
+            e2e.append(row)
+            report["e2e"] = e2e
+            dump()
+            base = next(x for x in e2e if x["batch"] == batch and x["quantizer"] == "bf16")
+            line = (f"latency batch {batch:3d} {q:5s}: {row['tok_s']:8.1f} tok/s ({row['ms_per_token']:.3f} ms/step), "
+                    f"{row['tok_s'] / base['tok_s']:.2f}x bf16, start {row['startup_s']:.0f} s")
+            lines.append(line)
+            print(line, flush=True)
+            torch.cuda.empty_cache()
+print("\n==== summary ====\n" + "\n".join(lines))

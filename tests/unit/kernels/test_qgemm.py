@@ -1,0 +1,77 @@
+"""The quantized-weight GEMM (more than one token) against a float64 matmul over the dequantized
+weight, on odd shapes (interpreted on the CPU, compiled on a GPU)."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton loads (tests/conftest.py does it too)
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def qgemm():
+    return importlib.import_module("fastllm.kernels.qgemm")
+
+
+def _check(out, ref, dtype, shape):
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == shape and out.dtype == dtype and not out.isnan().any()
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, bias", [(3, 37, 300, True), (17, 64, 130, False), (40, 129, 77, True)])
+@pytest.mark.parametrize("cfg", [0, 5])  # tiles that do and do not divide the shape
+def test_int8_rows(qgemm, dtype, M, N, K, bias, cfg):
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    q, s = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    out = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), b.to(DEV) if bias else None, config=qgemm.CONFIGS[cfg])
+    ref = x.double() @ (q.double() * s.double()[:, None]).T + (b.double() if bias else 0)
+    _check(out.cpu(), ref, dtype, (M, N))
+
+
+@pytest.mark.parametrize("M, N, K", [(5, 48, 96), (33, 20, 200)])
+def test_fp8_rows(qgemm, M, N, K):
+    from fastllm.stages.quantizers.fp8 import quantize_fp8
+
+    q, s = quantize_fp8(torch.randn(N, K))
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    out = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), config=qgemm.CONFIGS[1])
+    ref = x.double() @ (q.double() * s.double()[:, None]).T
+    _check(out.cpu(), ref, torch.bfloat16, (M, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, K", [(32, 96), (64, 200), (128, 300)])  # K padded to the group in two of them
+@pytest.mark.parametrize("M, N, cfg", [(2, 45, 0), (19, 70, 3)])
+def test_int4(qgemm, dtype, G, K, M, N, cfg):
+    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(N, K), G)
+    x = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype)
+    out = qgemm.qgemm_int4(x.to(DEV), packed.to(DEV), scales.to(DEV), zeros.to(DEV), G, b.to(DEV),
+                           config=qgemm.CONFIGS[cfg])
+    w = dequantize_int4(packed, scales, zeros, K).to(dtype).double()  # the weight rounded as the kernel rounds it
+    _check(out.cpu(), x.double() @ w.T + b.double(), dtype, (M, N))
+
+
+def test_a_strided_input_view(qgemm):
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    q, s = quantize_int8(torch.randn(24, 64))
+    full = torch.randn(6, 100)
+    x = full[:, 10:74]  # rows 100 apart
+    out = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), config=qgemm.CONFIGS[0])
+    torch.testing.assert_close(out.cpu().double(), x.double() @ (q.double() * s.double()[:, None]).T,
+                               rtol=1e-5, atol=1e-4)
