@@ -154,10 +154,11 @@ from fastllm.core.cuda_linear import DecodeLinear  # noqa: E402
 variants = {}
 from fastllm.kernels import launch  # noqa: E402
 
+defaults = DecodeLinear.fuse_norm, DecodeLinear.fuse_silu_mul
 for name, gemv, norm, silu, use_pdl in [("GEMV, norm and SiLU kernels", True, False, False, True),
-                                        ("GEMV+silu, norm kernel", True, False, True, True),
-                                        ("GEMV+norm+silu, no PDL", True, True, True, False),
-                                        ("GEMV+norm+silu (default)", True, True, True, True)]:
+                                        ("GEMV+silu, norm kernel (default)", True, False, True, True),
+                                        ("GEMV+norm+silu", True, True, True, True),
+                                        ("GEMV+silu, norm kernel, no PDL", True, False, True, False)]:
     orig = E.use_gemv
     E.use_gemv = orig if gemv else (lambda m: m)
     DecodeLinear.fuse_norm, DecodeLinear.fuse_silu_mul, launch.ENABLED = norm, silu, use_pdl
@@ -165,7 +166,7 @@ for name, gemv, norm, silu, use_pdl in [("GEMV, norm and SiLU kernels", True, Fa
         r = B.latency(f"dummy:{shape}")
     finally:
         E.use_gemv = orig
-        DecodeLinear.fuse_norm = DecodeLinear.fuse_silu_mul = launch.ENABLED = True
+        (DecodeLinear.fuse_norm, DecodeLinear.fuse_silu_mul), launch.ENABLED = defaults, True
     variants[name] = r["rows"][0]
     report["latency"] = variants
     report["floor_tok_s"] = r["floor_tok_s"]

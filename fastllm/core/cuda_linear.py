@@ -10,7 +10,11 @@ from torch import nn
 
 class DecodeLinear(nn.Linear):
     devices = ("cuda",)  # tests add "cpu" to run the kernels in Triton's interpreter
-    fuse_norm = True  # take the RMSNorm before the layer into the GEMV
+    # Take the RMSNorm before the layer into the GEMV: off, since the GEMVs request weights before
+    # the PDL wait. Then a separate norm kernel hides under the next GEMV's first loads, and the
+    # fused one (x, residual and norm weight re-read by every program) was slower: 201.9 against
+    # 191.2 tok/s (H100, Llama-2-7B shape, scripts/profile_decode.py, 2026-11-27).
+    fuse_norm = False
     fuse_silu_mul = True  # take SiLU-and-mul before the layer into the GEMV
 
     def _one_token(self, x: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w, stride_s,
                   stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -72,7 +73,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
         if UPCAST:  # Triton's CPU interpreter: bf16 dot operands (and casts to bf16) go wrong; fp32 there
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
     if not INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -92,7 +93,9 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
     args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, M, N, K, Kw,
             triton.next_power_of_2(M), x.stride(0), w.stride(0), s.stride(0), y.stride(0))
-    flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast)
+    # fp32 inputs: tf32x3 (near-fp32 on the tensor cores); plain tf32 is too coarse
+    flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast,
+                 DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
     if config is None:
         _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     else:

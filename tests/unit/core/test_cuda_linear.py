@@ -15,11 +15,12 @@ from fastllm.kernels import gemv as gemv_module  # noqa: E402
 from helpers import hf_greedy, load_hf, make_tiny_model  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_one_token_steps_through_the_fused_gemv_keep_greedy_outputs(tmp_path, monkeypatch, family):
+@pytest.mark.parametrize("family, fuse_norm", [("llama", True), ("qwen2", True), ("qwen3", True), ("llama", False)])
+def test_one_token_steps_through_the_fused_gemv_keep_greedy_outputs(tmp_path, monkeypatch, family, fuse_norm):
     model_dir = make_tiny_model(tmp_path, family)
     monkeypatch.setattr("fastllm.engine.cpu.can_pack", lambda: False)
     monkeypatch.setattr(cuda_linear.DecodeLinear, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(cuda_linear.DecodeLinear, "fuse_norm", fuse_norm)
     calls = []
     real = gemv_module.gemv
 
@@ -38,7 +39,9 @@ def test_one_token_steps_through_the_fused_gemv_keep_greedy_outputs(tmp_path, mo
     assert out[0].token_ids == hf_greedy(load_hf(model_dir), prompt, 6)
     layers = len(load_hf(model_dir).model.layers)
     steps = 5  # decode steps of one token; the prompt's prefill takes cuBLAS' path
-    assert calls.count(("norm", False)) == steps  # the first layer's input norm has no residual yet
-    assert calls.count(("norm", True)) == steps * (2 * layers - 1)
+    normed = 2 * layers * steps  # qkv and gate_up: through the norm GEMV, or a norm kernel and the plain one
+    assert calls.count(("norm", False)) == (steps if fuse_norm else 0)  # the first input norm has no residual
+    assert calls.count(("norm", True)) == (normed - steps if fuse_norm else 0)
     assert calls.count(("silu", False)) == steps * layers
-    assert calls.count(("plain", False)) == steps * layers + steps + 1  # o_proj; the LM head at every sample
+    # o_proj; the LM head at every sample
+    assert calls.count(("plain", False)) == steps * layers + steps + 1 + (0 if fuse_norm else normed)
