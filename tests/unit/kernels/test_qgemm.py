@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton loads (tests/conftest.py does it too)
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# fp32 on a GPU: tf32x3 products, near fp32 but not bit for bit
+TOL = {torch.float32: 1e-4 if DEV == "cuda" else 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
