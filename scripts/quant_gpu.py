@@ -6,7 +6,8 @@
    not help, timed as CUDA-graph replays; each checked against its dequantized weight.
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
-Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e]. Prints a table last; JSON in OUTDIR.
+Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]. Prints a
+table last; JSON in OUTDIR.
 """
 import json
 import statistics
@@ -53,6 +54,7 @@ from fastllm.stages.quantizers.int8 import Int8Linear  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 MS = [1, 16, 64, 256, 1024]
+FP8_DEFAULT = Fp8Linear.scaled_mm_min_tokens
 if "--skip-layers" not in sys.argv:
     layers_report = []
     for name, (N, K) in SHAPES.items():
@@ -76,7 +78,7 @@ if "--skip-layers" not in sys.argv:
                     it = iter(range(10 ** 9))
                     t = graph_time(lambda: mods[next(it) % 8](x))
                 row[vname + "_us"], row[vname + "_err"] = t * 1e6, err
-            Fp8Linear.scaled_mm_min_tokens = 128
+            Fp8Linear.scaled_mm_min_tokens = FP8_DEFAULT
             layers_report.append(row)
             report["layers"] = layers_report
             dump()
@@ -92,9 +94,10 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.bench import gpu as B
 
     e2e = []
-    for batch in (1, 64):
+    batches = [int(b) for a in sys.argv if a.startswith("--batches=") for b in a.split("=")[1].split(",")] or [1, 64]
+    for batch in batches:
         for q in ("bf16", "int8", "int4", "fp8"):
-            opts = {"max_num_seqs": 64}
+            opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             if q != "bf16":
                 opts["quantizer"] = q
             r = B.latency("dummy:llama-2-7b", batch=batch, options=opts)

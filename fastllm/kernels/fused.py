@@ -96,3 +96,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, out, x2.stride(0), out.stride(0), N, BLOCK=BLOCK,
                                                                   **pdl(x2))
     return out.view(*x.shape[:-1], N)
+
+
+@triton.jit
+def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, N, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
+    q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + row.to(tl.int64) * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) e4m3 quantization of x [M, K] in one pass: (q float8_e4m3fn
+    [M, K], scale fp32 [M, 1]) with x ~ q * scale and max |q| = 448 in every nonzero row."""
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _quant_fp8_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, FP8_MAX=448.0, BLOCK=block,
+                                 num_warps=max(1, min(16, block // 512)))
+    return q, scale

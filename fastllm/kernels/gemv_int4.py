@@ -15,13 +15,14 @@ import triton.language as tl
 from .launch import launch_rows, pdl
 
 CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
-           for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3)]]
+           for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
+                              (2, 16, 4, 3), (4, 16, 8, 3)]]
 
 
 @triton.jit
 def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_s,
                       G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      USE_PDL: tl.constexpr, VIA_BITS: tl.constexpr = True):
     pid = tl.program_id(0)
     HALF: tl.constexpr = GROUPS * G // 2  # bytes of one row per tile
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,8 +43,15 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
         b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
                          eviction_policy="evict_first")
-        lo = (b & 0xF).to(tl.float32)
-        hi = (b >> 4).to(tl.float32)
+        # nibble to fp32 through the float's bits (2^23 + q, minus 2^23: exact), not an
+        # int-to-float instruction, which runs at a fraction of the FMA rate
+        if VIA_BITS:
+            bi = b.to(tl.int32)
+            lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi = ((bi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            lo = (b & 0xF).to(tl.float32)
+            hi = (b >> 4).to(tl.float32)
         q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
         cols = k0 + tl.arange(0, GROUPS * G)
         x = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), [GROUPS, G])

@@ -18,11 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-           for m, n, k, w, s in [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
-                                 (32, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3),
-                                 (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                                 (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]]
+# SWAP: y^T = W x^T, so the dequantized weight tile is the left operand (which Hopper's wgmma can
+# take from registers) and only x passes through shared memory.
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw}, num_warps=w, num_stages=s)
+           for m, n, k, w, s, sw in [(16, 64, 128, 4, 4, False), (16, 128, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
+                                     (64, 128, 128, 4, 3, False), (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
+                                     (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 3, True), (32, 128, 128, 4, 3, True),
+                                     (64, 128, 128, 4, 3, True), (128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, True),
+                                     (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True)]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -38,7 +41,7 @@ def _prune(configs, named_args, **kwargs):
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w, stride_s,
                   stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -54,26 +57,41 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, Kw, BLOCK_K):  # Kw: K, or for int4 the padded Kp (a multiple of G)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         if INT4:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0)
-            q = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)  # k = 2 j + (0, 1)
+            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0).to(tl.int32)
+            # nibbles to fp32 through the float's bits (2^23 + q - 2^23: exact, no conversion instruction)
+            lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k = 2 j + (0, 1)
             GROUPS: tl.constexpr = BLOCK_K // G
             g = k0 // G + tl.arange(0, GROUPS)
             sz = offs_n[:, None] * stride_s + g[None, :]
             s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)
-            z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0)
+            z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0) + 8388608.0
             w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            if w.dtype == tl.int8:  # through the float's bits, as in fastllm.kernels.gemv
+                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         if UPCAST:  # Triton's CPU interpreter: bf16 dot operands (and casts to bf16) go wrong; fp32 there
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            w, x = w.to(tl.float32), x.to(tl.float32)
+            if SWAP:
+                acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
+            w = w.to(x_ptr.dtype.element_ty)
+            if SWAP:
+                acc += tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]
+        acc = tl.trans(acc)
     if not INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:

@@ -116,15 +116,20 @@ class RowScaledLinear(nn.Module):
         return gemv(x, self.qweight, self.bias, scale=self.scale, **fused)
 
     def forward_normed(self, h, residual, norm_weight, eps):
-        """As fastllm.core.cuda_linear.DecodeLinear: the RMSNorm before the layer in the GEMV."""
-        if not self._one_token(h):
+        """As fastllm.core.cuda_linear.DecodeLinear (and under its `fuse_norm` switch): the
+        RMSNorm before the layer in the GEMV."""
+        from ...core.cuda_linear import DecodeLinear
+
+        if not (DecodeLinear.fuse_norm and self._one_token(h)):
             return None
         if residual is None:
             return self._gemv(h, norm_weight=norm_weight, eps=eps), h
         return self._gemv(h, norm_weight=norm_weight, eps=eps, residual=residual)
 
     def forward_silu_mul(self, gate_up):
-        return self._gemv(gate_up, silu_mul=True) if self._one_token(gate_up) else None
+        from ...core.cuda_linear import DecodeLinear
+
+        return self._gemv(gate_up, silu_mul=True) if DecodeLinear.fuse_silu_mul and self._one_token(gate_up) else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.dtype} per row"

@@ -30,7 +30,9 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Fp8Linear(RowScaledLinear):
     quantize = staticmethod(quantize_fp8)
-    scaled_mm_min_tokens = 128  # fewer tokens: the weight-only GEMM (fp8 tensor cores pay off when compute-bound)
+    # From 16 tokens up torch._scaled_mm (with the one-kernel activation quantization) beat both bf16
+    # and the weight-only GEMM on the Llama-2-7B shapes (H100, scripts/quant_gpu.py, 2026-11-27)
+    scaled_mm_min_tokens = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -38,9 +40,9 @@ class Fp8Linear(RowScaledLinear):
             out = self._gemv(flat)
         elif (flat.is_cuda and flat.shape[0] >= self.scaled_mm_min_tokens and self.in_features % 16 == 0
               and self.out_features % 16 == 0):
-            amax = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-            x_scale = amax / E4M3_MAX  # [M, 1]: one scale per token
-            xq = (flat.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            from ...kernels.fused import quant_fp8_rows
+
+            xq, x_scale = quant_fp8_rows(flat)  # one scale per token, one kernel
             out = torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scale[None, :],
                                    bias=self.bias, out_dtype=flat.dtype)
         elif flat.device.type in self.devices:

@@ -60,3 +60,19 @@ def test_silu_and_mul(fused, T, N):
     x = torch.randn(T, 2 * N, device=DEV)
     want = torch.nn.functional.silu(x[:, :N]) * x[:, N:]
     torch.testing.assert_close(fused.silu_and_mul(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="e4m3 conversions need a GPU of compute capability 8.9 (Triton's interpreter rounds them wrongly)")
+@pytest.mark.parametrize("M, K", [(1, 64), (7, 300), (33, 14336)])
+def test_quant_fp8_rows_matches_torch(fused, M, K):
+    x = (torch.randn(M, K, device=DEV) * torch.logspace(-3, 2, M, device=DEV)[:, None]).to(torch.bfloat16)
+    x[0, :3] = 0  # zeros and a row's maximum stay exact
+    q, scale = fused.quant_fp8_rows(x)
+    ref_scale = x.float().abs().amax(dim=1, keepdim=True) / 448.0
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    ref_q = (x.float() / ref_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (M, K)
+    assert (q.float().abs().amax(dim=1) == 448).all()
+    # one e4m3 step apart at most (division rounding on either side of a tie)
+    assert ((q.float() - ref_q.float()).abs() <= ref_q.float().abs() / 8 + 2 ** -9).all()

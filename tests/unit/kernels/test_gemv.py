@@ -83,3 +83,18 @@ def test_gemv_with_silu_and_mul_before_it(gemv, dtype, N, K):
     ref = x.double() @ w.double().T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weights_every_value_with_row_scales(gemv, dtype):
+    """int8 rows are widened through the float's bits, not a conversion instruction: every value
+    -128..127 must come out exact."""
+    N, K = 33, 512
+    q = torch.arange(-128, 128, dtype=torch.int16).repeat(N, 2)[:, :K].roll(5, 0)
+    q = q[torch.randperm(N)][:, torch.randperm(K)].to(torch.int8).to(DEV)
+    scale = torch.rand(N, device=DEV) + 0.01
+    x = torch.randn(1, K, dtype=dtype, device=DEV)
+    out = gemv.gemv(x, q, scale=scale, config=gemv.CONFIGS[3])
+    ref = (x.double() @ q.double().T) * scale.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (1, N) and err < TOL[dtype], err

@@ -48,6 +48,11 @@ def test_int8_linear_one_token_through_the_triton_gemv(monkeypatch):
     ref = x.double() @ layer.dequantize(torch.float64).T
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
     nw, res = torch.rand(96) + 0.5, torch.randn(1, 96)
+    from fastllm.core.cuda_linear import DecodeLinear
+
+    monkeypatch.setattr(DecodeLinear, "fuse_norm", False)  # the default: a separate norm kernel runs
+    assert layer.forward_normed(x, res, nw, 1e-6) is None
+    monkeypatch.setattr(DecodeLinear, "fuse_norm", True)
     y, new_res = layer.forward_normed(x, res, nw, 1e-6)
     h = x + res
     normed = nw * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)

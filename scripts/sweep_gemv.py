@@ -1,0 +1,103 @@
+"""Every configuration of the batch-1 GEMVs (bf16, int8, int4 g128, fp8) on the Llama-2-7B
+shapes, timed the way a decode step runs them: eight weight copies rotated (so L2 does not
+help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 and int4 also
+with the int-to-float conversion instruction instead of the float-bits trick (VIA_BITS off).
+Then the autotuner's own pick, to see how far it lands from the best.
+
+Usage: python scripts/sweep_gemv.py OUTDIR. Prints the best few per kernel and shape; JSON in OUTDIR.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from fastllm.kernels import gemv as G
+from fastllm.kernels import gemv_int4 as G4
+from fastllm.kernels.launch import launch_rows, pdl
+from fastllm.stages.quantizers.fp8 import quantize_fp8
+from fastllm.stages.quantizers.int4 import quantize_int4
+from fastllm.stages.quantizers.int8 import quantize_int8
+
+out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+out_dir.mkdir(parents=True, exist_ok=True)
+dev = torch.device("cuda")
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+
+
+def graph_time(fn, iters: int = 16) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(8):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / iters)
+    return statistics.median(times)
+
+
+report: dict = {"device": torch.cuda.get_device_name(), "results": []}
+lines = []
+for name, (N, K) in SHAPES.items():
+    w = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(8)]
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    y = torch.empty(N, device=dev, dtype=torch.bfloat16)
+    q8 = [quantize_int8(t) for t in w]
+    f8 = [quantize_fp8(t) for t in w]
+    q4 = [quantize_int4(t, 128) for t in w]
+    del w
+    torch.cuda.empty_cache()
+    w16 = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(8)]
+    kernels = {}
+    for cfg in G.CONFIGS:
+        for kind, weights, bits in [("bf16", [(t, None) for t in w16], True), ("int8", q8, True),
+                                    ("int8-i2f", q8, False), ("fp8", f8, True)]:
+            def call(i, weights=weights, bits=bits, cfg=cfg):
+                wq, sc = weights[i % 8]
+                args = (x, wq, y, y, x, y, y, sc if sc is not None else y, N, K, wq.stride(0), 1e-6)
+                flags = dict(HAS_BIAS=False, HAS_RES=False, NORM=False, SILU_MUL=False, HAS_SCALE=sc is not None,
+                             VIA_BITS=bits, **pdl(x))
+                launch_rows(None, G._gemv_kernel, N, args, flags, cfg)
+            it = iter(range(10 ** 9))
+            kernels.setdefault(kind, []).append((graph_time(lambda: call(next(it))), str(cfg)))
+    for cfg in G4.CONFIGS:
+        for kind, bits in [("int4", True), ("int4-i2f", False)]:
+            def call4(i, bits=bits, cfg=cfg):
+                p, s_, z = q4[i % 8]
+                args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), s_.stride(0))
+                launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, VIA_BITS=bits, **pdl(x)), cfg)
+            it = iter(range(10 ** 9))
+            kernels.setdefault(kind, []).append((graph_time(lambda: call4(next(it))), str(cfg)))
+    # the autotuner's pick, through the public entry points
+    def rotating(fn):
+        it = iter(range(10 ** 9))
+        return graph_time(lambda: fn(next(it) % 8))
+
+    picks = {"bf16": rotating(lambda i: G.gemv(x, w16[i])),
+             "int8": rotating(lambda i: G.gemv(x, q8[i][0], scale=q8[i][1])),
+             "fp8": rotating(lambda i: G.gemv(x, f8[i][0], scale=f8[i][1])),
+             "int4": rotating(lambda i: G4.gemv_int4(x, *q4[i], 128))}
+    for kind, rows in kernels.items():
+        rows.sort()
+        nbytes = {"bf16": 2 * N * K, "int8": N * K, "fp8": N * K}.get(kind.split("-")[0], N * K // 2 + N * K // 128 * 8)
+        best_t, best_cfg = rows[0]
+        report["results"].append(dict(shape=name, kernel=kind, best_us=best_t * 1e6, best=best_cfg,
+                                      top=[(t * 1e6, c) for t, c in rows[:4]], autotuned_us=picks.get(kind, float("nan")) * 1e6,
+                                      TBps=nbytes / best_t / 1e12))
+        line = (f"{name:8s} {kind:9s} best {best_t * 1e6:6.1f} us ({nbytes / best_t / 1e12:.2f} TB/s) "
+                f"autotuned {picks.get(kind, float('nan')) * 1e6:6.1f} us  [{best_cfg}]")
+        lines.append(line)
+        print(line, flush=True)
+    (out_dir / "sweep_gemv.json").write_text(json.dumps(report, indent=1))
+    del w16, q8, f8, q4
+    torch.cuda.empty_cache()
+print("\n==== summary ====\n" + "\n".join(lines))
