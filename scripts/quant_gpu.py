@@ -6,8 +6,8 @@
    not help, timed as CUDA-graph replays; each checked against its dequantized weight.
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
-Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]. Prints a
-table last; JSON in OUTDIR.
+Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]
+[--ms=1,64] [--kinds=int8,int4,fp8]. Prints a table last; JSON in OUTDIR.
 """
 import json
 import statistics
@@ -53,7 +53,8 @@ from fastllm.stages.quantizers.int4 import Int4Linear  # noqa: E402
 from fastllm.stages.quantizers.int8 import Int8Linear  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
-MS = [1, 16, 64, 256, 1024]
+MS = [int(m) for a in sys.argv if a.startswith("--ms=") for m in a.split("=")[1].split(",")] or [1, 16, 64, 256, 1024]
+KINDS = [k for a in sys.argv if a.startswith("--kinds=") for k in a.split("=")[1].split(",")] or ["int8", "int4", "fp8"]
 FP8_DEFAULT = Fp8Linear.scaled_mm_min_tokens
 if "--skip-layers" not in sys.argv:
     layers_report = []
@@ -61,12 +62,13 @@ if "--skip-layers" not in sys.argv:
         base = [nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(8)]
         for b in base:
             b.__class__ = DecodeLinear
-        variants = {"bf16": base, "int8": [Int8Linear(b) for b in base], "int4": [Int4Linear(b, 128) for b in base],
-                    "fp8": [Fp8Linear(b) for b in base]}
+        make = {"int8": Int8Linear, "int4": lambda b: Int4Linear(b, 128), "fp8": Fp8Linear}
+        variants = {"bf16": base, **{k: [make[k](b) for b in base] for k in KINDS}}
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             row = {"shape": name, "N": N, "K": K, "M": M}
-            for vname, mods in list(variants.items()) + [("fp8-scaled_mm", variants["fp8"])]:
+            extra = [("fp8-scaled_mm", variants["fp8"])] if "fp8" in variants else []
+            for vname, mods in list(variants.items()) + extra:
                 if vname.startswith("fp8"):
                     Fp8Linear.scaled_mm_min_tokens = 2 if vname == "fp8-scaled_mm" else 10 ** 9
                     if M == 1 and vname == "fp8-scaled_mm":

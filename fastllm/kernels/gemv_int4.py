@@ -14,7 +14,8 @@ import triton.language as tl
 
 from .launch import launch_rows, pdl
 
-CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
+CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r, "SPLIT_X": sx}, num_warps=w, num_stages=s)
+           for sx in (True, False)
            for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
                               (2, 16, 4, 3), (4, 16, 8, 3)]]
 
@@ -22,7 +23,7 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
 @triton.jit
 def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_s,
                       G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                      USE_PDL: tl.constexpr, VIA_BITS: tl.constexpr = True):
+                      USE_PDL: tl.constexpr, SPLIT_X: tl.constexpr = True, VIA_BITS: tl.constexpr = False):
     pid = tl.program_id(0)
     HALF: tl.constexpr = GROUPS * G // 2  # bytes of one row per tile
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,8 +44,9 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
         b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
                          eviction_policy="evict_first")
-        # nibble to fp32 through the float's bits (2^23 + q, minus 2^23: exact), not an
-        # int-to-float instruction, which runs at a fraction of the FMA rate
+        # VIA_BITS: nibble to fp32 through the float's bits (2^23 + q, minus 2^23: exact) rather
+        # than an int-to-float instruction. Off: 8-11% slower on the Llama-2-7B shapes (H100,
+        # scripts/sweep_gemv.py, 2026-11-27), unlike int8, where it is 1-7% faster.
         if VIA_BITS:
             bi = b.to(tl.int32)
             lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -52,11 +54,18 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         else:
             lo = (b & 0xF).to(tl.float32)
             hi = (b >> 4).to(tl.float32)
-        q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
         cols = k0 + tl.arange(0, GROUPS * G)
-        x = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), [GROUPS, G])
-        dots = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
-        xs = tl.sum(x, axis=1)  # [GROUPS]
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if SPLIT_X:  # split x into even and odd columns (small) instead of interleaving the weight tile (large)
+            xe, xo = tl.split(tl.reshape(x, [HALF, 2]))
+            p = lo * xe[None, :] + hi * xo[None, :]  # [BLOCK_N, HALF]
+            dots = tl.sum(tl.reshape(p, [BLOCK_N, GROUPS, G // 2]), axis=2)  # [BLOCK_N, GROUPS]
+            xs = tl.sum(tl.reshape(xe + xo, [GROUPS, G // 2]), axis=1)  # [GROUPS]
+        else:
+            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
+            x = tl.reshape(x, [GROUPS, G])
+            dots = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+            xs = tl.sum(x, axis=1)  # [GROUPS]
         sz = rows[:, None] * stride_s + groups[None, :]
         m = row_ok[:, None] & g_ok[None, :]
         s = tl.load(s_ptr + sz, mask=m, other=0.0)

@@ -54,15 +54,20 @@ def test_fp8_rows(qgemm, M, N, K):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G, K", [(32, 96), (64, 200), (128, 300)])  # K padded to the group in two of them
-@pytest.mark.parametrize("M, N, cfg", [(2, 45, 0), (19, 70, 3), (5, 33, 7), (40, 70, 9)])
+@pytest.mark.parametrize("M, N, cfg", [(2, 45, 0), (19, 70, 3), (5, 33, 7), (40, 70, 9), (3, 45, 14), (21, 70, 20), (40, 33, 23)])
 def test_int4(qgemm, dtype, G, K, M, N, cfg):
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
 
     packed, scales, zeros = quantize_int4(torch.randn(N, K), G)
     x = torch.randn(M, K, dtype=dtype)
     b = torch.randn(N, dtype=dtype)
-    out = qgemm.qgemm_int4(x.to(DEV), packed.to(DEV), scales.to(DEV), zeros.to(DEV), G, b.to(DEV),
-                           config=qgemm.CONFIGS[cfg])
+    try:
+        out = qgemm.qgemm_int4(x.to(DEV), packed.to(DEV), scales.to(DEV), zeros.to(DEV), G, b.to(DEV),
+                               config=qgemm.CONFIGS[cfg])
+    except Exception as e:  # a tile too large for this card (fp32): the autotuner skips such configs too
+        if type(e).__name__ != "OutOfResources":
+            raise
+        pytest.skip(f"config {cfg} does not fit this GPU's shared memory in {dtype}")
     w = dequantize_int4(packed, scales, zeros, K).to(dtype).double()  # the weight rounded as the kernel rounds it
     _check(out.cpu(), x.double() @ w.T + b.double(), dtype, (M, N))
 
