@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compare", choices=["transformers"], help="run this baseline in the same process")
         p.add_argument("--json", metavar="PATH")
         p.add_argument("--plot", metavar="PNG")
+        p.add_argument("--perplexity", type=int, metavar="N", help="also the perplexity of this configuration on the "
+                       "first N tokens of `fastllm eval perplexity`'s default text (a real model: dummy shapes have "
+                       "random weights and no tokenizer)")
         _add_engine_options(p)
         p.set_defaults(model=default)
     qz = sub.add_parser("quantize", help="quantize a model once and save it; Engine(OUT_DIR) then loads it fast")
@@ -275,8 +278,12 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
     opts = _options(args)
     compare = args.compare == "transformers"
+    if args.perplexity is not None and (args.perplexity < 2 or (args.model or "").startswith("dummy:")):
+        raise ConfigError("--perplexity N needs N >= 2 and a real model (dummy shapes have random weights and no "
+                          f"tokenizer), got {args.perplexity} tokens of {args.model!r}")
     if args.workload == "latency":
-        res = gpu.latency(args.model, args.batch, args.input_len, args.output_len, args.repeats, compare, opts)
+        res = gpu.latency(args.model, args.batch, args.input_len, args.output_len, args.repeats, compare, opts,
+                          args.perplexity)
         floor = res["floor_tok_s"]
         print(f"{res['device']}  {args.model}  batch {args.batch}  floor {floor:.1f} tok/s per sequence "
               f"({res['weight_bytes'] / 1e9:.2f} GB at {res['copy_bandwidth_Bps'] / 1e12:.2f} TB/s)")
@@ -286,12 +293,16 @@ def _bench_gpu(args: argparse.Namespace) -> int:
         bars, title = {r["engine"]: r["tok_s"] for r in res["rows"]}, "decode tok/s"
     else:
         res = gpu.throughput(args.model, args.num_requests, args.input_len, args.output_len, args.mix,
-                             compare, args.compare_requests, opts, args.repeats)
+                             compare, args.compare_requests, opts, args.repeats, args.perplexity)
         print(f"{res['device']}  {args.model}  mix {args.mix}")
         print(f"{'engine':<30}{'requests':>9}{'output tok/s':>14}{'total tok/s':>13}")
         for r in res["rows"]:
             print(f"{r['engine']:<30}{r['requests']:>9}{r['output_tok_s']:>14.0f}{r['total_tok_s']:>13.0f}")
         bars, title = {r["engine"]: r["output_tok_s"] for r in res["rows"]}, "output tok/s"
+    if res["perplexity"]:
+        p = res["perplexity"]
+        print(f"fastllm perplexity {p['perplexity']:.4f} ({p['num_tokens']} tokens in windows of {p['context']}; "
+              f"{p['source']})")
     common.save(res, args.json, args.plot, f"{res['device']} {args.model} {args.workload}: {title}", bars)
     return 0
 

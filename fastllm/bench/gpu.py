@@ -27,8 +27,18 @@ def _prompts(n: int, lengths: list[int], vocab: int, seed: int) -> list[dict]:
     return [{"prompt_token_ids": torch.randint(10, vocab - 10, (n_,), generator=g).tolist()} for n_ in lengths]
 
 
+def _perplexity(eng, tokens: int | None) -> dict | None:
+    """The engine's perplexity on the default evaluation text (its first `tokens` tokens), so the
+    quality cost of a configuration is printed beside its speed; None when not asked for."""
+    if not tokens:
+        return None
+    from ..eval import perplexity
+
+    return perplexity(eng, context=min(512, eng.max_model_len), max_tokens=tokens).to_dict()
+
+
 def latency(model: str, batch: int = 1, input_len: int = 128, output_len: int = 256, repeats: int = 3,
-            compare: bool = False, options: dict | None = None) -> dict:
+            compare: bool = False, options: dict | None = None, perplexity_tokens: int | None = None) -> dict:
     from .. import SamplingParams
 
     t0 = time.perf_counter()
@@ -49,13 +59,15 @@ def latency(model: str, batch: int = 1, input_len: int = 128, output_len: int = 
     floor = bw / wbytes if bw == bw else float("nan")
     rows = [{"engine": "fastllm", "ms_per_token": step_s * 1e3, "tok_s": batch / step_s,
              "seq_tok_s": 1 / step_s, "fraction_of_floor": (1 / step_s) / floor, "startup_s": start_s}]
+    ppl = _perplexity(eng, perplexity_tokens)
     eng.close()
     if compare:
         rows.append(_hf_latency(model, prompts, output_len, repeats, dev))
     return {"workload": "latency", "model": model, "batch": batch, "input_len": input_len,
             "output_len": output_len, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "weight_bytes": wbytes, "copy_bandwidth_Bps": bw, "floor_tok_s": floor,
-            "torch": torch.__version__, "date": date.today().isoformat(), "options": options or {}, "rows": rows}
+            "torch": torch.__version__, "date": date.today().isoformat(), "options": options or {}, "rows": rows,
+            "perplexity": ppl}
 
 
 def _hf_latency(model: str, prompts, output_len: int, repeats: int, dev) -> dict:
@@ -87,7 +99,7 @@ def sharegpt_like_lengths(n: int, seed: int = 0, max_len: int = 1024) -> list[tu
 
 def throughput(model: str, num_requests: int = 1000, input_len: int = 128, output_len: int = 128,
                mix: str = "fixed", compare: bool = False, compare_requests: int = 256,
-               options: dict | None = None, repeats: int = 3) -> dict:
+               options: dict | None = None, repeats: int = 3, perplexity_tokens: int | None = None) -> dict:
     from .. import SamplingParams
 
     eng = _engine(model, options or {})
@@ -109,12 +121,14 @@ def throughput(model: str, num_requests: int = 1000, input_len: int = 128, outpu
     in_tokens = sum(a for a, _ in lengths)
     rows = [{"engine": "fastllm", "requests": num_requests, "wall_s": wall, "output_tok_s": out_tokens / wall,
              "total_tok_s": (out_tokens + in_tokens) / wall, "runs_output_tok_s": [out_tokens / w for w in walls]}]
+    ppl = _perplexity(eng, perplexity_tokens)
     eng.close()
     if compare:
         rows.append(_hf_throughput(model, prompts[:compare_requests], lengths[:compare_requests], dev))
     return {"workload": "throughput", "model": model, "mix": mix, "input_len": input_len, "output_len": output_len,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "torch": torch.__version__, "date": date.today().isoformat(), "options": options or {}, "rows": rows}
+            "torch": torch.__version__, "date": date.today().isoformat(), "options": options or {}, "rows": rows,
+            "perplexity": ppl}
 
 
 def _hf_throughput(model: str, prompts, lengths, dev) -> dict:

@@ -98,6 +98,28 @@ def test_bench_throughput_on_the_cpu_with_engine_settings(tmp_path, capsys):
     assert "fastllm" in capsys.readouterr().out
 
 
+def test_bench_prints_perplexity_beside_speed(smollm2_dir, tmp_path, capsys):
+    import json
+
+    from fastllm import Engine
+    from fastllm.eval import perplexity
+
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--model", str(smollm2_dir), "--device", "cpu", "--dtype", "float32",
+                 "--quantizer", "int8", "--input-len", "8", "--output-len", "4", "--repeats", "1",
+                 "--perplexity", "120", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"][0]["tok_s"] > 0 and res["perplexity"]["num_tokens"] == 119
+    assert "perplexity" in capsys.readouterr().out
+    with Engine(str(smollm2_dir), device="cpu", dtype="float32", quantizer="int8", progress=False) as e:
+        assert res["perplexity"]["perplexity"] == pytest.approx(perplexity(e, max_tokens=120).perplexity, rel=1e-9)
+
+
+def test_bench_perplexity_needs_a_real_model(capsys):
+    assert main(["bench", "latency", "--perplexity", "100"]) == 2  # the default is the dummy 7B shape
+    assert "needs N >= 2 and a real model" in capsys.readouterr().err
+
+
 def test_set_rejects_a_malformed_setting(capsys):
     assert main(["generate", "hi", "--set", "novalue"]) == 2
     assert "expected KEY=VALUE, got 'novalue'" in capsys.readouterr().err
