@@ -98,7 +98,7 @@ if "--skip-e2e" not in sys.argv:
     e2e = []
     batches = [int(b) for a in sys.argv if a.startswith("--batches=") for b in a.split("=")[1].split(",")] or [1, 64]
     for batch in batches:
-        for q in ("bf16", "int8", "int4", "fp8"):
+        for q in ["bf16"] + KINDS:
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             if q != "bf16":
                 opts["quantizer"] = q

@@ -4,7 +4,7 @@ help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 and 
 with the int-to-float conversion instruction instead of the float-bits trick (VIA_BITS off).
 Then the autotuner's own pick, to see how far it lands from the best.
 
-Usage: python scripts/sweep_gemv.py OUTDIR. Prints the best few per kernel and shape; JSON in OUTDIR.
+Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4]. Prints the best per kernel and shape; JSON in OUTDIR.
 """
 import json
 import statistics
@@ -58,7 +58,8 @@ for name, (N, K) in SHAPES.items():
     torch.cuda.empty_cache()
     w16 = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(8)]
     kernels = {}
-    for cfg in G.CONFIGS:
+    only_int4 = "--only=int4" in sys.argv
+    for cfg in ([] if only_int4 else G.CONFIGS):
         for kind, weights, bits in [("bf16", [(t, None) for t in w16], True), ("int8", q8, True),
                                     ("int8-i2f", q8, False), ("fp8", f8, True)]:
             def call(i, weights=weights, bits=bits, cfg=cfg):
@@ -69,12 +70,19 @@ for name, (N, K) in SHAPES.items():
                 launch_rows(None, G._gemv_kernel, N, args, flags, cfg)
             it = iter(range(10 ** 9))
             kernels.setdefault(kind, []).append((graph_time(lambda: call(next(it))), str(cfg)))
+    from fastllm.stages.quantizers.int4 import dequantize_int4
+
+    ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
     for cfg in G4.CONFIGS:
-        for kind, bits in [("int4", True), ("int4-i2f", False)]:
+        mode = "defer" if cfg.kwargs["DEFER"] else "split" if cfg.kwargs["SPLIT_X"] else "interleave"
+        for kind, bits in [(f"int4-{mode}", False)] + ([] if only_int4 else [(f"int4-{mode}-bits", True)]):
             def call4(i, bits=bits, cfg=cfg):
                 p, s_, z = q4[i % 8]
                 args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), s_.stride(0))
                 launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, VIA_BITS=bits, **pdl(x)), cfg)
+            call4(0)
+            err = ((y.double() - ref4[0]).norm() / ref4.norm()).item()
+            assert err < 2e-2, (kind, str(cfg), err)
             it = iter(range(10 ** 9))
             kernels.setdefault(kind, []).append((graph_time(lambda: call4(next(it))), str(cfg)))
     # the autotuner's pick, through the public entry points
@@ -82,10 +90,11 @@ for name, (N, K) in SHAPES.items():
         it = iter(range(10 ** 9))
         return graph_time(lambda: fn(next(it) % 8))
 
-    picks = {"bf16": rotating(lambda i: G.gemv(x, w16[i])),
-             "int8": rotating(lambda i: G.gemv(x, q8[i][0], scale=q8[i][1])),
-             "fp8": rotating(lambda i: G.gemv(x, f8[i][0], scale=f8[i][1])),
-             "int4": rotating(lambda i: G4.gemv_int4(x, *q4[i], 128))}
+    picks = {"int4": rotating(lambda i: G4.gemv_int4(x, *q4[i], 128))}
+    if not only_int4:
+        picks |= {"bf16": rotating(lambda i: G.gemv(x, w16[i])),
+                  "int8": rotating(lambda i: G.gemv(x, q8[i][0], scale=q8[i][1])),
+                  "fp8": rotating(lambda i: G.gemv(x, f8[i][0], scale=f8[i][1]))}
     for kind, rows in kernels.items():
         rows.sort()
         nbytes = {"bf16": 2 * N * K, "int8": N * K, "fp8": N * K}.get(kind.split("-")[0], N * K // 2 + N * K // 128 * 8)
@@ -93,8 +102,8 @@ for name, (N, K) in SHAPES.items():
         report["results"].append(dict(shape=name, kernel=kind, best_us=best_t * 1e6, best=best_cfg,
                                       top=[(t * 1e6, c) for t, c in rows[:4]], autotuned_us=picks.get(kind, float("nan")) * 1e6,
                                       TBps=nbytes / best_t / 1e12))
-        line = (f"{name:8s} {kind:9s} best {best_t * 1e6:6.1f} us ({nbytes / best_t / 1e12:.2f} TB/s) "
-                f"autotuned {picks.get(kind, float('nan')) * 1e6:6.1f} us  [{best_cfg}]")
+        line = (f"{name:8s} {kind:16s} best {best_t * 1e6:6.1f} us ({nbytes / best_t / 1e12:.2f} TB/s) "
+                f"autotuned {picks.get(kind.split('-')[0], float('nan')) * 1e6:6.1f} us  [{best_cfg}]")
         lines.append(line)
         print(line, flush=True)
     (out_dir / "sweep_gemv.json").write_text(json.dumps(report, indent=1))
