@@ -1,7 +1,7 @@
 """Every configuration of the batch-1 GEMVs (bf16, int8, int4 g128, fp8) on the Llama-2-7B
 shapes, timed the way a decode step runs them: eight weight copies rotated (so L2 does not
-help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 and int4 also
-with the int-to-float conversion instruction instead of the float-bits trick (VIA_BITS off).
+help), sixteen calls per CUDA graph, programmatic dependent launch on; int8 also with the
+int-to-float conversion instruction instead of the float-bits trick (VIA_BITS off).
 Then the autotuner's own pick, to see how far it lands from the best.
 
 Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4]. Prints the best per kernel and shape; JSON in OUTDIR.
@@ -74,17 +74,15 @@ for name, (N, K) in SHAPES.items():
 
     ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
     for cfg in G4.CONFIGS:
-        mode = "defer" if cfg.kwargs["DEFER"] else "split" if cfg.kwargs["SPLIT_X"] else "interleave"
-        for kind, bits in [(f"int4-{mode}", False)] + ([] if only_int4 else [(f"int4-{mode}-bits", True)]):
-            def call4(i, bits=bits, cfg=cfg):
-                p, s_, z = q4[i % 8]
-                args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), s_.stride(0))
-                launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, VIA_BITS=bits, **pdl(x)), cfg)
-            call4(0)
-            err = ((y.double() - ref4[0]).norm() / ref4.norm()).item()
-            assert err < 2e-2, (kind, str(cfg), err)
-            it = iter(range(10 ** 9))
-            kernels.setdefault(kind, []).append((graph_time(lambda: call4(next(it))), str(cfg)))
+        def call4(i, cfg=cfg):
+            p, s_, z = q4[i % 8]
+            args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), s_.stride(0))
+            launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, **pdl(x)), cfg)
+        call4(0)
+        err = ((y.double() - ref4[0]).norm() / ref4.norm()).item()
+        assert err < 2e-2, (str(cfg), err)
+        it = iter(range(10 ** 9))
+        kernels.setdefault("int4", []).append((graph_time(lambda: call4(next(it))), str(cfg)))
     # the autotuner's pick, through the public entry points
     def rotating(fn):
         it = iter(range(10 ** 9))

@@ -4,8 +4,13 @@ Storage (fastllm.stages.quantizers.int4): `packed` uint8 [N, Kp / 2], two 4-bit 
 along K (low nibble = even k); `scales`, `zeros` fp32 [N, Kp / G], one pair per group of G
 columns (asymmetric: w ~ (q - zero) * scale); Kp = K rounded up to a multiple of G. The kernel
 reads each byte once and unpacks it in registers; per group it forms sum(q * x) and sum(x), so
-the dequantization costs one multiply-add per group, not per weight (or, DEFER, dequantizes
-per weight and reduces once: the autotuner picks).
+the dequantization costs one multiply-add per group, not per weight.
+
+Measured slower and dropped (H100, Llama-2-7B shapes, scripts/sweep_gemv.py, 2026-11-27): the
+nibbles widened through float bits instead of an int-to-float instruction (8-11% slower); x split
+into even and odd columns instead of interleaving the unpacked tile (15-40% slower); dequantizing
+per weight with one reduction at the end (20-30% slower). The kernel reads 1.1-1.6 TB/s, well
+under the card's 3 TB/s: unpacking and converting bound it.
 """
 from __future__ import annotations
 
@@ -15,11 +20,7 @@ import triton.language as tl
 
 from .launch import launch_rows, pdl
 
-# SPLIT_X: x split into even and odd columns rather than the unpacked tile interleaved; DEFER
-# (with SPLIT_X): the weights dequantized per element, (q * s - z * s), and one reduction at the
-# end, instead of two reductions across threads per tile (sum(q * x) and sum(x) per group).
-CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r, "SPLIT_X": sx, "DEFER": d}, num_warps=w, num_stages=s)
-           for sx, d in ((True, False), (False, False), (True, True))
+CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
            for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
                               (2, 16, 4, 3), (4, 16, 8, 3)]]
 
@@ -27,8 +28,7 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r, "SPLIT_X": sx, "DEFER": d},
 @triton.jit
 def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_s,
                       G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                      USE_PDL: tl.constexpr, SPLIT_X: tl.constexpr = True, DEFER: tl.constexpr = False,
-                      VIA_BITS: tl.constexpr = False):
+                      USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     HALF: tl.constexpr = GROUPS * G // 2  # bytes of one row per tile
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,51 +43,26 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    acc_d = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # DEFER's
     for k0 in range(0, Kp, GROUPS * G):
         groups = k0 // G + tl.arange(0, GROUPS)
         g_ok = groups < Kp // G
         jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
         b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
                          eviction_policy="evict_first")
-        # VIA_BITS: nibble to fp32 through the float's bits (2^23 + q, minus 2^23: exact) rather
-        # than an int-to-float instruction. Off: 8-11% slower on the Llama-2-7B shapes (H100,
-        # scripts/sweep_gemv.py, 2026-11-27), unlike int8, where it is 1-7% faster.
-        if VIA_BITS:
-            bi = b.to(tl.int32)
-            lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            hi = ((bi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        else:
-            lo = (b & 0xF).to(tl.float32)
-            hi = (b >> 4).to(tl.float32)
+        lo = (b & 0xF).to(tl.float32)
+        hi = (b >> 4).to(tl.float32)
+        q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
         cols = k0 + tl.arange(0, GROUPS * G)
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), [GROUPS, G])
+        dots = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+        xs = tl.sum(x, axis=1)  # [GROUPS]
         sz = rows[:, None] * stride_s + groups[None, :]
         m = row_ok[:, None] & g_ok[None, :]
         s = tl.load(s_ptr + sz, mask=m, other=0.0)
         z = tl.load(z_ptr + sz, mask=m, other=0.0)
-        if SPLIT_X:  # split x into even and odd columns (small) instead of interleaving the weight tile (large)
-            xe, xo = tl.split(tl.reshape(x, [HALF, 2]))
-            if DEFER:
-                sb = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GROUPS, G // 2]), [BLOCK_N, HALF])
-                zb = tl.reshape(tl.broadcast_to((z * s)[:, :, None], [BLOCK_N, GROUPS, G // 2]), [BLOCK_N, HALF])
-                acc_d += (lo * sb - zb) * xe[None, :] + (hi * sb - zb) * xo[None, :]
-            else:
-                p = lo * xe[None, :] + hi * xo[None, :]  # [BLOCK_N, HALF]
-                dots = tl.sum(tl.reshape(p, [BLOCK_N, GROUPS, G // 2]), axis=2)  # [BLOCK_N, GROUPS]
-                xs = tl.sum(tl.reshape(xe + xo, [GROUPS, G // 2]), axis=1)  # [GROUPS]
-        else:
-            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
-            x = tl.reshape(x, [GROUPS, G])
-            dots = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
-            xs = tl.sum(x, axis=1)  # [GROUPS]
-        if not (SPLIT_X and DEFER):
-            acc += s * (dots - z * xs[None, :])
+        acc += s * (dots - z * xs[None, :])
         b = b_next
-    if SPLIT_X and DEFER:
-        y = tl.sum(acc_d, axis=1)
-    else:
-        y = tl.sum(acc, axis=1)
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)

@@ -11,9 +11,7 @@ Weights:
 
 Tiles are autotuned per (M rounded up to a power of two, N, K), and with them two choices: SWAP
 (y^T = W x^T, the dequantized weight as the left operand, which Hopper's wgmma can read from
-registers) and, for int4, SPLIT (two products over even and odd columns instead of interleaving
-the unpacked nibbles). The grid walks N tiles in bands so that programs running together share
-x rows in L2.
+registers). The grid walks N tiles in bands so that programs running together share x rows in L2.
 """
 from __future__ import annotations
 
@@ -23,15 +21,12 @@ import triton.language as tl
 
 # SWAP: y^T = W x^T, so the dequantized weight tile is the left operand (which Hopper's wgmma can
 # take from registers) and only x passes through shared memory.
-# SPLIT (int4 only): two products over the even and the odd columns (x read with stride 2), so
-# the unpacked nibbles are never interleaved back into one tile.
-_TILES = [(16, 64, 128, 4, 4, False), (16, 128, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
-          (64, 128, 128, 4, 3, False), (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
-          (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 3, True), (32, 128, 128, 4, 3, True),
-          (64, 128, 128, 4, 3, True), (128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, True),
-          (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True)]
-CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw, "SPLIT": sp}, num_warps=w, num_stages=s)
-           for sp in (False, True) for m, n, k, w, s, sw in _TILES]
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw}, num_warps=w, num_stages=s)
+           for m, n, k, w, s, sw in [(16, 64, 128, 4, 4, False), (16, 128, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
+                                     (64, 128, 128, 4, 3, False), (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
+                                     (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 3, True), (32, 128, 128, 4, 3, True),
+                                     (64, 128, 128, 4, 3, True), (128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, True),
+                                     (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True)]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -39,7 +34,7 @@ def _prune(configs, named_args, **kwargs):
     g = named_args["G"] if "G" in named_args else kwargs.get("G", 1)
     int4 = named_args.get("INT4", kwargs.get("INT4", False))
     m = named_args["M_BUCKET"]
-    fits = [c for c in configs if (c.kwargs["BLOCK_K"] % g == 0 if int4 else not c.kwargs["SPLIT"])]
+    fits = [c for c in configs if not int4 or c.kwargs["BLOCK_K"] % g == 0]
     return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)] or fits
 
 
@@ -61,31 +56,10 @@ def _dot_acc(acc, w, x, SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION:
 
 
 @triton.jit
-def _int4_split_step(acc, x_rows, w_rows, s_ptr, z_ptr, offs_n, n_ok, m_ok, k0, K, Kw, stride_s,
-                     dtype: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    HALF: tl.constexpr = BLOCK_K // 2
-    GROUPS: tl.constexpr = BLOCK_K // G
-    j = k0 // 2 + tl.arange(0, HALF)  # byte j holds columns 2 j (low nibble) and 2 j + 1 (high)
-    b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0)
-    g = k0 // G + tl.arange(0, GROUPS)
-    sz = offs_n[:, None] * stride_s + g[None, :]
-    s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)[:, :, None]
-    z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0)[:, :, None]
-    lo = tl.reshape((tl.reshape((b & 0xF).to(tl.float32), [b.shape[0], GROUPS, G // 2]) - z) * s, [b.shape[0], HALF])
-    hi = tl.reshape((tl.reshape((b >> 4).to(tl.float32), [b.shape[0], GROUPS, G // 2]) - z) * s, [b.shape[0], HALF])
-    xe = tl.load(x_rows + (2 * j)[None, :], mask=m_ok[:, None] & (2 * j < K)[None, :], other=0.0)
-    xo = tl.load(x_rows + (2 * j + 1)[None, :], mask=m_ok[:, None] & (2 * j + 1 < K)[None, :], other=0.0)
-    acc = _dot_acc(acc, lo, xe, SWAP, UPCAST, DOT_PRECISION, dtype)
-    return _dot_acc(acc, hi, xo, SWAP, UPCAST, DOT_PRECISION, dtype)
-
-
-@triton.jit
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w, stride_s,
                   stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                  SPLIT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -103,31 +77,27 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, Kw, BLOCK_K):  # Kw: K, or for int4 the padded Kp (a multiple of G)
-        if INT4 and SPLIT:
-            acc = _int4_split_step(acc, x_rows, w_rows, s_ptr, z_ptr, offs_n, n_ok, m_ok, k0, K, Kw, stride_s,
-                                   x_ptr.dtype.element_ty, G, BLOCK_K, SWAP, UPCAST, DOT_PRECISION)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        if INT4:
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0).to(tl.int32)
+            # nibbles to fp32 through the float's bits (2^23 + q - 2^23: exact, no conversion instruction)
+            lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k = 2 j + (0, 1)
+            GROUPS: tl.constexpr = BLOCK_K // G
+            g = k0 // G + tl.arange(0, GROUPS)
+            sz = offs_n[:, None] * stride_s + g[None, :]
+            s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)
+            z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0) + 8388608.0
+            w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None],
+                           [BLOCK_N, BLOCK_K])
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-            if INT4:
-                j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0).to(tl.int32)
-                # nibbles to fp32 through the float's bits (2^23 + q - 2^23: exact, no conversion instruction)
-                lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-                hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
-                q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k = 2 j + (0, 1)
-                GROUPS: tl.constexpr = BLOCK_K // G
-                g = k0 // G + tl.arange(0, GROUPS)
-                sz = offs_n[:, None] * stride_s + g[None, :]
-                s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)
-                z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0) + 8388608.0
-                w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None],
-                               [BLOCK_N, BLOCK_K])
-            else:
-                w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-                if w.dtype == tl.int8:  # through the float's bits, as in fastllm.kernels.gemv
-                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            acc = _dot_acc(acc, w, x, SWAP, UPCAST, DOT_PRECISION, x_ptr.dtype.element_ty)
+            w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            if w.dtype == tl.int8:  # through the float's bits, as in fastllm.kernels.gemv
+                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        acc = _dot_acc(acc, w, x, SWAP, UPCAST, DOT_PRECISION, x_ptr.dtype.element_ty)
     if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]
         acc = tl.trans(acc)
     if not INT4:

@@ -54,7 +54,7 @@ def test_fp8_rows(qgemm, M, N, K):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G, K", [(32, 96), (64, 200), (128, 300)])  # K padded to the group in two of them
-@pytest.mark.parametrize("M, N, cfg", [(2, 45, 0), (19, 70, 3), (5, 33, 7), (40, 70, 9), (3, 45, 14), (21, 70, 20), (40, 33, 23)])
+@pytest.mark.parametrize("M, N, cfg", [(2, 45, 0), (19, 70, 3), (5, 33, 7), (40, 70, 9)])
 def test_int4(qgemm, dtype, G, K, M, N, cfg):
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
 

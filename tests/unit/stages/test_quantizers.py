@@ -104,8 +104,7 @@ def test_quantize_int4_round_trip_is_within_half_a_step(G, K):
 
 
 @pytest.mark.parametrize("G", [32, 128])
-# x split into even / odd columns, or the weight tile interleaved; per-weight dequantization (DEFER)
-@pytest.mark.parametrize("cfg", [0, 3, 8, 11, 16, 19])
+@pytest.mark.parametrize("cfg", [0, 3, 6])
 def test_int4_gemv_matches_the_dequantized_weight(monkeypatch, G, cfg):
     pytest.importorskip("triton")
     from fastllm.kernels import gemv_int4
@@ -120,22 +119,6 @@ def test_int4_gemv_matches_the_dequantized_weight(monkeypatch, G, cfg):
     real = gemv_int4.gemv_int4
     monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.CONFIGS[cfg], **k))
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("split_x", [True, False])
-def test_int4_gemv_nibbles_through_float_bits(split_x):
-    """The VIA_BITS variant of the int4 GEMV (off by default: measured slower) stays exact."""
-    pytest.importorskip("triton")
-    from fastllm.kernels import gemv_int4
-    from fastllm.kernels.launch import launch_rows
-
-    layer = Int4Linear(nn.Linear(256, 24, bias=False), 64)
-    x = torch.randn(1, 256)
-    y = torch.empty(24)
-    cfg = gemv_int4.CONFIGS[1 if split_x else 9]
-    args = (x, layer.packed, layer.scales, layer.zeros, y, y, 24, 256, 256, layer.packed.stride(0), layer.scales.stride(0))
-    launch_rows(None, gemv_int4._gemv_int4_kernel, 24, args, dict(G=64, HAS_BIAS=False, USE_PDL=False, VIA_BITS=True), cfg)
-    torch.testing.assert_close(y.double(), (x.double() @ layer.dequantize(torch.float64).T)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("G", [32, 64, 128])
