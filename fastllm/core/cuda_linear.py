@@ -50,7 +50,9 @@ class DecodeLinear(nn.Linear):
 
 def use_gemv(model: nn.Module) -> nn.Module:
     """Turn every plain nn.Linear of `model` into a DecodeLinear, in place (weights shared)."""
+    from ..stages.quantizers import is_sparse
+
     for m in model.modules():
-        if type(m) is nn.Linear:
+        if type(m) is nn.Linear and not is_sparse(m.weight):  # (2:4 sparse weights keep torch's kernels)
             m.__class__ = DecodeLinear
     return model

@@ -3,17 +3,29 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
 from torch import nn
 
 
+def is_sparse(weight) -> bool:
+    """A weight in a sparse layout (a 2:4 semi-structured tensor of the `2:4` pruner)."""
+    return weight.layout != torch.strided or type(weight.data).__name__.startswith("SparseSemi")
+
+
 def linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) of every plain nn.Linear whose name matches none of `skip`."""
+    """(parent, attribute, layer) of every plain nn.Linear whose name matches none of `skip`.
+    A sparse weight among them is a ConfigError: no quantizer here reads one."""
+    from ...errors import ConfigError
+
     out = []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is nn.Linear and not any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(name, p)
                                                     for p in skip):
+                if is_sparse(child.weight):
+                    raise ConfigError(f"{full} holds a 2:4 sparse weight, which cannot be quantized or pruned again; "
+                                      "to combine 2:4 with a quantizer use pruner {'name': '2:4', 'storage': 'masked'}")
                 out.append((parent, name, child))
     return out
 
@@ -44,8 +56,6 @@ def calibration_ids(ctx, num_tokens: int, path: str | None = None) -> list[int]:
 def capture_inputs(model: nn.Module, layers: list[nn.Module], ids: list[int], device, dtype) -> list:
     """Run `model` (fastllm's model interface) once over `ids` and return the input [T, K] (fp32)
     that each of `layers` saw."""
-    import torch
-
     from ...core.request import Batch, Request
     from ...models.context import ForwardContext
     from ...sampling import SamplingParams
