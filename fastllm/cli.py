@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_engine_options(p)
         p.set_defaults(model=default)
     qz = sub.add_parser("quantize", help="quantize a model once and save it; Engine(OUT_DIR) then loads it fast")
-    qz.add_argument("out_dir", metavar="OUT_DIR")
-    _add_engine_options(qz)
+    pr = sub.add_parser("prune", help="prune a model once (and quantize it, with --quantizer) and save it as safetensors")
+    for p in (qz, pr):
+        p.add_argument("out_dir", metavar="OUT_DIR")
+        _add_engine_options(p)
     ev = sub.add_parser("eval", help="quality of an engine configuration")
     evw = ev.add_subparsers(dest="metric", required=True, metavar="METRIC")
     ppl = evw.add_parser("perplexity", help="perplexity on a text file (default: Python's pydoc_data/topics.py)")
@@ -222,7 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
+def _transform_and_save(args: argparse.Namespace, command: str) -> int:
+    """`fastllm quantize` and `fastllm prune`: load, apply the pruner and the quantizer once, save."""
     from pydantic import ValidationError
 
     from . import registry
@@ -236,8 +239,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config = EngineConfig(model=args.model, **_options(args))
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from e
-    if config.quantizer.name == "none":
+    if command == "quantize" and config.quantizer.name == "none":
         raise ConfigError("fastllm quantize needs --quantizer (e.g. int8, or '{\"name\": \"int4\", \"group_size\": 64}')")
+    if command == "prune" and config.pruner.name == "none":
+        raise ConfigError("fastllm prune needs --pruner (e.g. wanda, or '{\"name\": \"magnitude\", \"sparsity\": 0.5}')")
+    pruner = dict(config.pruner.options)
+    if config.pruner.name == "2:4":  # saved dense with its zeros; loading with pruner 2:4 makes it sparse again
+        pruner["storage"] = "masked"
     device = Engine._resolve_device(config.device)
     ctx = LoadContext(device, DTYPES.get(config.dtype) or default_dtype(device), config.allow_pickle,
                       _cache_dir(config), config.progress, config.tokenizer)
@@ -245,13 +253,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model_arg = config.model.removeprefix("dummy:") if config.model else None
     loaded = registry.create("loader", loader, config.loader.options).load(model_arg, ctx)
     ctx.text_tokenizer = loaded.tokenizer
-    model = registry.create("quantizer", config.quantizer.name, config.quantizer.options).apply(loaded.model, ctx)
+    model = registry.create("pruner", config.pruner.name, pruner).apply(loaded.model, ctx)
+    model = registry.create("quantizer", config.quantizer.name, config.quantizer.options).apply(model, ctx)
+    extra = {"pruner": {"name": config.pruner.name, **pruner}} if config.pruner.name != "none" else {}
     out = save_quantized(model, loaded.tokenizer, {"name": config.quantizer.name, **config.quantizer.options},
-                         args.out_dir)
+                         args.out_dir, extra)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"saved {config.quantizer.name}-quantized {loaded.name} to {out} ({size / 2**20:.1f} MiB); "
+    what = " and ".join(f"{n}-{verb}" for n, verb in ((config.pruner.name, "pruned"), (config.quantizer.name, "quantized"))
+                        if n != "none")
+    print(f"saved {what} {loaded.name} to {out} ({size / 2**20:.1f} MiB); "
           f"load it with Engine({str(out)!r}) or --model {out}")
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    return _transform_and_save(args, "quantize")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    return _transform_and_save(args, "prune")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -308,7 +328,7 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins, "bench": cmd_bench,
-            "eval": cmd_eval, "quantize": cmd_quantize}
+            "eval": cmd_eval, "quantize": cmd_quantize, "prune": cmd_prune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,8 +18,9 @@ QUANT_FILE = "fastllm_quantization.json"
 FORMAT = 1
 
 
-def save_quantized(model: nn.Module, tokenizer, spec: dict, out_dir: str | Path) -> Path:
-    """Write `model` (fastllm's model, already quantized by `spec` = {"name": ..., options})."""
+def save_quantized(model: nn.Module, tokenizer, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write `model` (fastllm's model, already quantized by `spec` = {"name": ..., options}; "none"
+    for a model only pruned). `extra` goes into the JSON file too (the pruner, for the record)."""
     from safetensors.torch import save_model
 
     out = Path(out_dir)
@@ -29,7 +30,8 @@ def save_quantized(model: nn.Module, tokenizer, spec: dict, out_dir: str | Path)
         tokenizer.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))  # tied tensors (lm_head = embeddings) stored once
     dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
-    (out / QUANT_FILE).write_text(json.dumps({"format": FORMAT, "quantizer": spec, "dtype": dtype}, indent=1))
+    meta = {"format": FORMAT, "quantizer": spec, "dtype": dtype} | (extra or {})
+    (out / QUANT_FILE).write_text(json.dumps(meta, indent=1))
     return out
 
 

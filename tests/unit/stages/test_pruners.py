@@ -186,3 +186,37 @@ def test_wanda_beats_magnitude_on_the_real_model(smollm2_dir):
         with Engine(str(smollm2_dir), device="cpu", dtype="float32", pruner=pruner, progress=False) as e:
             ppl[name] = perplexity(e, max_tokens=256).perplexity
     assert ppl["wanda"] < 0.5 * ppl["magnitude"], ppl
+
+
+@pytest.mark.parametrize("pruner, quantizer", [({"name": "magnitude", "sparsity": 0.25}, None),
+                                               ({"name": "2:4"}, "int8")])
+def test_fastllm_prune_saves_a_model_that_loads_with_the_same_logits(smollm2_dir, tmp_path, pruner, quantizer):
+    import json
+
+    from fastllm.cli import main
+
+    ids = [504, 3575, 282, 4649, 314, 7042, 30, 378]
+    opts = dict(dtype="float32", device="cpu", progress=False)
+    out = tmp_path / "p"
+    argv = ["prune", str(out), "--pruner", json.dumps(pruner), "--dtype", "float32", "--device", "cpu"]
+    assert main(argv + (["--quantizer", quantizer] if quantizer else [])) == 0
+    meta = json.loads((out / "fastllm_quantization.json").read_text())
+    assert meta["pruner"]["name"] == pruner["name"] and meta["quantizer"]["name"] == (quantizer or "none")
+    with Engine(**opts, pruner=pruner, quantizer=quantizer or "none") as fresh:
+        want = fresh.prompt_logits(ids)
+    with Engine(str(out), **opts) as saved:  # nothing pruned or quantized at start-up: the file holds it
+        got = saved.prompt_logits(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        key = "model.layers.0.mlp.down_proj." + ("qweight" if quantizer else "weight")
+        w = f.get_tensor(key)
+    assert float((w == 0).float().mean()) >= (0.5 if pruner["name"] == "2:4" else 0.25) - 0.01
+
+
+def test_prune_needs_a_pruner(capsys, tmp_path):
+    from fastllm.cli import main
+
+    assert main(["prune", str(tmp_path / "p"), "--model", "dummy:tiny"]) == 2
+    assert "needs --pruner" in capsys.readouterr().err
