@@ -114,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (qz, pr):
         p.add_argument("out_dir", metavar="OUT_DIR")
         _add_engine_options(p)
+    ds = sub.add_parser("distill", help="train a smaller student to match a teacher's next-token distribution")
+    ds.add_argument("out_dir", metavar="OUT_DIR")
+    ds.add_argument("--teacher", metavar="MODEL", help="HF directory or .gguf file (default: the embedded SmolLM2)")
+    ds.add_argument("--layers", default="6", metavar="N|I,J,..",
+                    help="student decoder layers: a count spread over the teacher's depth, or teacher indices")
+    ds.add_argument("--intermediate-size", type=int, metavar="N", help="narrower MLPs (default: the teacher's)")
+    ds.add_argument("--text", metavar="PATH", help="training text (default: pydoc topics after its first --eval-tokens)")
+    ds.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
+                    help="tokens of the default text kept out of training and scored before and after (8192)")
+    ds.add_argument("--steps", type=int, default=300)
+    ds.add_argument("--seq-len", type=int, default=256)
+    ds.add_argument("--batch-size", type=int, default=4)
+    ds.add_argument("--lr", type=float, default=2e-4)
+    ds.add_argument("--temperature", type=float, default=2.0)
+    ds.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; 1 - alpha on the LM loss")
+    ds.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
+    ds.add_argument("--max-minutes", type=float, metavar="M", help="stop (and save) after this long")
+    ds.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR holds a checkpoint")
+    ds.add_argument("--device", default="auto")
+    ds.add_argument("--json", metavar="PATH", help="write the run's result and perplexities as JSON")
     ev = sub.add_parser("eval", help="quality of an engine configuration")
     evw = ev.add_subparsers(dest="metric", required=True, metavar="METRIC")
     ppl = evw.add_parser("perplexity", help="perplexity on a text file (default: Python's pydoc_data/topics.py)")
@@ -274,6 +294,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return _transform_and_save(args, "prune")
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import distill
+    from .engine import Engine
+    from .eval import perplexity
+
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if "," in args.layers else int(args.layers)
+    except ValueError:
+        raise ConfigError(f"--layers takes a count or comma-separated indices, got {args.layers!r}") from None
+    res = distill(args.out_dir, args.teacher, layers=layers, intermediate_size=args.intermediate_size,
+                  text_file=args.text, eval_tokens=args.eval_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                  steps=args.steps, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
+                  checkpoint_every=args.checkpoint_every, resume=not args.no_resume,
+                  max_seconds=args.max_minutes * 60 if args.max_minutes else None, device=args.device)
+    print(f"distilled {res.steps} steps ({res.tokens_seen} tokens, {res.seconds:.0f} s, stopped by {res.stopped}) "
+          f"into {res.out_dir}")
+    report = res.to_dict()
+    if args.text is None and args.eval_tokens >= 2:  # the held-out head of the default text
+        from pathlib import Path
+
+        for name, path in (("teacher", args.teacher), ("student before", str(Path(args.out_dir) / "initial")),
+                           ("student after", args.out_dir)):
+            if name == "student before" and not Path(path).exists():
+                continue
+            where = {} if args.device == "auto" else {"device": args.device}
+            with Engine(path, dtype="float32", progress=False, **where) as e:
+                ppl = perplexity(e, max_tokens=args.eval_tokens).perplexity
+            report[f"perplexity {name}"] = ppl
+            print(f"perplexity {name:15s} {ppl:10.3f}  (first {args.eval_tokens} tokens of the default text)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import perplexity
 
@@ -328,7 +383,7 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins, "bench": cmd_bench,
-            "eval": cmd_eval, "quantize": cmd_quantize, "prune": cmd_prune}
+            "eval": cmd_eval, "quantize": cmd_quantize, "prune": cmd_prune, "distill": cmd_distill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
