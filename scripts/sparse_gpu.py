@@ -1,8 +1,8 @@
 """2:4 semi-structured sparse linear layers against dense on one GPU, Llama-2-7B shapes, in one process.
 
 1. Each layer shape alone at M = 1, 16, 64, 256, 1024 tokens: dense bf16 (cuBLAS) against the
-   same 2:4-pruned weight in torch's semi-structured sparse storage (cuSPARSELt on Hopper), four
-   weight copies rotated, CUDA-event timed; each checked against the masked dense product.
+   same 2:4-pruned weight in torch's semi-structured sparse storage (cuSPARSELt, and CUTLASS),
+   four weight copies rotated, CUDA-event timed; each checked against the masked dense product.
 2. `fastllm bench latency` on the Llama-2-7B shape at batch 1 and 64: dense against
    pruner={"name": "2:4"} (sparse storage), same options, CUDA graphs on (and off where capture fails).
 
@@ -49,24 +49,35 @@ def event_time(fn, iters: int = 50) -> float:
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 layers = []
 for name, (N, K) in SHAPES.items():
-    dense, sparse = [], []
+    dense, sparse = [], {"cusparselt": [], "cutlass": []}
     for _ in range(4):
         lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             lin.weight.mul_(nm_mask(lin.weight.abs().float()).to(lin.weight.dtype))
         dense.append(lin.weight.detach().clone())
-        to_sparse(lin)
-        sparse.append(lin.weight)
+        for backend in sparse:
+            twin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
+            twin.weight = torch.nn.Parameter(dense[-1].clone(), requires_grad=False)
+            to_sparse(twin, backend)
+            sparse[backend].append(twin.weight)
     for M in (1, 16, 64, 256, 1024):
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ref = x.float() @ dense[0].float().T
-        err = ((F.linear(x, sparse[0]).float() - ref).norm() / ref.norm()).item()
         it = iter(range(10 ** 9))
         t_d = event_time(lambda: F.linear(x, dense[next(it) % 4]))
-        t_s = event_time(lambda: F.linear(x, sparse[next(it) % 4]))
-        row = dict(shape=name, N=N, K=K, M=M, dense_us=t_d * 1e6, sparse_us=t_s * 1e6, speedup=t_d / t_s, rel_err=err)
+        row = dict(shape=name, N=N, K=K, M=M, dense_us=t_d * 1e6)
+        cells = []
+        for backend, ws in sparse.items():
+            try:
+                err = ((F.linear(x, ws[0]).float() - ref).norm() / ref.norm()).item()
+                t_s = event_time(lambda: F.linear(x, ws[next(it) % 4]))
+                row |= {f"{backend}_us": t_s * 1e6, f"{backend}_speedup": t_d / t_s, f"{backend}_err": err}
+                cells.append(f"{backend} {t_s * 1e6:7.1f} us ({t_d / t_s:.2f}x, err {err:.0e})")
+            except Exception as e:  # noqa: BLE001
+                row[f"{backend}_error"] = f"{type(e).__name__}: {e}"[:200]
+                cells.append(f"{backend} failed: {type(e).__name__}")
         layers.append(row)
-        line = f"{name:8s} M={M:5d}: dense {t_d * 1e6:7.1f} us  2:4 {t_s * 1e6:7.1f} us  ({t_d / t_s:.2f}x, err {err:.0e})"
+        line = f"{name:8s} M={M:5d}: dense {t_d * 1e6:7.1f} us  " + "  ".join(cells)
         lines.append(line)
         print(line, flush=True)
     report["layers"] = layers
@@ -78,11 +89,11 @@ from fastllm.bench import gpu as B  # noqa: E402
 
 e2e = []
 for batch in (1, 64):
-    for pruner in ("none", {"name": "2:4"}):
+    for pruner in ("none", {"name": "2:4"}, {"name": "2:4", "backend": "cutlass"}):
         for graphs in (True, False):
             opts = {"max_num_seqs": batch, "cuda_graphs": graphs, "pruner": pruner}
             try:
-                r = B.latency("dummy:llama-2-7b", batch=batch, output_len=128, options=opts)
+                r = B.latency("dummy:llama-2-7b", batch=batch, output_len=64, repeats=2, options=opts)
                 row = dict(batch=batch, pruner=str(pruner), cuda_graphs=graphs, **r["rows"][0])
             except Exception as e:  # noqa: BLE001 - report what failed and go on
                 row = dict(batch=batch, pruner=str(pruner), cuda_graphs=graphs, error=f"{type(e).__name__}: {e}"[:300])

@@ -30,30 +30,44 @@ def sparse_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def to_sparse(layer: nn.Linear) -> None:
-    """Swap the (already 2:4-pruned) weight for its semi-structured sparse form, in place."""
+class SemiSparseLinear(nn.Linear):
+    """nn.Linear over a semi-structured sparse weight. torch's sparse product returns a transposed
+    view; the model's fused kernels (RoPE + KV store) read rows with unit stride, so it is copied."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous()
+
+
+def to_sparse(layer: nn.Linear, backend: str = "auto") -> None:
+    """Swap the (already 2:4-pruned) weight for its semi-structured sparse form, in place.
+    backend: "cusparselt", "cutlass", or "auto" (cuSPARSELt on Hopper and later, where torch's
+    tests say CUTLASS' kernels are Ampere-only; CUTLASS on Ampere)."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    if torch.cuda.get_device_capability(layer.weight.device) >= (9, 0):
-        SparseSemiStructuredTensor._FORCE_CUTLASS = False  # CUTLASS' kernels are for Ampere: cuSPARSELt on Hopper
+    if backend == "auto":
+        backend = "cusparselt" if torch.cuda.get_device_capability(layer.weight.device) >= (9, 0) else "cutlass"
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
     layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach().contiguous()), requires_grad=False)
+    layer.__class__ = SemiSparseLinear
 
 
 class SemiStructuredPruner:
     """`{"name": "2:4", "score": "magnitude" | "wanda", "storage": "auto" | "sparse" | "masked"}`;
-    Wanda's options (`calibration_tokens`, `calibration_file`, `sequential`) apply with
+    `backend` picks torch's sparse kernels ("auto", "cusparselt", "cutlass"); Wanda's options (`calibration_tokens`, `calibration_file`, `sequential`) apply with
     score="wanda"; `skip` as for every pruner."""
 
     api_version = 1
 
-    def __init__(self, score: str = "magnitude", storage: str = "auto", calibration_tokens: int = 512,
+    def __init__(self, score: str = "magnitude", storage: str = "auto", backend: str = "auto", calibration_tokens: int = 512,
                  calibration_file: str | None = None, sequential: bool = True,
                  skip: list[str] | tuple[str, ...] = ("lm_head",)):
         if score not in ("magnitude", "wanda"):
             raise ConfigError(f"2:4 pruner: score is 'magnitude' or 'wanda', got {score!r}")
         if storage not in ("auto", "sparse", "masked"):
             raise ConfigError(f"2:4 pruner: storage is 'auto', 'sparse' or 'masked', got {storage!r}")
-        self.score, self.storage = score, storage
+        if backend not in ("auto", "cusparselt", "cutlass"):
+            raise ConfigError(f"2:4 pruner: backend is 'auto', 'cusparselt' or 'cutlass', got {backend!r}")
+        self.score, self.storage, self.backend = score, storage, backend
         self.tokens, self.path, self.sequential = calibration_tokens, calibration_file, bool(sequential)
         self.skip = check_skip("2:4 pruner", skip)
 
@@ -79,5 +93,5 @@ class SemiStructuredPruner:
                 out_f, in_f = layer.weight.shape
                 if out_f % _MIN_ROWS or in_f % _MIN_COLS or layer.weight.dtype not in (torch.float16, torch.bfloat16):
                     continue  # torch's sparse kernels refuse this shape or dtype: it stays masked
-                to_sparse(layer)
+                to_sparse(layer, self.backend)
         return model

@@ -21,11 +21,13 @@ def linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[nn.Module, st
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             full = f"{parent_name}.{name}" if parent_name else name
-            if type(child) is nn.Linear and not any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(name, p)
-                                                    for p in skip):
-                if is_sparse(child.weight):
-                    raise ConfigError(f"{full} holds a 2:4 sparse weight, which cannot be quantized or pruned again; "
-                                      "to combine 2:4 with a quantizer use pruner {'name': '2:4', 'storage': 'masked'}")
+            if not isinstance(child, nn.Linear) or any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(name, p)
+                                                       for p in skip):
+                continue
+            if is_sparse(child.weight):
+                raise ConfigError(f"{full} holds a 2:4 sparse weight, which cannot be quantized or pruned again; "
+                                  "to combine 2:4 with a quantizer use pruner {'name': '2:4', 'storage': 'masked'}")
+            if type(child) is nn.Linear:
                 out.append((parent, name, child))
     return out
 
