@@ -4,7 +4,8 @@
    same 2:4-pruned weight in torch's semi-structured sparse storage (cuSPARSELt, and CUTLASS),
    four weight copies rotated, CUDA-event timed; each checked against the masked dense product.
 2. `fastllm bench latency` on the Llama-2-7B shape at batch 1 and 64: dense against
-   pruner={"name": "2:4"} (sparse storage), same options, CUDA graphs on (and off where capture fails).
+   pruner={"name": "2:4", "storage": "sparse"} (cuSPARSELt, then CUTLASS), same options, CUDA graphs
+   on (and off where capture fails).
 
 Usage: python scripts/sparse_gpu.py OUTDIR. Prints a table last; JSON in OUTDIR.
 """
@@ -89,7 +90,7 @@ from fastllm.bench import gpu as B  # noqa: E402
 
 e2e = []
 for batch in (1, 64):
-    for pruner in ("none", {"name": "2:4"}, {"name": "2:4", "backend": "cutlass"}):
+    for pruner in ("none", {"name": "2:4", "storage": "sparse"}, {"name": "2:4", "storage": "sparse", "backend": "cutlass"}):
         for graphs in (True, False):
             opts = {"max_num_seqs": batch, "cuda_graphs": graphs, "pruner": pruner}
             try:

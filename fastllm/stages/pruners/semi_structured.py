@@ -3,8 +3,12 @@
 
 Storage (`storage`): "sparse" keeps each pruned weight as a torch semi-structured sparse tensor
 (cuSPARSELt or CUTLASS kernels; CUDA only), "masked" as a dense weight with zeros (any device;
-no faster, the quality cost only), "auto" sparse where torch can run it, masked elsewhere. A
-sparse weight cannot be quantized afterwards: combining it with a quantizer is refused.
+no faster, the quality cost only). "auto" is sparse on Ampere (compute capability 8.x) and
+masked elsewhere: on an H100 with torch 2.11, CUTLASS' sparse kernels refuse to run and
+cuSPARSELt's product cost 470-610 us per call whatever the shape (descriptor set-up on every
+call, pytorch/pytorch#153825), so a 2:4 Llama-2-7B decoded at 0.44x dense speed at batch 1 and
+0.63x at batch 64 (scripts/sparse_gpu.py, 2026-11-27). A sparse weight cannot be quantized
+afterwards: combining it with a quantizer is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ def sparse_supported(device: torch.device) -> bool:
     if not hasattr(torch.sparse, "to_sparse_semi_structured"):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def sparse_by_default(device: torch.device) -> bool:
+    """Where storage="auto" picks sparse storage: Ampere (see the module docstring for Hopper)."""
+    return sparse_supported(device) and torch.cuda.get_device_capability(device)[0] == 8
 
 
 class SemiSparseLinear(nn.Linear):
@@ -77,7 +86,7 @@ class SemiStructuredPruner:
             if layer.in_features % 4:
                 raise ConfigError(f"2:4 pruner: {name} has in_features={layer.in_features}, not a multiple of 4; "
                                   f"add it to skip")
-        sparse = self.storage == "sparse" or (self.storage == "auto" and sparse_supported(ctx.device))
+        sparse = self.storage == "sparse" or (self.storage == "auto" and sparse_by_default(ctx.device))
         if sparse and not sparse_supported(ctx.device):
             raise ConfigError(f"2:4 pruner: storage='sparse' needs a CUDA GPU of compute capability 8.0+ "
                               f"(the device is {ctx.device}); use storage='masked'")
