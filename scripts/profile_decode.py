@@ -10,11 +10,12 @@
 Usage: python scripts/profile_decode.py OUTDIR [shape]. Prints a table last; JSON in OUTDIR.
 """
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+from fastllm.bench.common import graph_time
 import torch.nn.functional as F
 
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
@@ -27,26 +28,6 @@ lines: list[str] = []
 
 def dump():
     (out_dir / "profile_decode.json").write_text(json.dumps(report, indent=1))
-
-
-def graph_time(fn, iters: int = 20) -> float:
-    """Seconds per fn() call, from replays of a CUDA graph of `iters` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    times = []
-    for _ in range(15):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / iters)
-    return statistics.median(times)
 
 
 # ---- 1. linears at M=1 -----------------------------------------------------------------

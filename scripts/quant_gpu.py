@@ -10,12 +10,13 @@ Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batche
 [--ms=1,64] [--kinds=int8,int4,fp8]. Prints a table last; JSON in OUTDIR.
 """
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastllm.bench.common import graph_time
 
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -26,25 +27,6 @@ lines: list[str] = []
 
 def dump():
     (out_dir / "quant_gpu.json").write_text(json.dumps(report, indent=1))
-
-
-def graph_time(fn, iters: int = 16) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / iters)
-    return statistics.median(times)
 
 
 from fastllm.core.cuda_linear import DecodeLinear  # noqa: E402

@@ -7,11 +7,12 @@ Then the autotuner's own pick, to see how far it lands from the best.
 Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4]. Prints the best per kernel and shape; JSON in OUTDIR.
 """
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+from fastllm.bench.common import graph_time
 
 from fastllm.kernels import gemv as G
 from fastllm.kernels import gemv_int4 as G4
@@ -24,25 +25,6 @@ out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
 dev = torch.device("cuda")
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
-
-
-def graph_time(fn, iters: int = 16) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    times = []
-    for _ in range(8):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / iters)
-    return statistics.median(times)
 
 
 report: dict = {"device": torch.cuda.get_device_name(), "results": []}

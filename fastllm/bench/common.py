@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -78,3 +79,27 @@ def save(result: dict, json_path: str | None, plot_path: str | None, title: str,
         fig.tight_layout()
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot_path, dpi=120)
+
+
+def graph_time(fn, iters: int = 16, replays: int = 10, warmup: int = 3) -> float:
+    """Seconds per fn() call on CUDA: the median over `replays` of a CUDA graph of `iters` calls
+    (warmed up eagerly on a side stream first, so autotuning and compiling stay outside)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / iters)
+    return statistics.median(times)
