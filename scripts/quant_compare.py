@@ -38,6 +38,7 @@ def decode_speed(quantizer) -> float:
 
 
 variants = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("int8", "float32", "int8"),
+            ("int8, dynamic int8 activations (W8A8)", "float32", {"name": "int8", "activations": "dynamic"}),
             ("fp8", "float32", "fp8")]
 try:  # plugins/fastllm-bitsandbytes, where bitsandbytes is installed
     import bitsandbytes  # noqa: F401

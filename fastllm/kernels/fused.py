@@ -120,3 +120,29 @@ def quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _quant_fp8_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, FP8_MAX=448.0, BLOCK=block,
                                  num_warps=max(1, min(16, block // 512)))
     return q, scale
+
+
+@triton.jit
+def _quant_int8_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 127.0
+    y = x / scale
+    q = tl.clamp(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0, 127.0)  # round half away from zero, then truncate
+    tl.store(q_ptr + row.to(tl.int64) * stride_q + cols, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) symmetric int8 quantization of x [M, K] in one pass: (q int8
+    [M, K], scale fp32 [M, 1]) with x ~ q * scale and max |q| = 127 in every nonzero row. Ties
+    round away from zero (torch.round rounds them to even)."""
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _quant_int8_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, BLOCK=block,
+                                  num_warps=max(1, min(16, block // 512)))
+    return q, scale

@@ -5,7 +5,9 @@
 - CUDA, a few tokens: fastllm.kernels.qgemm (weights converted to bf16 in registers);
 - CUDA, `scaled_mm_min_tokens` or more: `torch._scaled_mm` on the fp8 tensor cores, with the
   activations quantized per token (dynamic scales);
-- elsewhere (the CPU): the weight is dequantized for the call (correct, for quality numbers).
+- elsewhere (the CPU): the weight is dequantized for the call, and batches of
+  `scaled_mm_min_tokens` or more round their activations to e4m3 per token first, as the GPU
+  path does, so perplexity measured on the CPU is that of GPU batches.
 fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper): on older cards it is refused.
 """
 from __future__ import annotations
@@ -38,8 +40,7 @@ class Fp8Linear(RowScaledLinear):
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
             out = self._gemv(flat)
-        elif (flat.is_cuda and flat.shape[0] >= self.scaled_mm_min_tokens and self.in_features % 16 == 0
-              and self.out_features % 16 == 0):
+        elif flat.is_cuda and self._scaled_mm_fits(flat):
             from ...kernels.fused import quant_fp8_rows
 
             xq, x_scale = quant_fp8_rows(flat)  # one scale per token, one kernel
@@ -50,8 +51,17 @@ class Fp8Linear(RowScaledLinear):
 
             out = qgemm_rows(flat, self.qweight, self.scale, self.bias)
         else:
+            if self._scaled_mm_fits(flat):  # the CPU: the activations rounded to e4m3 per token as the GPU's
+                amax = flat.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # _scaled_mm path rounds
+                xs = amax / E4M3_MAX  # them, so quality measured here is what a GPU batch computes
+                flat = ((flat.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * xs
+                        ).to(flat.dtype)
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _scaled_mm_fits(self, flat: torch.Tensor) -> bool:
+        return (flat.shape[0] >= self.scaled_mm_min_tokens and self.in_features % 16 == 0
+                and self.out_features % 16 == 0)
 
 
 class Fp8Quantizer:

@@ -76,3 +76,16 @@ def test_quant_fp8_rows_matches_torch(fused, M, K):
     assert (q.float().abs().amax(dim=1) == 448).all()
     # one e4m3 step apart at most (division rounding on either side of a tie)
     assert ((q.float() - ref_q.float()).abs() <= ref_q.float().abs() / 8 + 2 ** -9).all()
+
+
+@pytest.mark.parametrize("M, K", [(1, 64), (7, 300), (5, 1536)])
+def test_quant_int8_rows_matches_torch(fused, M, K):
+    x = (torch.randn(M, K) * torch.logspace(-3, 2, M)[:, None]).to(DEV)
+    x[0, :3] = 0
+    q, scale = fused.quant_int8_rows(x)
+    ref_scale = x.abs().amax(dim=1, keepdim=True) / 127.0
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    ref_q = torch.round(x / ref_scale).clamp(-127, 127)
+    assert q.dtype == torch.int8 and (q.abs().amax(dim=1) == 127).all()
+    assert ((q.float() - ref_q).abs() <= 1).all()  # ties round away from zero here, to even in torch
+    assert ((q.float() - ref_q).abs() > 0).float().mean() < 0.01

@@ -60,6 +60,54 @@ def test_int8_linear_one_token_through_the_triton_gemv(monkeypatch):
     torch.testing.assert_close(new_res, h)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dynamic_activations_multiply_int8_by_int8(dtype):
+    """W8A8: from 17 tokens the activations are quantized per token and torch._int_mm multiplies
+    exactly; fewer tokens stay weight-only."""
+    from fastllm.stages.quantizers.int8 import quantize_int8_rows
+
+    lin = nn.Linear(96, 40, bias=True).to(dtype)
+    layer = Int8Linear(lin, dynamic_activations=True)
+    x = torch.randn(20, 96, dtype=dtype) * torch.logspace(-1, 1, 96).to(dtype)
+    xq, xs = quantize_int8_rows(x)
+    ref = (xq.double() * xs.double()) @ layer.dequantize(torch.float64).T + lin.bias.double()
+    out = layer(x)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == dtype and err < (1e-6 if dtype == torch.float32 else 1e-2), err
+    weight_only = x[:5].double() @ layer.dequantize(torch.float64).T + lin.bias.double()
+    err = ((layer(x[:5]).double() - weight_only).norm() / weight_only.norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+    with pytest.raises(ConfigError, match="activations"):
+        Int8Quantizer(activations="static")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._int_mm on the int8 tensor cores needs CUDA")
+@pytest.mark.parametrize("M", [17, 64, 300])
+def test_int8_dynamic_activations_on_cuda(M):
+    from fastllm.stages.quantizers.int8 import quantize_int8_rows
+
+    lin = nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = Int8Linear(lin, dynamic_activations=True)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quantize_int8_rows(x)  # the Triton kernel on CUDA
+    ref = (xq.double() * xs.double()) @ layer.dequantize(torch.float64).T + lin.bias.double()
+    out = layer(x)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.bfloat16 and err < 1e-2, err
+
+
+def test_fp8_batches_on_the_cpu_round_activations_as_the_gpu_does():
+    lin = nn.Linear(64, 32, bias=False)
+    layer = Fp8Linear(lin)
+    x = torch.randn(Fp8Linear.scaled_mm_min_tokens, 64)
+    amax = x.abs().amax(dim=1, keepdim=True) / 448.0
+    xr = (x / amax).to(torch.float8_e4m3fn).double() * amax.double()
+    torch.testing.assert_close(layer(x).double(), xr @ layer.dequantize(torch.float64).T, rtol=1e-5, atol=1e-5)
+    few = x[:3]  # below the threshold: weight-only
+    torch.testing.assert_close(layer(few).double(), few.double() @ layer.dequantize(torch.float64).T,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_conformance_and_what_is_kept_in_full_precision():
     ctx = LoadContext(torch.device("cpu"), torch.float32)
     model = check_model_transform(Int8Quantizer(), "quantizer", ctx, max_rel_error=0.05)
