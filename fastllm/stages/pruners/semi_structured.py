@@ -49,8 +49,8 @@ class SemiSparseLinear(nn.Linear):
 
 def to_sparse(layer: nn.Linear, backend: str = "auto") -> None:
     """Swap the (already 2:4-pruned) weight for its semi-structured sparse form, in place.
-    backend: "cusparselt", "cutlass", or "auto" (cuSPARSELt on Hopper and later, where torch's
-    tests say CUTLASS' kernels are Ampere-only; CUTLASS on Ampere)."""
+    backend: "cusparselt", "cutlass", or "auto" (CUTLASS on Ampere; cuSPARSELt on Hopper and
+    later, where torch 2.11's CUTLASS sparse kernels refuse to run: measured on an H100)."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     if backend == "auto":
