@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import LoadContext
-from . import RowScaledLinear, check_skip, linears
+from . import RowScaledLinear, calibration_ids, capture_inputs, check_skip, linears
 
 
 # torch._int_mm's limits (cuBLASLt's int8 GEMM): more than 16 rows, K and N multiples of 8
@@ -95,11 +95,14 @@ class Int8Quantizer:
     `activations="dynamic"` (W8A8): batches of 17 or more tokens also quantize their activations
     per token to int8 and multiply on the int8 tensor cores (torch._int_mm: twice bf16's peak on
     Hopper) or the CPU's int8 units; fewer tokens stay weight-only. Faster where a batch is
-    compute-bound, at some quality cost (docs/quantization.md)."""
+    compute-bound, at some quality cost (docs/quantization.md). `smooth` (SmoothQuant's alpha,
+    e.g. 0.5, with `calibration_tokens` / `calibration_file`) first moves activation outliers
+    into the weights (see smooth_into_norms)."""
 
     api_version = 1
 
-    def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",), activations: str = "none"):
+    def __init__(self, skip: list[str] | tuple[str, ...] = ("lm_head",), activations: str = "none",
+                 smooth: float | None = None, calibration_tokens: int = 512, calibration_file: str | None = None):
         from ...errors import ConfigError
 
         self.skip = check_skip("int8 quantizer", skip)
@@ -107,8 +110,42 @@ class Int8Quantizer:
             raise ConfigError(f"int8 quantizer: activations is 'none' (weight-only) or 'dynamic' (per-token int8 "
                               f"activations for batches of {INT_MM_MIN_TOKENS}+ tokens), got {activations!r}")
         self.dynamic = activations == "dynamic"
+        if smooth is not None and (activations != "dynamic" or isinstance(smooth, bool)
+                                   or not isinstance(smooth, (int, float)) or not 0 <= smooth <= 1):
+            raise ConfigError(f"int8 quantizer: smooth (SmoothQuant's alpha, in [0, 1]) applies with "
+                              f"activations='dynamic'; got smooth={smooth!r}, activations={activations!r}")
+        self.smooth, self.tokens, self.path = smooth, calibration_tokens, calibration_file
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
+        if self.smooth is not None:
+            smooth_into_norms(model, ctx, self.smooth, self.skip, self.tokens, self.path)
         for parent, name, child in linears(model, self.skip):
             setattr(parent, name, Int8Linear(child, self.dynamic))
         return model
+
+
+def smooth_into_norms(model: nn.Module, ctx: LoadContext, alpha: float, skip: tuple[str, ...], tokens: int,
+                      path: str | None) -> None:
+    """SmoothQuant (Xiao et al. 2023) for the linears that follow an RMSNorm (qkv_proj, gate_up_proj):
+    per input channel j, s_j = max|x_j|^alpha / max|w_:j|^(1 - alpha) over calibration activations;
+    the norm's weight is divided by s and the layer's columns multiplied by it. The product is
+    unchanged, but activation outliers move into the weights, where per-row int8 absorbs them.
+    No runtime cost. o_proj and down_proj (no norm before them) are left as they are."""
+    kept = {id(child) for _, _, child in linears(model, skip)}
+    pairs = []
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        for norm, lin in ((getattr(layer, "input_layernorm", None), getattr(layer.self_attn, "qkv_proj", None)),
+                          (getattr(layer, "post_attention_layernorm", None), getattr(layer.mlp, "gate_up_proj", None))):
+            if norm is not None and lin is not None and id(lin) in kept:
+                pairs.append((norm, lin))
+    if not pairs:
+        return
+    ids = calibration_ids(ctx, tokens, path)
+    inputs = capture_inputs(model, [lin for _, lin in pairs], ids, ctx.device, ctx.dtype)
+    with torch.no_grad():
+        for (norm, lin), x in zip(pairs, inputs):
+            a = x.abs().amax(dim=0).clamp(min=1e-5)
+            w = lin.weight.float().abs().amax(dim=0).clamp(min=1e-5)
+            s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])

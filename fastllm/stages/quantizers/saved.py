@@ -48,6 +48,7 @@ def load_quantized(path: Path, hf_config, ctx: LoadContext) -> nn.Module:
     spec = dict(meta["quantizer"])
     name = spec.pop("name")
     spec.pop("activation_aware", None)  # the structure only: the saved tensors hold the calibrated scales
+    spec.pop("smooth", None)  # (and the smoothed norms and weights)
     with torch.device("meta"):
         model = model_class(hf_config)(hf_config).to(dtype=ctx.dtype)
         registry.create("quantizer", name, spec).apply(model, LoadContext(torch.device("meta"), ctx.dtype))

@@ -18,6 +18,7 @@ IDS = [504, 3575, 282, 4649, 314, 7042, 30, 378, 1030, 4561, 314]
 
 @pytest.mark.parametrize("spec, cls", [
     ({"name": "int8"}, Int8Linear),
+    ({"name": "int8", "activations": "dynamic", "smooth": 0.8, "calibration_tokens": 64}, Int8Linear),
     ({"name": "int4", "group_size": 64, "activation_aware": True, "calibration_tokens": 64}, Int4Linear)])
 def test_saved_quantized_model_loads_the_same_weights(smollm2_dir, tmp_path, spec, cls):
     out = tmp_path / "q"

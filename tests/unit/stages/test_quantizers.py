@@ -81,6 +81,25 @@ def test_int8_dynamic_activations_multiply_int8_by_int8(dtype):
         Int8Quantizer(activations="static")
 
 
+def test_smoothquant_moves_scale_into_the_weights_without_changing_the_model():
+    from fastllm.stages.quantizers.int8 import smooth_into_norms
+    from fastllm.testing import model_logits, tiny_llama
+
+    ctx = LoadContext(torch.device("cpu"), torch.float32)
+    model = tiny_llama(ctx, seed=5)
+    ctx.text_tokenizer = lambda text, add_special_tokens=False: {
+        "input_ids": [ord(c) % model.config.vocab_size for c in text]}
+    prompts = [[3, 17, 42, 9, 5, 77]]
+    before = model_logits(model, prompts)[0]
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight.detach().clone()
+    smooth_into_norms(model, ctx, 0.8, ("lm_head",), 64, None)
+    assert not torch.allclose(model.model.layers[0].self_attn.qkv_proj.weight, qkv)  # the weights moved
+    torch.testing.assert_close(model_logits(model, prompts)[0], before, rtol=1e-4, atol=1e-4)  # the model did not
+    for bad in ({"smooth": 0.5}, {"activations": "dynamic", "smooth": 1.5}, {"activations": "dynamic", "smooth": True}):
+        with pytest.raises(ConfigError, match="smooth"):
+            Int8Quantizer(**bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._int_mm on the int8 tensor cores needs CUDA")
 @pytest.mark.parametrize("M", [17, 64, 300])
 def test_int8_dynamic_activations_on_cuda(M):
