@@ -7,7 +7,7 @@
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]
-[--ms=1,64] [--kinds=int8,int4,fp8]. Prints a table last; JSON in OUTDIR.
+[--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8]. Prints a table last; JSON in OUTDIR.
 """
 import json
 import sys
@@ -44,7 +44,8 @@ if "--skip-layers" not in sys.argv:
         base = [nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(8)]
         for b in base:
             b.__class__ = DecodeLinear
-        make = {"int8": Int8Linear, "int4": lambda b: Int4Linear(b, 128), "fp8": Fp8Linear}
+        make = {"int8": Int8Linear, "int4": lambda b: Int4Linear(b, 128), "fp8": Fp8Linear,
+                "int8-w8a8": lambda b: Int8Linear(b, dynamic_activations=True)}
         variants = {"bf16": base, **{k: [make[k](b) for b in base] for k in KINDS}}
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -67,7 +68,7 @@ if "--skip-layers" not in sys.argv:
             report["layers"] = layers_report
             dump()
             cells = "  ".join(f"{v} {row[v + '_us']:7.1f}us ({row['bf16_us'] / row[v + '_us']:.2f}x, err {row[v + '_err']:.0e})"
-                              for v in ["int8", "int4", "fp8", "fp8-scaled_mm"] if v + "_us" in row)
+                              for v in ["int8", "int8-w8a8", "int4", "fp8", "fp8-scaled_mm"] if v + "_us" in row)
             line = f"{name:8s} M={M:5d}: bf16 {row['bf16_us']:7.1f}us  {cells}"
             lines.append(line)
             print(line, flush=True)
@@ -83,7 +84,7 @@ if "--skip-e2e" not in sys.argv:
         for q in ["bf16"] + KINDS:
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             if q != "bf16":
-                opts["quantizer"] = q
+                opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if q == "int8-w8a8" else q
             r = B.latency("dummy:llama-2-7b", batch=batch, options=opts)
             row = dict(batch=batch, quantizer=q, **r["rows"][0], weight_bytes=r["weight_bytes"])
             e2e.append(row)
