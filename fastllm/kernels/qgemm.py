@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import _weight_f32
+
 # SWAP: y^T = W x^T, so the dequantized weight tile is the left operand (which Hopper's wgmma can
 # take from registers) and only x passes through shared memory.
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw}, num_warps=w, num_stages=s)
@@ -95,8 +97,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
                            [BLOCK_N, BLOCK_K])
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-            if w.dtype == tl.int8:  # through the float's bits, as in fastllm.kernels.gemv
-                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            w = _weight_f32(w, True)  # int8 through the float's bits, as the GEMV does
         acc = _dot_acc(acc, w, x, SWAP, UPCAST, DOT_PRECISION, x_ptr.dtype.element_ty)
     if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]
         acc = tl.trans(acc)
