@@ -97,12 +97,125 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+# _bytes_f32's int8 values carry this offset (q + INT8_OFFSET); the GEMV subtracts INT8_OFFSET * sum(x).
+INT8_OFFSET = tl.constexpr(32896.0)
+
+
+@triton.jit
+def _bytes_f32(w, FP8: tl.constexpr, ASM: tl.constexpr):
+    """The four 8-bit weights in each int32 word of w (byte j = column 4 c + j), in fp32, one
+    instruction each (PTX; ASM=False computes the same values in plain Triton, for the interpreter).
+
+    int8 (FP8=False): each byte q + 128 goes into the mantissa of 2^15 (one prmt), giving exactly
+    q + INT8_OFFSET (32768 + 128 + q); with 2^15 as the base, not 2^23, the common term costs 8 of
+    fp32's 24 bits. fp8 e4m3: two values per cvt to f16x2, then f16 to f32 (exact)."""
+    if ASM:
+        if FP8:
+            return tl.inline_asm_elementwise(
+                asm="""{ .reg .b16 a, b, e0, e1, e2, e3; .reg .b32 h0, h1;
+                mov.b32 {a, b}, $4;
+                cvt.rn.f16x2.e4m3x2 h0, a;
+                cvt.rn.f16x2.e4m3x2 h1, b;
+                mov.b32 {e0, e1}, h0;
+                mov.b32 {e2, e3}, h1;
+                cvt.f32.f16 $0, e0;
+                cvt.f32.f16 $1, e1;
+                cvt.f32.f16 $2, e2;
+                cvt.f32.f16 $3, e3; }""",
+                constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                asm="""{ .reg .b32 t, m;
+                xor.b32 t, $4, 0x80808080;
+                mov.b32 m, 0x47000000;
+                prmt.b32 $0, t, m, 0x7604;
+                prmt.b32 $1, t, m, 0x7614;
+                prmt.b32 $2, t, m, 0x7624;
+                prmt.b32 $3, t, m, 0x7634; }""",
+                constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        b0, b1, b2, b3 = w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, (w >> 24) & 0xFF
+        if FP8:
+            return (b0.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                    b1.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                    b2.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                    b3.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        else:
+            return (((b0 ^ 0x80) << 8 | 0x47000000).to(tl.float32, bitcast=True),
+                    ((b1 ^ 0x80) << 8 | 0x47000000).to(tl.float32, bitcast=True),
+                    ((b2 ^ 0x80) << 8 | 0x47000000).to(tl.float32, bitcast=True),
+                    ((b3 ^ 0x80) << 8 | 0x47000000).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
+                       FP8: tl.constexpr, ASM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """_gemv_kernel for row-scaled int8 / fp8 weights, read as int32 words of four values: a word
+    tile stays packed in registers from its load (one iteration ahead) to its conversion, and each
+    value converts in one instruction (_bytes_f32). w_ptr is the weight viewed as int32 [N, K / 4];
+    stride_w counts words."""
+    pid = tl.program_id(0)
+    BW: tl.constexpr = BLOCK_K // 4  # words per row of a tile
+    KW = K // 4
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    c = tl.arange(0, BW)
+    w = tl.load(w_rows + c[None, :], mask=row_ok[:, None] & (c < KW)[None, :], other=0,
+                eviction_policy="evict_first")
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    ss = tl.zeros((BW, 4), dtype=tl.float32)
+    xs = tl.zeros((BW,), dtype=tl.float32)  # int8: the sum of x per word column, for the offset
+    for k in range(0, K, BLOCK_K):
+        c = k // 4 + tl.arange(0, BW)
+        nxt = c + BW
+        w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
+                         eviction_policy="evict_first")
+        cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c
+        col_ok = cols < K
+        x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
+        if NORM:
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
+            ss += x * x
+            x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+        v0, v1, v2, v3 = _bytes_f32(w, FP8, ASM)
+        acc = tl.fma(v0, x0[None, :], acc)
+        acc = tl.fma(v1, x1[None, :], acc)
+        acc = tl.fma(v2, x2[None, :], acc)
+        acc = tl.fma(v3, x3[None, :], acc)
+        if not FP8:
+            xs += (x0 + x1) + (x2 + x3)
+        w = w_next
+    if not FP8:
+        acc -= INT8_OFFSET * xs[None, :]
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps)
+    y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
+INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"  # Triton's CPU interpreter: no inline PTX
+_tuned_bytes = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8"])(_gemv_bytes_kernel)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
-         silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None):
+         silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
+         words: bool = True):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
@@ -111,6 +224,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     silu_mul: x is [1, 2K]; multiply by silu(x[:K]) * x[K:].
     scale: [N] per-row scales of a weight-only quantized weight (int8 or fp8 [N, K]), applied to y.
     config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
+    words: quantized weights go through _gemv_bytes_kernel where K % 4 == 0 (False: _gemv_kernel,
+    the comparison in benchmarks).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -123,9 +238,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = torch.empty_like(res) if has_res else y
     args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
             res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
-    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul,
-                 HAS_SCALE=scale is not None, **pdl(x))
-    launch_rows(_tuned, _gemv_kernel, N, args, flags, config)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
+    if scale is not None and words and K % 4 == 0 and weight.stride(0) % 4 == 0 and weight.data_ptr() % 16 == 0:
+        words = weight.view(torch.int32)
+        args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
+        flags |= dict(FP8=weight.dtype != torch.int8, ASM=not INTERPRETED)
+        launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags, config)
+    else:
+        launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
     lead = x.shape[:-1]
     y = y.view(*lead, N)
     return (y, res_out.view(*lead, K)) if has_res else y

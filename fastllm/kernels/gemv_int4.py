@@ -2,15 +2,22 @@
 
 Storage (fastllm.stages.quantizers.int4): `packed` uint8 [N, Kp / 2], two 4-bit values per byte
 along K (low nibble = even k); `scales`, `zeros` fp32 [N, Kp / G], one pair per group of G
-columns (asymmetric: w ~ (q - zero) * scale); Kp = K rounded up to a multiple of G. The kernel
-reads each byte once and unpacks it in registers; per group it forms sum(q * x) and sum(x), so
-the dequantization costs one multiply-add per group, not per weight.
+columns (asymmetric: w ~ (q - zero) * scale); Kp = K rounded up to a multiple of G.
 
-Measured slower and dropped (H100, Llama-2-7B shapes, scripts/sweep_gemv.py, 2026-11-27): the
-nibbles widened through float bits instead of an int-to-float instruction (8-11% slower); x split
-into even and odd columns instead of interleaving the unpacked tile (15-40% slower); dequantizing
-per weight with one reduction at the end (20-30% slower). The kernel reads 1.1-1.6 TB/s, well
-under the card's 3 TB/s: unpacking and converting bound it.
+The kernel reads the bytes as int32 words (8 values, all in one group) and keeps them packed in
+registers until used. Unpacking costs one instruction per value, and no conversion instruction:
+each byte is placed in the mantissa of the float 2^15 twice (PTX prmt), once whole and once with
+its high nibble masked off, giving v = 32768 + lo and f = 32768 + 16 hi + lo. For the byte's two
+columns with inputs x_lo, x_hi,
+    x_lo * lo + x_hi * hi = (x_lo - x_hi / 16) * v + (x_hi / 16) * f - 32768 * x_lo,
+so each value costs one prmt and one fma, with the input-side factors computed once per column
+and shared by all rows of the program. Per word, the sum is scaled by the group's scale; the
+zero point and the 32768 offsets are subtracted per word from sums of x. Programs keep several
+rows per thread so the column work spreads over them.
+
+Earlier designs (unpack with shift and mask, int-to-float conversion, a reduction per group per
+tile) ran at 1.0-1.6 TB/s on an H100, bound by instructions (about 23 per weight, counted in the
+SASS); this one needs under 4.
 """
 from __future__ import annotations
 
@@ -20,55 +27,112 @@ import triton.language as tl
 
 from .launch import launch_rows, pdl
 
-CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
-           for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
-                              (2, 16, 4, 3), (4, 16, 8, 3)]]
+# BLOCK_W: words (8 values) per row of a tile; rows of a program stay in each thread's registers
+CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw}, num_warps=w, num_stages=1)
+           for n, bw, w in [(8, 512, 4), (8, 256, 2), (4, 512, 4), (4, 256, 2), (8, 128, 1), (16, 256, 4),
+                            (2, 512, 4), (16, 512, 8), (4, 128, 1), (8, 512, 8)]]
+
+
+@triton.jit
+def _nibbles(w, ASM: tl.constexpr):
+    """Per int32 word of 4 bytes (nibbles lo_b, hi_b of byte b, columns 2b and 2b + 1): the
+    fp32 values 128 + lo_0, 128 + hi_0, ..., 128 + hi_3 (exact): each nibble is placed in the
+    mantissa of 128.0 by one PTX prmt, after one mask (and a shift) per word. Plain Triton
+    computes the same values in the interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{ .reg .b32 l, h, m;
+            mov.b32 m, 0x43000000;
+            and.b32 l, $8, 0x0F0F0F0F;
+            shr.u32 h, $8, 4;
+            and.b32 h, h, 0x0F0F0F0F;
+            prmt.b32 $0, l, m, 0x7054;
+            prmt.b32 $1, h, m, 0x7054;
+            prmt.b32 $2, l, m, 0x7154;
+            prmt.b32 $3, h, m, 0x7154;
+            prmt.b32 $4, l, m, 0x7254;
+            prmt.b32 $5, h, m, 0x7254;
+            prmt.b32 $6, l, m, 0x7354;
+            prmt.b32 $7, h, m, 0x7354; }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        return (((w & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 4) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 8) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 12) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 16) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 20) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 24) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True),
+                (((w >> 28) & 0xF) << 16 | 0x43000000).to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_s,
-                      G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr):
+    """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words."""
     pid = tl.program_id(0)
-    HALF: tl.constexpr = GROUPS * G // 2  # bytes of one row per tile
+    W: tl.constexpr = G // 8  # words per group
+    GROUPS: tl.constexpr = BLOCK_W // W
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    offs = tl.arange(0, GROUPS)[:, None] * W + tl.arange(0, W)[None, :]  # [GROUPS, W] words of a tile
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_w
+    nwords = Kp // 8
     # As in fastllm.kernels.gemv: the first tile is requested before waiting for x, each later
     # one an iteration ahead of its use.
-    j = tl.arange(0, HALF)
-    b = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < Kp // 2)[None, :], other=0,
-                eviction_policy="evict_first")
+    wt = tl.load(w_rows + offs[None], mask=row_ok[:, None, None] & (offs < nwords)[None], other=0,
+                 eviction_policy="evict_first")
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    for k0 in range(0, Kp, GROUPS * G):
-        groups = k0 // G + tl.arange(0, GROUPS)
-        g_ok = groups < Kp // G
-        jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
-        b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
-                         eviction_policy="evict_first")
-        lo = (b & 0xF).to(tl.float32)
-        hi = (b >> 4).to(tl.float32)
-        q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
-        cols = k0 + tl.arange(0, GROUPS * G)
-        x = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), [GROUPS, G])
-        dots = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
-        xs = tl.sum(x, axis=1)  # [GROUPS]
-        sz = rows[:, None] * stride_s + groups[None, :]
-        m = row_ok[:, None] & g_ok[None, :]
-        s = tl.load(s_ptr + sz, mask=m, other=0.0)
-        z = tl.load(z_ptr + sz, mask=m, other=0.0)
-        acc += s * (dots - z * xs[None, :])
-        b = b_next
-    y = tl.sum(acc, axis=1)
+    acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
+    for k0 in range(0, Kp, BLOCK_W * 8):
+        nxt = k0 // 8 + BLOCK_W + offs
+        wn = tl.load(w_rows + nxt[None], mask=row_ok[:, None, None] & (nxt < nwords)[None], other=0,
+                     eviction_policy="evict_first")
+        kx = (k0 + 8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]
+        xx = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
+        xa, xb = tl.split(tl.reshape(xx, [GROUPS, W, 4, 2]))  # columns 8c + 2j, 8c + 2j + 1
+        x0, x2 = tl.split(tl.reshape(xa, [GROUPS, W, 2, 2]))  # (columns 0, 4), (2, 6) of the word
+        x0, x4 = tl.split(x0)
+        x2, x6 = tl.split(x2)
+        x1, x3 = tl.split(tl.reshape(xb, [GROUPS, W, 2, 2]))
+        x1, x5 = tl.split(x1)
+        x3, x7 = tl.split(x3)
+        xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        g = k0 // G + tl.arange(0, GROUPS)
+        sz = rows[:, None] * stride_s + g[None, :]
+        m = row_ok[:, None] & (g < Kp // G)[None, :]
+        s = tl.load(s_ptr + sz, mask=m, other=0.0)[:, :, None]
+        z = tl.load(z_ptr + sz, mask=m, other=0.0)[:, :, None]
+        v0, v1, v2, v3, v4, v5, v6, v7 = _nibbles(wt, ASM)
+        p = -(z + 128.0) * xw[None]  # sum (128 + q) x - (128 + zero) sum x = sum (q - zero) x
+        p = tl.fma(v0, x0[None], p)
+        p = tl.fma(v1, x1[None], p)
+        p = tl.fma(v2, x2[None], p)
+        p = tl.fma(v3, x3[None], p)
+        p = tl.fma(v4, x4[None], p)
+        p = tl.fma(v5, x5[None], p)
+        p = tl.fma(v6, x6[None], p)
+        p = tl.fma(v7, x7[None], p)
+        acc = tl.fma(s, p, acc)
+        wt = wn
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
+def _prune(configs, named_args, **kwargs):
+    """A tile row holds whole groups."""
+    g = named_args.get("G", kwargs.get("G"))
+    return [c for c in configs if c.kwargs["BLOCK_W"] * 8 % g == 0]
+
+
+_tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"], prune_configs_by={"early_config_prune": _prune})(
+    _gemv_int4_kernel)
+INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no inline PTX there
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -79,7 +143,9 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     assert x.numel() == K and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
     xv = x.reshape(K).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
-    args = (xv, packed, scales, zeros, bias if bias is not None else y, y, N, K, Kp, packed.stride(0), scales.stride(0))
-    flags = dict(G=group_size, HAS_BIAS=bias is not None, **pdl(x))
+    assert packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
+    words = packed.view(torch.int32)  # [N, Kp / 8]
+    args = (xv, words, scales, zeros, bias if bias is not None else y, y, N, K, Kp, words.stride(0), scales.stride(0))
+    flags = dict(G=group_size, HAS_BIAS=bias is not None, ASM=not INTERPRETED, **pdl(x))
     launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
     return y.view(*x.shape[:-1], N)
