@@ -224,8 +224,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     silu_mul: x is [1, 2K]; multiply by silu(x[:K]) * x[K:].
     scale: [N] per-row scales of a weight-only quantized weight (int8 or fp8 [N, K]), applied to y.
     config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
-    words: quantized weights go through _gemv_bytes_kernel where K % 4 == 0 (False: _gemv_kernel,
-    the comparison in benchmarks).
+    words: quantized weights under 16-bit inputs go through _gemv_bytes_kernel where K % 4 == 0
+    (False: _gemv_kernel, the comparison in benchmarks).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -239,7 +239,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
             res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
-    if scale is not None and words and K % 4 == 0 and weight.stride(0) % 4 == 0 and weight.data_ptr() % 16 == 0:
+    # the word kernel's int8 offset costs 8 of fp32's 24 bits: far below a bf16 / fp16 output's
+    # rounding, not below an fp32 one's
+    if (scale is not None and words and x.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
+            and weight.data_ptr() % 16 == 0):
         words = weight.view(torch.int32)
         args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
         flags |= dict(FP8=weight.dtype != torch.int8, ASM=not INTERPRETED)
