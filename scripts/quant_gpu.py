@@ -7,7 +7,7 @@
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]
-[--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8]. Prints a table last; JSON in OUTDIR.
+[--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too, e2e only). Prints a table last; JSON in OUTDIR.
 """
 import json
 import sys
@@ -46,7 +46,7 @@ if "--skip-layers" not in sys.argv:
             b.__class__ = DecodeLinear
         make = {"int8": Int8Linear, "int4": lambda b: Int4Linear(b, 128), "fp8": Fp8Linear,
                 "int8-w8a8": lambda b: Int8Linear(b, dynamic_activations=True)}
-        variants = {"bf16": base, **{k: [make[k](b) for b in base] for k in KINDS}}
+        variants = {"bf16": base, **{k: [make[k](b) for b in base] for k in KINDS if k in make}}
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             row = {"shape": name, "N": N, "K": K, "M": M}
@@ -84,14 +84,17 @@ if "--skip-e2e" not in sys.argv:
         for q in ["bf16"] + KINDS:
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             if q != "bf16":
-                opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if q == "int8-w8a8" else q
+                name = q.removesuffix("+head")  # "+head": the LM head quantized too (skip nothing)
+                opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
+                if q.endswith("+head"):
+                    opts["quantizer"]["skip"] = []
             r = B.latency("dummy:llama-2-7b", batch=batch, options=opts)
             row = dict(batch=batch, quantizer=q, **r["rows"][0], weight_bytes=r["weight_bytes"])
             e2e.append(row)
             report["e2e"] = e2e
             dump()
             base = next(x for x in e2e if x["batch"] == batch and x["quantizer"] == "bf16")
-            line = (f"latency batch {batch:3d} {q:5s}: {row['tok_s']:8.1f} tok/s ({row['ms_per_token']:.3f} ms/step), "
+            line = (f"latency batch {batch:3d} {q:9s}: {row['tok_s']:8.1f} tok/s ({row['ms_per_token']:.3f} ms/step), "
                     f"{row['tok_s'] / base['tok_s']:.2f}x bf16, start {row['startup_s']:.0f} s")
             lines.append(line)
             print(line, flush=True)

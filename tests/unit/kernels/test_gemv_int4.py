@@ -1,0 +1,51 @@
+"""The int4 batch-1 GEMV against float64 on the dequantized weight, odd shapes (interpreted on
+the CPU; on a GPU with the PTX unpacking)."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton loads (tests/conftest.py does it too)
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def g4():
+    return importlib.import_module("fastllm.kernels.gemv_int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("N, K, cfg", [(45, 300, 0), (7, 4096, 2), (130, 1000, 4), (64, 11008 // 8, 9)])
+def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg):
+    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+
+    w = torch.randn(N, K, device=DEV) * (1 + torch.rand(N, 1, device=DEV))
+    packed, scales, zeros = quantize_int4(w, G)
+    packed[0, :8] = torch.arange(0, 256, 33, dtype=torch.uint8, device=DEV)[:8]  # every nibble value appears
+    x = torch.randn(1, K, device=DEV).to(dtype)
+    b = torch.randn(N, device=DEV).to(dtype)
+    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=g4.CONFIGS[cfg])
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T + b.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (1, N) and out.dtype == dtype and not out.isnan().any()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_int4_gemv_every_config_on_a_llama_row_shape(g4):
+    """Each configuration (the autotuner may pick any) on K = 4096, G = 128."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+
+    N, K = 48, 4096
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), 128)
+    x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
+    for cfg in g4.CONFIGS:
+        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (str(cfg), err)
