@@ -30,7 +30,9 @@ from .launch import launch_rows, pdl
 # BLOCK_W: words (8 values) per row of a tile; rows of a program stay in each thread's registers
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw}, num_warps=w, num_stages=1)
            for n, bw, w in [(8, 512, 4), (8, 256, 2), (4, 512, 4), (4, 256, 2), (8, 128, 1), (16, 256, 4),
-                            (2, 512, 4), (16, 512, 8), (4, 128, 1), (8, 512, 8)]]
+                            (2, 512, 4), (16, 512, 8), (4, 128, 1), (8, 512, 8),
+                            (4, 64, 1), (8, 64, 1), (16, 64, 1), (2, 128, 1), (16, 128, 2), (32, 128, 4),
+                            (4, 32, 1), (8, 32, 1), (2, 64, 1)]]
 
 
 @triton.jit
