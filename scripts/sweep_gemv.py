@@ -77,17 +77,22 @@ for name, (N, K) in SHAPES.items():
         from fastllm.stages.quantizers.int4 import dequantize_int4
 
         ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
-        for cfg in G4.CONFIGS:
-            def call4(i, cfg=cfg, q4=q4):
-                p, s_, z = q4[i % 8]
-                pw = p.view(torch.int32)
-                args = (x, pw, s_, z, y, y, N, K, p.shape[1] * 2, pw.stride(0), s_.stride(0))
-                launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, ASM=True, **pdl(x)), cfg)
-            call4(0)
-            err = ((y.double() - ref4[0]).norm() / ref4.norm()).item()
-            assert err < 2e-2, (str(cfg), err)
-            it = iter(range(10 ** 9))
-            kernels.setdefault("int4", []).append((graph_time(lambda: call4(next(it))), str(cfg)))
+        q4t = [(p, s_.t().contiguous().t(), z.t().contiguous().t()) for p, s_, z in q4]  # [groups, N] storage
+        for variant, qs, no_sz in [("int4", q4, False), ("int4-sT", q4t, False), ("int4-nosz", q4, True)]:
+            if variant != "int4" and "--int4-variants" not in sys.argv:
+                continue
+            for cfg in G4.CONFIGS:
+                def call4(i, cfg=cfg, qs=qs, no_sz=no_sz):
+                    p, s_, z = qs[i % 8]
+                    pw = p.view(torch.int32)
+                    args = (x, pw, s_, z, y, y, N, K, p.shape[1] * 2, pw.stride(0), *s_.stride())
+                    launch_rows(None, G4._gemv_int4_kernel, N, args,
+                                dict(G=128, HAS_BIAS=False, ASM=True, NO_SZ=no_sz, **pdl(x)), cfg)
+                call4(0)
+                err = ((y.double() - ref4[0]).norm() / ref4.norm()).item()
+                assert no_sz or err < 2e-2, (str(cfg), err)
+                it = iter(range(10 ** 9))
+                kernels.setdefault(variant, []).append((graph_time(lambda: call4(next(it))), str(cfg)))
     # the autotuner's pick, through the public entry points
     def rotating(fn):
         it = iter(range(10 ** 9))

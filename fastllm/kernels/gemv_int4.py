@@ -69,10 +69,12 @@ def _nibbles(w, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_s,
+def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn, stride_sg,
                       G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr):
-    """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words."""
+                      BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, NO_SZ: tl.constexpr = False):
+    """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words. Scales and
+    zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg. NO_SZ (benchmarks only: wrong
+    results) skips their loads, to measure what they cost."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8  # words per group
     GROUPS: tl.constexpr = BLOCK_W // W
@@ -104,10 +106,14 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         x3, x7 = tl.split(x3)
         xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         g = k0 // G + tl.arange(0, GROUPS)
-        sz = rows[:, None] * stride_s + g[None, :]
-        m = row_ok[:, None] & (g < Kp // G)[None, :]
-        s = tl.load(s_ptr + sz, mask=m, other=0.0)[:, :, None]
-        z = tl.load(z_ptr + sz, mask=m, other=0.0)[:, :, None]
+        if NO_SZ:
+            s = tl.full((BLOCK_N, GROUPS, 1), 1.0, tl.float32)
+            z = tl.full((BLOCK_N, GROUPS, 1), 8.0, tl.float32)
+        else:
+            sz = rows[:, None] * stride_sn + g[None, :] * stride_sg
+            m = row_ok[:, None] & (g < Kp // G)[None, :]
+            s = tl.load(s_ptr + sz, mask=m, other=0.0)[:, :, None]
+            z = tl.load(z_ptr + sz, mask=m, other=0.0)[:, :, None]
         v0, v1, v2, v3, v4, v5, v6, v7 = _nibbles(wt, ASM)
         p = -(z + 128.0) * xw[None]  # sum (128 + q) x - (128 + zero) sum x = sum (q - zero) x
         p = tl.fma(v0, x0[None], p)
@@ -143,11 +149,12 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1]
     assert x.numel() == K and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
+    assert scales.stride() == zeros.stride()
     xv = x.reshape(K).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     assert packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
     words = packed.view(torch.int32)  # [N, Kp / 8]
-    args = (xv, words, scales, zeros, bias if bias is not None else y, y, N, K, Kp, words.stride(0), scales.stride(0))
+    args = (xv, words, scales, zeros, bias if bias is not None else y, y, N, K, Kp, words.stride(0), *scales.stride())
     flags = dict(G=group_size, HAS_BIAS=bias is not None, ASM=not INTERPRETED, **pdl(x))
     launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
     return y.view(*x.shape[:-1], N)

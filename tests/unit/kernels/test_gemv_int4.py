@@ -49,3 +49,17 @@ def test_int4_gemv_every_config_on_a_llama_row_shape(g4):
         out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (str(cfg), err)
+
+
+def test_int4_gemv_reads_scales_stored_group_major(g4):
+    """Scales and zeros may be stored [groups, N] (rows contiguous): the kernel takes strides."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+
+    N, K = 40, 640
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), 64)
+    x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
+    st, zt = scales.t().contiguous().t(), zeros.t().contiguous().t()
+    assert st.stride() == (1, N)
+    out = g4.gemv_int4(x, packed, st, zt, 64, config=g4.CONFIGS[3])
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
