@@ -7,7 +7,8 @@
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]
-[--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too, e2e only). Prints a table last; JSON in OUTDIR.
+[--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: int8/fp8
+GEMVs through the row kernel, not the word kernel; e2e only). Prints a table last; JSON in OUTDIR.
 """
 import json
 import sys
@@ -84,7 +85,10 @@ if "--skip-e2e" not in sys.argv:
         for q in ["bf16"] + KINDS:
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             if q != "bf16":
-                name = q.removesuffix("+head")  # "+head": the LM head quantized too (skip nothing)
+                from fastllm.kernels import gemv as GV
+
+                GV.WORDS = not q.endswith("-rows")  # "-rows": int8 / fp8 GEMVs through the row kernel
+                name = q.removesuffix("+head").removesuffix("-rows")  # "+head": the LM head quantized too
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
                 if q.endswith("+head"):
                     opts["quantizer"]["skip"] = []

@@ -97,6 +97,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
+
 # _bytes_f32's int8 values carry this offset (q + INT8_OFFSET); the GEMV subtracts INT8_OFFSET * sum(x).
 INT8_OFFSET = tl.constexpr(32896.0)
 
@@ -215,7 +217,7 @@ _tuned_bytes = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
          silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
-         words: bool = True):
+         words: bool | None = None):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
@@ -225,7 +227,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     scale: [N] per-row scales of a weight-only quantized weight (int8 or fp8 [N, K]), applied to y.
     config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
     words: quantized weights under 16-bit inputs go through _gemv_bytes_kernel where K % 4 == 0
-    (False: _gemv_kernel, the comparison in benchmarks).
+    (False: _gemv_kernel; default: the module's WORDS, which benchmarks switch to compare).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -241,6 +243,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
     # the word kernel's int8 offset costs 8 of fp32's 24 bits: far below a bf16 / fp16 output's
     # rounding, not below an fp32 one's
+    if words is None:
+        words = WORDS
     if (scale is not None and words and x.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
             and weight.data_ptr() % 16 == 0):
         words = weight.view(torch.int32)
