@@ -8,7 +8,7 @@
 
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: int8/fp8
-GEMVs through the row kernel, not the word kernel; e2e only). Prints a table last; JSON in OUTDIR.
+GEMVs through the row kernel, not the word kernel; int4-words: the int4 word kernel; e2e only). Prints a table last; JSON in OUTDIR.
 """
 import json
 import sys
@@ -87,8 +87,12 @@ if "--skip-e2e" not in sys.argv:
             if q != "bf16":
                 from fastllm.kernels import gemv as GV
 
+                from fastllm.kernels import gemv_int4 as GV4
+
                 GV.WORDS = not q.endswith("-rows")  # "-rows": int8 / fp8 GEMVs through the row kernel
-                name = q.removesuffix("+head").removesuffix("-rows")  # "+head": the LM head quantized too
+                GV4.WORDS = q.endswith("-words")  # "-words": the int4 word kernel
+                # "+head": the LM head quantized too
+                name = q.removesuffix("+head").removesuffix("-rows").removesuffix("-words")
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
                 if q.endswith("+head"):
                     opts["quantizer"]["skip"] = []

@@ -2,7 +2,8 @@
 shapes, timed the way a decode step runs them: eight weight copies rotated (so L2 does not
 help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 / fp8 both through
 the row kernel (_gemv_kernel; int8-i2f: with the int-to-float conversion instruction) and the
-word kernel (_gemv_bytes_kernel, "-words"). Then the autotuner's own pick, to see how far it
+word kernel (_gemv_bytes_kernel, "-words"); int4 through both of its kernels (--int4-variants:
+the word kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to see how far it
 lands from the best.
 
 Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4,int8-words,...]. Prints the best per
@@ -78,16 +79,21 @@ for name, (N, K) in SHAPES.items():
 
         ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
         q4t = [(p, s_.t().contiguous().t(), z.t().contiguous().t()) for p, s_, z in q4]  # [groups, N] storage
-        for variant, qs, no_sz in [("int4", q4, False), ("int4-sT", q4t, False), ("int4-nosz", q4, True)]:
-            if variant != "int4" and "--int4-variants" not in sys.argv:
-                continue
-            for cfg in G4.CONFIGS:
-                def call4(i, cfg=cfg, qs=qs, no_sz=no_sz):
+        variants = [("int4", q4, False, False), ("int4-words", q4, False, True)]
+        if "--int4-variants" in sys.argv:
+            variants += [("int4-words-sT", q4t, False, True), ("int4-words-nosz", q4, True, True)]
+        for variant, qs, no_sz, words in variants:
+            for cfg in G4.WORD_CONFIGS if words else G4.CONFIGS:
+                def call4(i, cfg=cfg, qs=qs, no_sz=no_sz, words=words):
                     p, s_, z = qs[i % 8]
-                    pw = p.view(torch.int32)
-                    args = (x, pw, s_, z, y, y, N, K, p.shape[1] * 2, pw.stride(0), *s_.stride())
-                    launch_rows(None, G4._gemv_int4_kernel, N, args,
-                                dict(G=128, HAS_BIAS=False, ASM=True, NO_SZ=no_sz, **pdl(x)), cfg)
+                    if words:
+                        pw = p.view(torch.int32)
+                        args = (x, pw, s_, z, y, y, N, K, p.shape[1] * 2, pw.stride(0), *s_.stride())
+                        launch_rows(None, G4._gemv_int4_words_kernel, N, args,
+                                    dict(G=128, HAS_BIAS=False, ASM=True, NO_SZ=no_sz, **pdl(x)), cfg)
+                    else:
+                        args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), *s_.stride())
+                        launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, **pdl(x)), cfg)
                 call4(0)
                 err = ((y.double() - ref4[0]).norm() / ref4.norm()).item()
                 assert no_sz or err < 2e-2, (str(cfg), err)
@@ -100,7 +106,8 @@ for name, (N, K) in SHAPES.items():
 
     picks = {}
     if "int4" in KINDS:
-        picks["int4"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128))
+        picks["int4"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=False))
+        picks["int4-words"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=True))
     if "bf16" in KINDS:
         picks["bf16"] = rotating(lambda i, w16=w16: G.gemv(x, w16[i]))
     if q8:

@@ -1,23 +1,28 @@
 """Batch-1 GEMV over int4 weights (Triton): y[N] = dequant(W)[N, K] @ x[K] (+ bias).
 
 Storage (fastllm.stages.quantizers.int4): `packed` uint8 [N, Kp / 2], two 4-bit values per byte
-along K (low nibble = even k); `scales`, `zeros` fp32 [N, Kp / G], one pair per group of G
-columns (asymmetric: w ~ (q - zero) * scale); Kp = K rounded up to a multiple of G.
+along K (low nibble = even k); `scales`, `zeros` fp32 [N, Kp / G] (any strides), one pair per
+group of G columns (asymmetric: w ~ (q - zero) * scale); Kp = K rounded up to a multiple of G.
 
-The kernel reads the bytes as int32 words (8 values, all in one group) and keeps them packed in
-registers until used. Unpacking costs one instruction per value, and no conversion instruction:
-each byte is placed in the mantissa of the float 2^15 twice (PTX prmt), once whole and once with
-its high nibble masked off, giving v = 32768 + lo and f = 32768 + 16 hi + lo. For the byte's two
-columns with inputs x_lo, x_hi,
-    x_lo * lo + x_hi * hi = (x_lo - x_hi / 16) * v + (x_hi / 16) * f - 32768 * x_lo,
-so each value costs one prmt and one fma, with the input-side factors computed once per column
-and shared by all rows of the program. Per word, the sum is scaled by the group's scale; the
-zero point and the 32768 offsets are subtracted per word from sums of x. Programs keep several
-rows per thread so the column work spreads over them.
+Two kernels:
+- `_gemv_int4_kernel` (the default): reads the bytes, unpacks them in registers, and per group
+  forms sum(q * x) and sum(x), so the dequantization costs one multiply-add per group.
+- `_gemv_int4_words_kernel` (`WORDS = True`): reads int32 words (8 values of one group) and
+  unpacks with one instruction per value and no conversion instruction: a mask (and shift) per
+  word, then each nibble placed in the mantissa of 128.0 by PTX prmt, giving 128 + q exactly;
+  per word, sum((128 + q) x) - (128 + zero) sum(x) is scaled by the group's scale, with no
+  reduction across threads until the end. Its main loop compiles to about 4 instructions per
+  weight, against about 23 for the default kernel (SASS counted with scripts/dump_sass.py).
 
-Earlier designs (unpack with shift and mask, int-to-float conversion, a reduction per group per
-tile) ran at 1.0-1.6 TB/s on an H100, bound by instructions (about 23 per weight, counted in the
-SASS); this one needs under 4.
+Measured on an H100 (2026-11-27, scripts/sweep_gemv.py, Llama-2-7B shapes): both read only
+1.2-1.6 TB/s, so instructions are not what bounds them. The word kernel is faster on three of
+the four shapes and 10% slower on gate_up (35.2 against 31.9 us), and end to end it measured
+1.52-1.57x bf16 against 1.59-1.60x for the default, in different calls: the default stays. Not
+loading the scales and zeros (a benchmark-only switch, NO_SZ) makes the word kernel 15-25%
+faster, and storing them group-major ([Kp / G, N]) 0-10% faster: the per-group loads are part of
+what bounds it. Also dropped earlier: nibbles through float bits with an fp32 subtraction (8-11%
+slower), x split into even and odd columns (15-40% slower), dequantizing per weight with one
+final reduction (20-30% slower).
 """
 from __future__ import annotations
 
@@ -27,8 +32,58 @@ import triton.language as tl
 
 from .launch import launch_rows, pdl
 
+WORDS = False  # the word kernel instead of the default (benchmarks switch it to compare)
+
+CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
+           for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
+                              (2, 16, 4, 3), (4, 16, 8, 3)]]
+
+
+@triton.jit
+def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn, stride_sg,
+                      G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = GROUPS * G // 2  # bytes of one row per tile
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    # As in fastllm.kernels.gemv: the first tile is requested before waiting for x, each later
+    # one an iteration ahead of its use.
+    j = tl.arange(0, HALF)
+    b = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < Kp // 2)[None, :], other=0,
+                eviction_policy="evict_first")
+    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    for k0 in range(0, Kp, GROUPS * G):
+        groups = k0 // G + tl.arange(0, GROUPS)
+        g_ok = groups < Kp // G
+        jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
+        b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
+                         eviction_policy="evict_first")
+        lo = (b & 0xF).to(tl.float32)
+        hi = (b >> 4).to(tl.float32)
+        q = tl.reshape(tl.join(lo, hi), [BLOCK_N, GROUPS, G])  # k = 2 j + (0 low, 1 high)
+        cols = k0 + tl.arange(0, GROUPS * G)
+        x = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), [GROUPS, G])
+        dots = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+        xs = tl.sum(x, axis=1)  # [GROUPS]
+        sz = rows[:, None] * stride_sn + groups[None, :] * stride_sg
+        m = row_ok[:, None] & g_ok[None, :]
+        s = tl.load(s_ptr + sz, mask=m, other=0.0)
+        z = tl.load(z_ptr + sz, mask=m, other=0.0)
+        acc += s * (dots - z * xs[None, :])
+        b = b_next
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
 # BLOCK_W: words (8 values) per row of a tile; rows of a program stay in each thread's registers
-CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw}, num_warps=w, num_stages=1)
+WORD_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw}, num_warps=w, num_stages=1)
            for n, bw, w in [(8, 512, 4), (8, 256, 2), (4, 512, 4), (4, 256, 2), (8, 128, 1), (16, 256, 4),
                             (2, 512, 4), (16, 512, 8), (4, 128, 1), (8, 512, 8),
                             (4, 64, 1), (8, 64, 1), (16, 64, 1), (2, 128, 1), (16, 128, 2), (32, 128, 4),
@@ -69,9 +124,10 @@ def _nibbles(w, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn, stride_sg,
-                      G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, NO_SZ: tl.constexpr = False):
+def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn,
+                            stride_sg,
+                            G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, NO_SZ: tl.constexpr = False):
     """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words. Scales and
     zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg. NO_SZ (benchmarks only: wrong
     results) skips their loads, to measure what they cost."""
@@ -132,29 +188,37 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _prune(configs, named_args, **kwargs):
-    """A tile row holds whole groups."""
+def _prune_words(configs, named_args, **kwargs):
+    """A tile row of the word kernel holds whole groups."""
     g = named_args.get("G", kwargs.get("G"))
     return [c for c in configs if c.kwargs["BLOCK_W"] * 8 % g == 0]
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"], prune_configs_by={"early_config_prune": _prune})(
-    _gemv_int4_kernel)
+_tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
+_tuned_words = triton.autotune(configs=WORD_CONFIGS, key=["N", "Kp", "G"],
+                               prune_configs_by={"early_config_prune": _prune_words})(_gemv_int4_words_kernel)
 INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no inline PTX there
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
-    """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype."""
+              bias: torch.Tensor | None = None, config: triton.Config | None = None,
+              words: bool | None = None) -> torch.Tensor:
+    """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
+    words: the word kernel (default: the module's WORDS); config: one of its configurations."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1]
     assert x.numel() == K and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
-    assert scales.stride() == zeros.stride()
+    assert scales.stride() == zeros.stride() and packed.stride(1) == 1
     xv = x.reshape(K).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
-    assert packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
-    words = packed.view(torch.int32)  # [N, Kp / 8]
-    args = (xv, words, scales, zeros, bias if bias is not None else y, y, N, K, Kp, words.stride(0), *scales.stride())
-    flags = dict(G=group_size, HAS_BIAS=bias is not None, ASM=not INTERPRETED, **pdl(x))
-    launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
+    b = bias if bias is not None else y
+    flags = dict(G=group_size, HAS_BIAS=bias is not None, **pdl(x))
+    if WORDS if words is None else words:
+        assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
+        w = packed.view(torch.int32)  # [N, Kp / 8]
+        args = (xv, w, scales, zeros, b, y, N, K, Kp, w.stride(0), *scales.stride())
+        launch_rows(_tuned_words, _gemv_int4_words_kernel, N, args, flags | dict(ASM=not INTERPRETED), config)
+    else:
+        args = (xv, packed, scales, zeros, b, y, N, K, Kp, packed.stride(0), *scales.stride())
+        launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
     return y.view(*x.shape[:-1], N)

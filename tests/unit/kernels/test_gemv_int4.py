@@ -1,5 +1,5 @@
-"""The int4 batch-1 GEMV against float64 on the dequantized weight, odd shapes (interpreted on
-the CPU; on a GPU with the PTX unpacking)."""
+"""The int4 batch-1 GEMVs (the default kernel and the word kernel) against float64 on the
+dequantized weight, odd shapes (interpreted on the CPU; on a GPU the word kernel unpacks with PTX)."""
 from __future__ import annotations
 
 import importlib
@@ -21,8 +21,9 @@ def g4():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G", [32, 64, 128])
-@pytest.mark.parametrize("N, K, cfg", [(45, 300, 0), (7, 4096, 2), (130, 1000, 4), (64, 11008 // 8, 9)])
-def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg):
+@pytest.mark.parametrize("N, K, cfg", [(45, 300, 0), (7, 4096, 2), (130, 1000, 4), (64, 11008 // 8, 7)])
+@pytest.mark.parametrize("words", [False, True])
+def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg, words):
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
 
     w = torch.randn(N, K, device=DEV) * (1 + torch.rand(N, 1, device=DEV))
@@ -30,14 +31,16 @@ def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg):
     packed[0, :8] = torch.arange(0, 256, 33, dtype=torch.uint8, device=DEV)[:8]  # every nibble value appears
     x = torch.randn(1, K, device=DEV).to(dtype)
     b = torch.randn(N, device=DEV).to(dtype)
-    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=g4.CONFIGS[cfg])
+    configs = g4.WORD_CONFIGS if words else g4.CONFIGS
+    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=configs[cfg], words=words)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T + b.double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and out.dtype == dtype and not out.isnan().any()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
-def test_int4_gemv_every_config_on_a_llama_row_shape(g4):
+@pytest.mark.parametrize("words", [False, True])
+def test_int4_gemv_every_config_on_a_llama_row_shape(g4, words):
     """Each configuration (the autotuner may pick any) on K = 4096, G = 128."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
 
@@ -45,13 +48,16 @@ def test_int4_gemv_every_config_on_a_llama_row_shape(g4):
     packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), 128)
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
-    for cfg in g4.CONFIGS:
-        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg)
+    for cfg in g4.WORD_CONFIGS if words else g4.CONFIGS:
+        if words and cfg.kwargs["BLOCK_W"] * 8 % 128:
+            continue
+        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg, words=words)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (str(cfg), err)
 
 
-def test_int4_gemv_reads_scales_stored_group_major(g4):
+@pytest.mark.parametrize("words", [False, True])
+def test_int4_gemv_reads_scales_stored_group_major(g4, words):
     """Scales and zeros may be stored [groups, N] (rows contiguous): the kernel takes strides."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
 
@@ -61,5 +67,5 @@ def test_int4_gemv_reads_scales_stored_group_major(g4):
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
     st, zt = scales.t().contiguous().t(), zeros.t().contiguous().t()
     assert st.stride() == (1, N)
-    out = g4.gemv_int4(x, packed, st, zt, 64, config=g4.CONFIGS[3])
+    out = g4.gemv_int4(x, packed, st, zt, 64, config=(g4.WORD_CONFIGS if words else g4.CONFIGS)[3], words=words)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
