@@ -6,9 +6,11 @@
    not help, timed as CUDA-graph replays; each checked against its dequantized weight.
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
-Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64]
+Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64] [--retune=N]
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: int8/fp8
-GEMVs through the row kernel, not the word kernel; int4-words: the int4 word kernel; e2e only). Prints a table last; JSON in OUTDIR.
+GEMVs through the row kernel, not the word kernel; int4-words: the int4 word kernel; e2e only).
+--retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
+the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
 import json
 import sys
@@ -81,8 +83,18 @@ if "--skip-e2e" not in sys.argv:
 
     e2e = []
     batches = [int(b) for a in sys.argv if a.startswith("--batches=") for b in a.split("=")[1].split(",")] or [1, 64]
+    RETUNE = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--retune=")), 1))
+
+    def tuners():
+        from fastllm.kernels import gemv as GV, gemv_int4 as GV4, qgemm as QG
+
+        return {"gemv": GV._tuned, "gemv_bytes": GV._tuned_bytes, "gemv_int4": GV4._tuned,
+                "gemv_int4_words": GV4._tuned_words, "qgemm": QG._tuned}
+
     for batch in batches:
-        for q in ["bf16"] + KINDS:
+        for q in ["bf16"] + [k for k in KINDS for _ in range(RETUNE)]:
+            for t in tuners().values():  # each run autotunes afresh: --retune=N shows how much the picks move it
+                t.cache.clear()
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             if q != "bf16":
                 from fastllm.kernels import gemv as GV
@@ -97,7 +109,8 @@ if "--skip-e2e" not in sys.argv:
                 if q.endswith("+head"):
                     opts["quantizer"]["skip"] = []
             r = B.latency("dummy:llama-2-7b", batch=batch, options=opts)
-            row = dict(batch=batch, quantizer=q, **r["rows"][0], weight_bytes=r["weight_bytes"])
+            row = dict(batch=batch, quantizer=q, **r["rows"][0], weight_bytes=r["weight_bytes"],
+                       autotune={name: {str(k): str(c) for k, c in t.cache.items()} for name, t in tuners().items()})
             e2e.append(row)
             report["e2e"] = e2e
             dump()
