@@ -12,17 +12,23 @@ Two kernels:
   word, then each nibble placed in the mantissa of 128.0 by PTX prmt, giving 128 + q exactly;
   per word, sum((128 + q) x) - (128 + zero) sum(x) is scaled by the group's scale, with no
   reduction across threads until the end. Its main loop compiles to about 4 instructions per
-  weight, against about 23 for the default kernel (SASS counted with scripts/dump_sass.py).
+  weight, against about 8 for the default kernel (SASS counted with scripts/dump_sass.py).
 
 Measured on an H100 (2026-11-27, scripts/sweep_gemv.py, Llama-2-7B shapes): both read only
-1.2-1.6 TB/s, so instructions are not what bounds them. The word kernel is faster on three of
-the four shapes and 10% slower on gate_up (35.2 against 31.9 us), and end to end it measured
-1.52-1.57x bf16 against 1.59-1.60x for the default, in different calls: the default stays. Not
-loading the scales and zeros (a benchmark-only switch, NO_SZ) makes the word kernel 15-25%
-faster, and storing them group-major ([Kp / G, N]) 0-10% faster: the per-group loads are part of
-what bounds it. Also dropped earlier: nibbles through float bits with an fp32 subtraction (8-11%
-slower), x split into even and odd columns (15-40% slower), dequantizing per weight with one
-final reduction (20-30% slower).
+1.2-1.6 TB/s. The word kernel is faster on three of the four shapes and 10% slower on gate_up
+(35.2 against 31.9 us), and end to end it measured 1.52-1.57x bf16 against 1.59-1.60x for the
+default, in different calls: the default stays. Not loading the scales and zeros (a
+benchmark-only switch, NO_SZ) made the word kernel 15-25% faster, and storing them group-major
+([Kp / G, N]) 0-10% faster. Also dropped earlier: nibbles through float bits with an fp32
+subtraction (8-11% slower), x split into even and odd columns (15-40% slower), dequantizing per
+weight with one final reduction (20-30% slower).
+
+Found after those measurements, in the SASS: both kernels issued 8-byte weight loads, because
+the mask's bound (Kp // 2 bytes, Kp // 8 words) was only known to be a multiple of 8 bytes. The
+int8 kernels issue 16-byte loads and read about as many loads per second (2.6 TB/s / 16 B)
+as int4 did (1.4 TB/s / 8 B), so the number of loads in flight, not the bytes, looks like the
+bound. The bounds now carry `tl.multiple_of` (Kp is a multiple of G >= 32), which makes the
+loads 16 bytes wide; not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
     # As in fastllm.kernels.gemv: the first tile is requested before waiting for x, each later
     # one an iteration ahead of its use.
     j = tl.arange(0, HALF)
-    b = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < Kp // 2)[None, :], other=0,
+    KB = tl.multiple_of(Kp // 2, 16)  # bytes per row (Kp is a multiple of G >= 32): loads stay 16 bytes wide
+    b = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < KB)[None, :], other=0,
                 eviction_policy="evict_first")
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
@@ -61,7 +68,7 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride
         groups = k0 // G + tl.arange(0, GROUPS)
         g_ok = groups < Kp // G
         jn = (k0 + GROUPS * G) // 2 + tl.arange(0, HALF)
-        b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < Kp // 2)[None, :], other=0,
+        b_next = tl.load(w_rows + jn[None, :], mask=row_ok[:, None] & (jn < KB)[None, :], other=0,
                          eviction_policy="evict_first")
         lo = (b & 0xF).to(tl.float32)
         hi = (b >> 4).to(tl.float32)
@@ -138,7 +145,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
     row_ok = rows < N
     offs = tl.arange(0, GROUPS)[:, None] * W + tl.arange(0, W)[None, :]  # [GROUPS, W] words of a tile
     w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_w
-    nwords = Kp // 8
+    nwords = tl.multiple_of(Kp // 8, 4)  # Kp is a multiple of G >= 32: the word loads stay 16 bytes wide
     # As in fastllm.kernels.gemv: the first tile is requested before waiting for x, each later
     # one an iteration ahead of its use.
     wt = tl.load(w_rows + offs[None], mask=row_ok[:, None, None] & (offs < nwords)[None], other=0,
@@ -208,6 +215,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1]
     assert x.numel() == K and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
+    assert group_size % 32 == 0  # the kernels' 16-byte loads rely on it
     assert scales.stride() == zeros.stride() and packed.stride(1) == 1
     xv = x.reshape(K).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)

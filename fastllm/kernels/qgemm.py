@@ -83,7 +83,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         if INT4:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < Kw // 2)[None, :], other=0).to(tl.int32)
+            KB = tl.multiple_of(Kw // 2, 16)  # bytes per row (Kp is a multiple of G >= 32): 16-byte loads
+            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < KB)[None, :], other=0).to(tl.int32)
             # nibbles to fp32 through the float's bits (2^23 + q - 2^23: exact, no conversion instruction)
             lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
             hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
@@ -144,6 +145,6 @@ def qgemm_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
                bias: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
     """x [M, K] times the int4 weight of fastllm.stages.quantizers.int4 (K <= Kp, zero-padded)."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
-    assert x.dim() == 2 and x.shape[1] <= Kp and Kp % group_size == 0
+    assert x.dim() == 2 and x.shape[1] <= Kp and Kp % group_size == 0 and group_size % 32 == 0
     assert scales.shape == zeros.shape == (N, Kp // group_size)
     return _launch(x, packed, scales, zeros, bias, N, Kp, True, group_size, config)
