@@ -2,7 +2,8 @@
 shapes, timed the way a decode step runs them: eight weight copies rotated (so L2 does not
 help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 / fp8 both through
 the row kernel (_gemv_kernel; int8-i2f: with the int-to-float conversion instruction) and the
-word kernel (_gemv_bytes_kernel, "-words"); int4 through both of its kernels (--int4-variants:
+word kernel (_gemv_bytes_kernel, "-words"); int4 through both of its kernels, the word kernel also
+reading (scale, zero) interleaved ("int4-pairs") (--int4-variants:
 the word kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to see how far it
 lands from the best.
 
@@ -75,11 +76,12 @@ for name, (N, K) in SHAPES.items():
             it = iter(range(10 ** 9))
             kernels.setdefault(kind, []).append((graph_time(lambda: callw(next(it))), str(cfg)))
     if "int4" in KINDS:
-        from fastllm.stages.quantizers.int4 import dequantize_int4
+        from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales
 
         ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
         q4t = [(p, s_.t().contiguous().t(), z.t().contiguous().t()) for p, s_, z in q4]  # [groups, N] storage
-        variants = [("int4", q4, False, False), ("int4-words", q4, False, True)]
+        q4p = [pack_scales(s_, z) for _, s_, z in q4]  # (scale, zero) interleaved, as Int4Linear stores them
+        variants = [("int4", q4, False, False), ("int4-words", q4, False, True), ("int4-pairs", q4, False, "pairs")]
         if "--int4-variants" in sys.argv:
             variants += [("int4-words-sT", q4t, False, True), ("int4-words-nosz", q4, True, True)]
         for variant, qs, no_sz, words in variants:
@@ -88,9 +90,11 @@ for name, (N, K) in SHAPES.items():
                     p, s_, z = qs[i % 8]
                     if words:
                         pw = p.view(torch.int32)
-                        args = (x, pw, s_, z, y, y, N, K, p.shape[1] * 2, pw.stride(0), *s_.stride())
+                        pairs = words == "pairs"
+                        sz = (q4p[i % 8], q4p[i % 8], q4p[i % 8].stride(0), 2) if pairs else (s_, z, *s_.stride())
+                        args = (x, pw, sz[0], sz[1], y, y, N, K, p.shape[1] * 2, pw.stride(0), sz[2], sz[3])
                         launch_rows(None, G4._gemv_int4_words_kernel, N, args,
-                                    dict(G=128, HAS_BIAS=False, ASM=True, NO_SZ=no_sz, **pdl(x)), cfg)
+                                    dict(G=128, HAS_BIAS=False, ASM=True, NO_SZ=no_sz, PAIRS=pairs, **pdl(x)), cfg)
                     else:
                         args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), *s_.stride())
                         launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, **pdl(x)), cfg)
@@ -108,6 +112,7 @@ for name, (N, K) in SHAPES.items():
     if "int4" in KINDS:
         picks["int4"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=False))
         picks["int4-words"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=True))
+        picks["int4-pairs"] = rotating(lambda i, q4=q4, q4p=q4p: G4.gemv_int4(x, *q4[i], 128, words=True, pairs=q4p[i]))
     if "bf16" in KINDS:
         picks["bf16"] = rotating(lambda i, w16=w16: G.gemv(x, w16[i]))
     if q8:

@@ -134,7 +134,8 @@ def _nibbles(w, ASM: tl.constexpr):
 def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn,
                             stride_sg,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, NO_SZ: tl.constexpr = False):
+                            BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, PAIRS: tl.constexpr = False,
+                            NO_SZ: tl.constexpr = False):
     """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words. Scales and
     zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg. NO_SZ (benchmarks only: wrong
     results) skips their loads, to measure what they cost."""
@@ -172,6 +173,13 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         if NO_SZ:
             s = tl.full((BLOCK_N, GROUPS, 1), 1.0, tl.float32)
             z = tl.full((BLOCK_N, GROUPS, 1), 8.0, tl.float32)
+        elif PAIRS:  # (scale, zero) interleaved, [rows, 2 * GROUPS] contiguous: vector loads
+            c = tl.multiple_of(2 * (k0 // G), 2 * GROUPS) + tl.arange(0, 2 * GROUPS)
+            m = row_ok[:, None] & (c < tl.multiple_of(stride_sn, 4))[None, :]
+            sz = tl.load(s_ptr + rows[:, None] * stride_sn + c[None, :], mask=m, other=0.0)
+            s, z = tl.split(tl.reshape(sz, [BLOCK_N, GROUPS, 2]))
+            s = s[:, :, None]
+            z = z[:, :, None]
         else:
             sz = rows[:, None] * stride_sn + g[None, :] * stride_sg
             m = row_ok[:, None] & (g < Kp // G)[None, :]
@@ -209,9 +217,11 @@ INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no in
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, config: triton.Config | None = None,
-              words: bool | None = None) -> torch.Tensor:
+              words: bool | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
-    words: the word kernel (default: the module's WORDS); config: one of its configurations."""
+    words: the word kernel (default: the module's WORDS); config: one of its configurations;
+    pairs: the same scales and zeros interleaved (fastllm.stages.quantizers.int4.pack_scales), which
+    the word kernel reads in 16-byte loads."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1]
     assert x.numel() == K and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
@@ -224,8 +234,14 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     if WORDS if words is None else words:
         assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
         w = packed.view(torch.int32)  # [N, Kp / 8]
-        args = (xv, w, scales, zeros, b, y, N, K, Kp, w.stride(0), *scales.stride())
-        launch_rows(_tuned_words, _gemv_int4_words_kernel, N, args, flags | dict(ASM=not INTERPRETED), config)
+        if pairs is not None:
+            ng = Kp // group_size
+            assert pairs.shape == (N, ng + ng % 2, 2) and pairs.is_contiguous() and pairs.dtype == torch.float32
+            args = (xv, w, pairs, pairs, b, y, N, K, Kp, w.stride(0), pairs.stride(0), 2)
+        else:
+            args = (xv, w, scales, zeros, b, y, N, K, Kp, w.stride(0), *scales.stride())
+        launch_rows(_tuned_words, _gemv_int4_words_kernel, N, args,
+                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None), config)
     else:
         args = (xv, packed, scales, zeros, b, y, N, K, Kp, packed.stride(0), *scales.stride())
         launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)

@@ -59,7 +59,7 @@ def _dot_acc(acc, w, x, SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION:
 
 @triton.jit
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w, stride_s,
-                  stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                  stride_sg, stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
@@ -91,7 +91,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
             q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k = 2 j + (0, 1)
             GROUPS: tl.constexpr = BLOCK_K // G
             g = k0 // G + tl.arange(0, GROUPS)
-            sz = offs_n[:, None] * stride_s + g[None, :]
+            sz = offs_n[:, None] * stride_s + g[None, :] * stride_sg
             s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)
             z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0) + 8388608.0
             w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None],
@@ -120,7 +120,7 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
     args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, M, N, K, Kw,
-            triton.next_power_of_2(M), x.stride(0), w.stride(0), s.stride(0), y.stride(0))
+            triton.next_power_of_2(M), x.stride(0), w.stride(0), s.stride(0), s.stride(-1), y.stride(0))
     # fp32 inputs: tf32x3 (near-fp32 on the tensor cores); plain tf32 is too coarse
     flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast,
                  DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
@@ -146,5 +146,5 @@ def qgemm_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
     """x [M, K] times the int4 weight of fastllm.stages.quantizers.int4 (K <= Kp, zero-padded)."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     assert x.dim() == 2 and x.shape[1] <= Kp and Kp % group_size == 0 and group_size % 32 == 0
-    assert scales.shape == zeros.shape == (N, Kp // group_size)
+    assert scales.shape == zeros.shape == (N, Kp // group_size) and scales.stride() == zeros.stride()
     return _launch(x, packed, scales, zeros, bias, N, Kp, True, group_size, config)

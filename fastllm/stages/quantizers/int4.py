@@ -1,7 +1,9 @@
 """`quantizer="int4"`: weight-only int4, group-wise and asymmetric (w ~ (q - zero) * scale, q in
 0..15, one scale and zero point per `group_size` columns of a row), two values per byte.
 
-A quarter of bf16's weight bytes (plus 2 x fp32 per group). On CUDA, fastllm.kernels.gemv_int4
+A quarter of bf16's weight bytes (plus 2 x fp32 per group). Scale and zero point are stored
+interleaved, `scales_zeros` [N, groups rounded up to even, 2] (padding zero), so the GEMV reads
+them in 16-byte loads; `scales` / `zeros` are views of it. On CUDA, fastllm.kernels.gemv_int4
 (one token) and fastllm.kernels.qgemm (more tokens) read the packed bytes and dequantize in
 registers; on the CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy
 of the packed weight is made on first use); elsewhere the weight is dequantized for the call
@@ -35,6 +37,16 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return packed.contiguous(), scales, zeros
 
 
+def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(scales, zeros) [N, ng] -> fp32 [N, ng rounded up to even, 2], interleaved, padding zero:
+    each row 16-byte aligned, so fastllm.kernels.gemv_int4 reads two groups' pairs per load."""
+    N, ng = scales.shape
+    out = torch.zeros(N, ng + ng % 2, 2, dtype=torch.float32, device=scales.device)
+    out[:, :ng, 0] = scales
+    out[:, :ng, 1] = zeros
+    return out
+
+
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, K: int) -> torch.Tensor:
     """fp32 [N, K] from the packed form."""
     N = packed.shape[0]
@@ -59,11 +71,27 @@ class Int4Linear(nn.Module):
             w = w * input_scale[None, :]
         packed, scales, zeros = quantize_int4(w, group_size)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zeros", zeros)
+        self.register_buffer("scales_zeros", pack_scales(scales, zeros))
         inv = None if input_scale is None else (1.0 / input_scale.float()).to(linear.weight.dtype)
         self.register_buffer("inv_input_scale", inv)  # [K] or None
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """fp32 [N, Kp / G], a view of scales_zeros."""
+        return self.scales_zeros[:, :self.packed.shape[1] * 2 // self.group_size, 0]
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """fp32 [N, Kp / G] (whole numbers 0..15), a view of scales_zeros."""
+        return self.scales_zeros[:, :self.packed.shape[1] * 2 // self.group_size, 1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # files saved before scales and zeros were interleaved hold them as two tensors
+        if prefix + "scales" in state_dict and prefix + "scales_zeros" not in state_dict:
+            state_dict[prefix + "scales_zeros"] = pack_scales(state_dict.pop(prefix + "scales"),
+                                                              state_dict.pop(prefix + "zeros"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as the layer applies it, input scaling folded back in: [N, K]."""
@@ -93,7 +121,8 @@ class Int4Linear(nn.Module):
         if flat.shape[0] == 1 and flat.device.type in self.devices:
             from ...kernels.gemv_int4 import gemv_int4
 
-            out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+            out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias,
+                            pairs=self.scales_zeros)
         elif fused:
             from ...kernels.qgemm import qgemm_int4
 

@@ -22,36 +22,46 @@ def g4():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("N, K, cfg", [(45, 300, 0), (7, 4096, 2), (130, 1000, 4), (64, 11008 // 8, 7)])
-@pytest.mark.parametrize("words", [False, True])
-def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg, words):
-    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+@pytest.mark.parametrize("mode", ["rows", "words", "pairs", "rows-views"])
+def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg, mode):
+    """pairs: the word kernel reading (scale, zero) interleaved, as Int4Linear stores them;
+    rows-views: the default kernel reading scales and zeros as views of that storage."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 
     w = torch.randn(N, K, device=DEV) * (1 + torch.rand(N, 1, device=DEV))
     packed, scales, zeros = quantize_int4(w, G)
     packed[0, :8] = torch.arange(0, 256, 33, dtype=torch.uint8, device=DEV)[:8]  # every nibble value appears
     x = torch.randn(1, K, device=DEV).to(dtype)
     b = torch.randn(N, device=DEV).to(dtype)
+    words = mode in ("words", "pairs")
     configs = g4.WORD_CONFIGS if words else g4.CONFIGS
-    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=configs[cfg], words=words)
+    pairs = pack_scales(scales, zeros) if mode in ("pairs", "rows-views") else None
+    if pairs is not None:
+        ng = scales.shape[1]
+        scales, zeros = pairs[:, :ng, 0], pairs[:, :ng, 1]
+    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=configs[cfg], words=words,
+                       pairs=pairs if mode == "pairs" else None)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T + b.double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and out.dtype == dtype and not out.isnan().any()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
-@pytest.mark.parametrize("words", [False, True])
-def test_int4_gemv_every_config_on_a_llama_row_shape(g4, words):
+@pytest.mark.parametrize("mode", ["rows", "words", "pairs"])
+def test_int4_gemv_every_config_on_a_llama_row_shape(g4, mode):
     """Each configuration (the autotuner may pick any) on K = 4096, G = 128."""
-    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 
     N, K = 48, 4096
     packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), 128)
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
+    words = mode != "rows"
+    pairs = pack_scales(scales, zeros) if mode == "pairs" else None
     for cfg in g4.WORD_CONFIGS if words else g4.CONFIGS:
         if words and cfg.kwargs["BLOCK_W"] * 8 % 128:
             continue
-        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg, words=words)
+        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg, words=words, pairs=pairs)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (str(cfg), err)
 

@@ -72,6 +72,19 @@ def test_int4(qgemm, dtype, G, K, M, N, cfg):
     _check(out.cpu(), x.double() @ w.T + b.double(), dtype, (M, N))
 
 
+def test_int4_scales_as_views_of_the_interleaved_storage(qgemm):
+    """Int4Linear keeps (scale, zero) interleaved: the GEMM reads them through strided views."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(70, 300), 128)
+    pairs = pack_scales(scales, zeros).to(DEV)
+    s, z = pairs[:, :3, 0], pairs[:, :3, 1]
+    assert s.stride() == (8, 2)
+    x = torch.randn(19, 300)
+    out = qgemm.qgemm_int4(x.to(DEV), packed.to(DEV), s, z, 128, config=qgemm.CONFIGS[3])
+    _check(out.cpu(), x.double() @ dequantize_int4(packed, scales, zeros, 300).double().T, torch.float32, (19, 70))
+
+
 def test_a_strided_input_view(qgemm):
     from fastllm.stages.quantizers.int8 import quantize_int8
 

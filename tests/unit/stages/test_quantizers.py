@@ -188,6 +188,27 @@ def test_int4_gemv_matches_the_dequantized_weight(monkeypatch, G, cfg):
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("K, G", [(300, 128), (256, 64)])  # 3 groups (padded to 4), 4 groups
+def test_int4_linear_stores_scales_and_zeros_interleaved_and_reads_the_old_layout(K, G):
+    from fastllm.stages.quantizers.int4 import pack_scales
+
+    lin = nn.Linear(K, 45, bias=False)
+    layer = Int4Linear(lin, G)
+    packed, scales, zeros = quantize_int4(lin.weight.detach(), G)
+    ng = scales.shape[1]
+    assert layer.scales_zeros.shape == (45, ng + ng % 2, 2) and layer.scales_zeros.is_contiguous()
+    assert layer.scales.data_ptr() == layer.scales_zeros.data_ptr()  # views: no second copy
+    torch.testing.assert_close(layer.scales, scales, rtol=0, atol=0)
+    torch.testing.assert_close(layer.zeros, zeros, rtol=0, atol=0)
+    assert (layer.scales_zeros[:, ng:] == 0).all()
+    assert set(layer.state_dict()) == {"packed", "scales_zeros"}
+    # a state dict saved before the interleaving (separate scales and zeros) loads into the new layout
+    other = Int4Linear(nn.Linear(K, 45, bias=False), G)
+    missing, unexpected = other.load_state_dict({"packed": packed, "scales": scales * 2, "zeros": zeros}, strict=True)
+    assert not missing and not unexpected
+    torch.testing.assert_close(other.scales_zeros, pack_scales(scales * 2, zeros), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_int4_conformance(G):
     ctx = LoadContext(torch.device("cpu"), torch.float32)
