@@ -131,6 +131,26 @@ def _nibbles(w, ASM: tl.constexpr):
 
 
 @triton.jit
+def _int4_scales(s_ptr, z_ptr, rows, row_ok, g0, Kp, stride_sn, stride_sg, G: tl.constexpr, GROUPS: tl.constexpr,
+                 PAIRS: tl.constexpr, NO_SZ: tl.constexpr):
+    """[BLOCK_N, GROUPS, 2]: (scale, zero) of groups g0.. (g0 a multiple of GROUPS). PAIRS: read
+    interleaved, each row's 2 * GROUPS values contiguous (16-byte loads: stride_sn, the padded row,
+    is a multiple of 4 and the padding is zero)."""
+    if NO_SZ:
+        return tl.zeros((rows.shape[0], GROUPS, 2), dtype=tl.float32)
+    elif PAIRS:
+        c = 2 * g0 + tl.arange(0, 2 * GROUPS)
+        m = row_ok[:, None] & (c < tl.multiple_of(stride_sn, 4))[None, :]
+        sz = tl.load(s_ptr + rows[:, None] * stride_sn + c[None, :], mask=m, other=0.0)
+        return tl.reshape(sz, [rows.shape[0], GROUPS, 2])
+    else:
+        g = g0 + tl.arange(0, GROUPS)
+        o = rows[:, None] * stride_sn + g[None, :] * stride_sg
+        m = row_ok[:, None] & (g < Kp // G)[None, :]
+        return tl.join(tl.load(s_ptr + o, mask=m, other=0.0), tl.load(z_ptr + o, mask=m, other=0.0))
+
+
+@triton.jit
 def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn,
                             stride_sg,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -151,16 +171,23 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
     # one an iteration ahead of its use.
     wt = tl.load(w_rows + offs[None], mask=row_ok[:, None, None] & (offs < nwords)[None], other=0,
                  eviction_policy="evict_first")
+    sz = _int4_scales(s_ptr, z_ptr, rows, row_ok, 0, Kp, stride_sn, stride_sg, G, GROUPS, PAIRS, NO_SZ)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    kx = (8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]: columns of a tile
+    xt = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
     acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
     for k0 in range(0, Kp, BLOCK_W * 8):
+        # the next tile's words, inputs, scales and zeros are requested before this one is used
         nxt = k0 // 8 + BLOCK_W + offs
         wn = tl.load(w_rows + nxt[None], mask=row_ok[:, None, None] & (nxt < nwords)[None], other=0,
                      eviction_policy="evict_first")
-        kx = (k0 + 8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]
-        xx = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
+        kn = k0 + BLOCK_W * 8 + kx
+        xn = tl.load(x_ptr + kn, mask=kn < K, other=0.0)
+        szn = _int4_scales(s_ptr, z_ptr, rows, row_ok, tl.multiple_of(k0 // G + GROUPS, GROUPS), Kp, stride_sn,
+                           stride_sg, G, GROUPS, PAIRS, NO_SZ)
+        xx = xt.to(tl.float32)
         xa, xb = tl.split(tl.reshape(xx, [GROUPS, W, 4, 2]))  # columns 8c + 2j, 8c + 2j + 1
         x0, x2 = tl.split(tl.reshape(xa, [GROUPS, W, 2, 2]))  # (columns 0, 4), (2, 6) of the word
         x0, x4 = tl.split(x0)
@@ -169,22 +196,13 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         x1, x5 = tl.split(x1)
         x3, x7 = tl.split(x3)
         xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        g = k0 // G + tl.arange(0, GROUPS)
         if NO_SZ:
             s = tl.full((BLOCK_N, GROUPS, 1), 1.0, tl.float32)
             z = tl.full((BLOCK_N, GROUPS, 1), 8.0, tl.float32)
-        elif PAIRS:  # (scale, zero) interleaved, [rows, 2 * GROUPS] contiguous: vector loads
-            c = tl.multiple_of(2 * (k0 // G), 2 * GROUPS) + tl.arange(0, 2 * GROUPS)
-            m = row_ok[:, None] & (c < tl.multiple_of(stride_sn, 4))[None, :]
-            sz = tl.load(s_ptr + rows[:, None] * stride_sn + c[None, :], mask=m, other=0.0)
-            s, z = tl.split(tl.reshape(sz, [BLOCK_N, GROUPS, 2]))
+        else:
+            s, z = tl.split(sz)
             s = s[:, :, None]
             z = z[:, :, None]
-        else:
-            sz = rows[:, None] * stride_sn + g[None, :] * stride_sg
-            m = row_ok[:, None] & (g < Kp // G)[None, :]
-            s = tl.load(s_ptr + sz, mask=m, other=0.0)[:, :, None]
-            z = tl.load(z_ptr + sz, mask=m, other=0.0)[:, :, None]
         v0, v1, v2, v3, v4, v5, v6, v7 = _nibbles(wt, ASM)
         p = -(z + 128.0) * xw[None]  # sum (128 + q) x - (128 + zero) sum x = sum (q - zero) x
         p = tl.fma(v0, x0[None], p)
@@ -196,7 +214,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         p = tl.fma(v6, x6[None], p)
         p = tl.fma(v7, x7[None], p)
         acc = tl.fma(s, p, acc)
-        wt = wn
+        wt, xt, sz = wn, xn, szn
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
