@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .launch import launch_rows, pdl
 
-WORDS = False  # the word kernel instead of the default (benchmarks switch it to compare)
+WORDS = True  # the word kernel (False: the row kernel; benchmarks switch it to compare)
 
 CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
            for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
@@ -155,10 +155,12 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
                             stride_sg,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, PAIRS: tl.constexpr = False,
-                            NO_SZ: tl.constexpr = False):
+                            SILU_MUL: tl.constexpr = False, NO_SZ: tl.constexpr = False):
     """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words. Scales and
-    zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg. NO_SZ (benchmarks only: wrong
-    results) skips their loads, to measure what they cost."""
+    zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg (PAIRS: interleaved at s_ptr,
+    see _int4_scales). SILU_MUL: x_ptr holds [gate, up] (2 K) and the input is silu(gate) * up,
+    rounded to x's dtype as the separate kernel rounds it. NO_SZ (benchmarks only: wrong results)
+    skips the scale loads, to measure what they cost."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8  # words per group
     GROUPS: tl.constexpr = BLOCK_W // W
@@ -177,6 +179,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         tl.extra.cuda.gdc_launch_dependents()
     kx = (8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]: columns of a tile
     xt = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
+    ut = tl.load(x_ptr + K + kx, mask=kx < K, other=0.0) if SILU_MUL else xt
     acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
     for k0 in range(0, Kp, BLOCK_W * 8):
         # the next tile's words, inputs, scales and zeros are requested before this one is used
@@ -185,9 +188,12 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
                      eviction_policy="evict_first")
         kn = k0 + BLOCK_W * 8 + kx
         xn = tl.load(x_ptr + kn, mask=kn < K, other=0.0)
+        un = tl.load(x_ptr + K + kn, mask=kn < K, other=0.0) if SILU_MUL else xn
         szn = _int4_scales(s_ptr, z_ptr, rows, row_ok, tl.multiple_of(k0 // G + GROUPS, GROUPS), Kp, stride_sn,
                            stride_sg, G, GROUPS, PAIRS, NO_SZ)
         xx = xt.to(tl.float32)
+        if SILU_MUL:
+            xx = (xx / (1.0 + tl.exp(-xx)) * ut.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
         xa, xb = tl.split(tl.reshape(xx, [GROUPS, W, 4, 2]))  # columns 8c + 2j, 8c + 2j + 1
         x0, x2 = tl.split(tl.reshape(xa, [GROUPS, W, 2, 2]))  # (columns 0, 4), (2, 6) of the word
         x0, x4 = tl.split(x0)
@@ -214,7 +220,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         p = tl.fma(v6, x6[None], p)
         p = tl.fma(v7, x7[None], p)
         acc = tl.fma(s, p, acc)
-        wt, xt, sz = wn, xn, szn
+        wt, xt, ut, sz = wn, xn, un, szn
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -235,17 +241,18 @@ INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no in
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, config: triton.Config | None = None,
-              words: bool | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
+              words: bool | None = None, pairs: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
     words: the word kernel (default: the module's WORDS); config: one of its configurations;
     pairs: the same scales and zeros interleaved (fastllm.stages.quantizers.int4.pack_scales), which
-    the word kernel reads in 16-byte loads."""
+    the word kernel reads in 16-byte loads; silu_mul (word kernel): x is [gate, up] ([1, 2K]) and
+    the layer's input is silu(gate) * up."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
-    K = x.shape[-1]
-    assert x.numel() == K and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
+    K = x.shape[-1] // 2 if silu_mul else x.shape[-1]
+    assert x.numel() == (2 * K if silu_mul else K) and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
     assert group_size % 32 == 0  # the kernels' 16-byte loads rely on it
     assert scales.stride() == zeros.stride() and packed.stride(1) == 1
-    xv = x.reshape(K).contiguous()
+    xv = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y
     flags = dict(G=group_size, HAS_BIAS=bias is not None, **pdl(x))
@@ -259,8 +266,9 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         else:
             args = (xv, w, scales, zeros, b, y, N, K, Kp, w.stride(0), *scales.stride())
         launch_rows(_tuned_words, _gemv_int4_words_kernel, N, args,
-                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None), config)
+                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None, SILU_MUL=silu_mul), config)
     else:
+        assert not silu_mul, "silu_mul: the word kernel only"
         args = (xv, packed, scales, zeros, b, y, N, K, Kp, packed.stride(0), *scales.stride())
         launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
     return y.view(*x.shape[:-1], N)

@@ -141,6 +141,19 @@ class Int4Linear(nn.Module):
             out = F.linear(flat, w.to(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """self(silu(gate) * up) from gate_up [1, 2K] in one kernel (the word GEMV), under
+        DecodeLinear's `fuse_silu_mul` switch; None otherwise (more tokens, the row kernel, or an
+        activation-aware input scale, which the kernel does not apply)."""
+        from ...core.cuda_linear import DecodeLinear
+        from ...kernels import gemv_int4
+
+        if not (DecodeLinear.fuse_silu_mul and gemv_int4.WORDS and self.inv_input_scale is None
+                and gate_up.dim() == 2 and gate_up.shape[0] == 1 and gate_up.device.type in self.devices):
+            return None
+        return gemv_int4.gemv_int4(gate_up, self.packed, self.scales, self.zeros, self.group_size, self.bias,
+                                   pairs=self.scales_zeros, silu_mul=True)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
 

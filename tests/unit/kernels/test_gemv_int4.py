@@ -79,3 +79,23 @@ def test_int4_gemv_reads_scales_stored_group_major(g4, words):
     assert st.stride() == (1, N)
     out = g4.gemv_int4(x, packed, st, zt, 64, config=(g4.WORD_CONFIGS if words else g4.CONFIGS)[3], words=words)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K, G, cfg", [(45, 300, 32, 0), (70, 1000, 128, 5), (33, 11008 // 4, 64, 9)])
+def test_int4_words_gemv_takes_silu_and_mul(g4, dtype, N, K, G, cfg):
+    """silu_mul: the input [gate, up] becomes silu(gate) * up inside the word kernel, rounded to
+    x's dtype as the separate kernel rounds it."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), G)
+    pairs = pack_scales(scales, zeros)
+    gate_up = (torch.randn(1, 2 * K, device=DEV) * 3).to(dtype)
+    gate, up = gate_up.double().split(K, dim=-1)
+    x = (gate * torch.sigmoid(gate) * up).to(dtype).double()
+    ref = x @ dequantize_int4(packed, scales, zeros, K).double().T
+    out = g4.gemv_int4(gate_up, packed, pairs[:, :scales.shape[1], 0], pairs[:, :scales.shape[1], 1], G,
+                       config=g4.WORD_CONFIGS[cfg], words=True, pairs=pairs, silu_mul=True)
+    assert out.shape == (1, N) and out.dtype == dtype
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err

@@ -180,12 +180,30 @@ def test_int4_gemv_matches_the_dequantized_weight(monkeypatch, G, cfg):
     layer = Int4Linear(lin, G)
     x = torch.randn(1, 300)
     ref = x.double() @ layer.dequantize(torch.float64).T + lin.bias.double()
-    out = gemv_int4.gemv_int4(x, layer.packed, layer.scales, layer.zeros, G, layer.bias, config=gemv_int4.CONFIGS[cfg])
+    out = gemv_int4.gemv_int4(x, layer.packed, layer.scales, layer.zeros, G, layer.bias, config=gemv_int4.CONFIGS[cfg],
+                              words=False)  # the row kernel
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))  # the layer's own one-token path
+    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))  # the layer's own one-token path: the word kernel
     real = gemv_int4.gemv_int4
-    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.CONFIGS[cfg], **k))
+    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.WORD_CONFIGS[cfg], **k))
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_down_proj_takes_silu_and_mul_into_its_gemv(monkeypatch):
+    pytest.importorskip("triton")
+    from fastllm.kernels import gemv_int4
+
+    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
+    real = gemv_int4.gemv_int4
+    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.WORD_CONFIGS[0], **k))
+    layer = Int4Linear(nn.Linear(320, 45, bias=True), 64)
+    gate_up = torch.randn(1, 640)
+    gate, up = gate_up.double().split(320, dim=-1)
+    ref = (gate * torch.sigmoid(gate) * up) @ layer.dequantize(torch.float64).T + layer.bias.double()
+    torch.testing.assert_close(layer.forward_silu_mul(gate_up).double(), ref, rtol=1e-5, atol=1e-5)
+    assert layer.forward_silu_mul(torch.randn(2, 640)) is None  # more tokens: the caller's unfused path
+    layer.register_buffer("inv_input_scale", torch.ones(320))  # activation-aware: not in the kernel
+    assert layer.forward_silu_mul(gate_up) is None
 
 
 @pytest.mark.parametrize("K, G", [(300, 128), (256, 64)])  # 3 groups (padded to 4), 4 groups
@@ -256,7 +274,7 @@ def test_int4_linear_with_an_input_scale_applies_the_same_weight_on_every_path(m
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))
     real = gemv_int4.gemv_int4
-    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.CONFIGS[0], **k))
+    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.WORD_CONFIGS[0], **k))
     torch.testing.assert_close(layer(x[:1]).double(), ref[:1], rtol=1e-5, atol=1e-5)
     real_mm = qgemm.qgemm_int4
     monkeypatch.setattr(qgemm, "qgemm_int4", lambda *a, **k: real_mm(*a, config=qgemm.CONFIGS[0], **k))
