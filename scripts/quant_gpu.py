@@ -8,7 +8,7 @@
 
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64] [--retune=N]
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: the
-GEMVs' row kernels, not the word kernels; int4-nosilu: SiLU-and-mul not taken into int4's down_proj; e2e only).
+GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -91,7 +91,6 @@ if "--skip-e2e" not in sys.argv:
         return {"gemv": GV._tuned, "gemv_bytes": GV._tuned_bytes, "gemv_int4": GV4._tuned,
                 "gemv_int4_words": GV4._tuned_words, "qgemm": QG._tuned}
 
-    int4_silu = Int4Linear.forward_silu_mul
     for batch in batches:
         for q in ["bf16"] + [k for k in KINDS for _ in range(RETUNE)]:
             for t in tuners().values():  # each run autotunes afresh: --retune=N shows how much the picks move it
@@ -103,10 +102,9 @@ if "--skip-e2e" not in sys.argv:
                 from fastllm.kernels import gemv_int4 as GV4
 
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
-                # "-nosilu": int4's down_proj without SiLU-and-mul in its GEMV
-                Int4Linear.forward_silu_mul = (lambda self, g: None) if q.endswith("-nosilu") else int4_silu
+                Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "+head": the LM head quantized too
-                name = q.removesuffix("+head").removesuffix("-rows").removesuffix("-nosilu")
+                name = q.removesuffix("+head").removesuffix("-rows").removesuffix("-silu")
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
                 if q.endswith("+head"):
                     opts["quantizer"]["skip"] = []

@@ -141,14 +141,18 @@ class Int4Linear(nn.Module):
             out = F.linear(flat, w.to(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
+    # SiLU-and-mul taken into down_proj's word GEMV: off. On an H100 (Llama-2-7B shape, batch 1,
+    # scripts/quant_gpu.py, 2026-11-27) the fused kernel, which recomputes the SiLU in every
+    # program, made the step slower: 323.9 / 346.2 tok/s against 360.7 unfused, in one call.
+    fuse_silu_mul = False
+
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """self(silu(gate) * up) from gate_up [1, 2K] in one kernel (the word GEMV), under
-        DecodeLinear's `fuse_silu_mul` switch; None otherwise (more tokens, the row kernel, or an
-        activation-aware input scale, which the kernel does not apply)."""
-        from ...core.cuda_linear import DecodeLinear
+        """self(silu(gate) * up) from gate_up [1, 2K] in one kernel (the word GEMV), when
+        `fuse_silu_mul` is on; None otherwise (more tokens, the row kernel, or an activation-aware
+        input scale, which the kernel does not apply)."""
         from ...kernels import gemv_int4
 
-        if not (DecodeLinear.fuse_silu_mul and gemv_int4.WORDS and self.inv_input_scale is None
+        if not (self.fuse_silu_mul and gemv_int4.WORDS and self.inv_input_scale is None
                 and gate_up.dim() == 2 and gate_up.shape[0] == 1 and gate_up.device.type in self.devices):
             return None
         return gemv_int4.gemv_int4(gate_up, self.packed, self.scales, self.zeros, self.group_size, self.bias,

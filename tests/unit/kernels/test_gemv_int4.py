@@ -99,3 +99,12 @@ def test_int4_words_gemv_takes_silu_and_mul(g4, dtype, N, K, G, cfg):
     assert out.shape == (1, N) and out.dtype == dtype
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_pinned_word_configurations_are_valid_for_their_shapes(g4):
+    """Each per-card configuration tiles whole groups and is one the autotuner could pick."""
+    tunable = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps) for c in g4.WORD_CONFIGS}
+    assert g4.PINNED_WORDS
+    for (card, N, Kp, G), (bn, bw, nw) in g4.PINNED_WORDS.items():
+        assert Kp % G == 0 and G in (32, 64, 128) and bw * 8 % G == 0 and (bn, bw, nw) in tunable, (card, N, Kp)
+    assert g4._pinned(torch.device("cpu"), 12288, 4096, 128) is None  # no card: the autotuner (or interpreter)

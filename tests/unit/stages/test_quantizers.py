@@ -198,6 +198,8 @@ def test_int4_down_proj_takes_silu_and_mul_into_its_gemv(monkeypatch):
     monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=gemv_int4.WORD_CONFIGS[0], **k))
     layer = Int4Linear(nn.Linear(320, 45, bias=True), 64)
     gate_up = torch.randn(1, 640)
+    assert layer.forward_silu_mul(gate_up) is None  # off by default (slower on an H100)
+    monkeypatch.setattr(Int4Linear, "fuse_silu_mul", True)
     gate, up = gate_up.double().split(320, dim=-1)
     ref = (gate * torch.sigmoid(gate) * up) @ layer.dequantize(torch.float64).T + layer.bias.double()
     torch.testing.assert_close(layer.forward_silu_mul(gate_up).double(), ref, rtol=1e-5, atol=1e-5)
