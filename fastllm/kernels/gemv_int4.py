@@ -3,32 +3,26 @@
 Storage (fastllm.stages.quantizers.int4): `packed` uint8 [N, Kp / 2], two 4-bit values per byte
 along K (low nibble = even k); `scales`, `zeros` fp32 [N, Kp / G] (any strides), one pair per
 group of G columns (asymmetric: w ~ (q - zero) * scale); Kp = K rounded up to a multiple of G.
+Int4Linear keeps the pairs interleaved (`pairs`, [N, groups rounded up to even, 2]).
 
 Two kernels:
-- `_gemv_int4_kernel` (the default): reads the bytes, unpacks them in registers, and per group
-  forms sum(q * x) and sum(x), so the dequantization costs one multiply-add per group.
-- `_gemv_int4_words_kernel` (`WORDS = True`): reads int32 words (8 values of one group) and
-  unpacks with one instruction per value and no conversion instruction: a mask (and shift) per
-  word, then each nibble placed in the mantissa of 128.0 by PTX prmt, giving 128 + q exactly;
-  per word, sum((128 + q) x) - (128 + zero) sum(x) is scaled by the group's scale, with no
-  reduction across threads until the end. Its main loop compiles to about 4 instructions per
-  weight, against about 8 for the default kernel (SASS counted with scripts/dump_sass.py).
+- `_gemv_int4_words_kernel` (the default, `WORDS = True`): reads int32 words (8 values of one
+  group) and unpacks with one instruction per value and no conversion instruction: a mask (and
+  shift) per word, then each nibble placed in the mantissa of 128.0 by PTX prmt, giving 128 + q
+  exactly; per word, sum((128 + q) x) - (128 + zero) sum(x) is scaled by the group's scale, with
+  no reduction across threads until the end (about 4 instructions per weight). The next tile's
+  words, inputs and (scale, zero) pairs are requested an iteration before their use; the pairs
+  come in one 16-byte load per two groups of a row.
+- `_gemv_int4_kernel` (`WORDS = False`): reads the bytes, unpacks them in registers, and per
+  group forms sum(q * x) and sum(x) (about 8 instructions per weight).
 
-Measured on an H100 (2026-11-27, scripts/sweep_gemv.py, Llama-2-7B shapes): both read only
-1.2-1.6 TB/s. The word kernel is faster on three of the four shapes and 10% slower on gate_up
-(35.2 against 31.9 us), and end to end it measured 1.52-1.57x bf16 against 1.59-1.60x for the
-default, in different calls: the default stays. Not loading the scales and zeros (a
-benchmark-only switch, NO_SZ) made the word kernel 15-25% faster, and storing them group-major
-([Kp / G, N]) 0-10% faster. Also dropped earlier: nibbles through float bits with an fp32
-subtraction (8-11% slower), x split into even and odd columns (15-40% slower), dequantizing per
-weight with one final reduction (20-30% slower).
-
-Found after those measurements, in the SASS: both kernels issued 8-byte weight loads, because
-the mask's bound (Kp // 2 bytes, Kp // 8 words) was only known to be a multiple of 8 bytes. The
-int8 kernels issue 16-byte loads and read about as many loads per second (2.6 TB/s / 16 B)
-as int4 did (1.4 TB/s / 8 B), so the number of loads in flight, not the bytes, looks like the
-bound. The bounds now carry `tl.multiple_of` (Kp is a multiple of G >= 32), which makes the
-loads 16 bytes wide; not yet measured on a GPU.
+Measured on an H100 (2026-11-27, scripts/sweep_gemv.py and scripts/quant_gpu.py, Llama-2-7B
+shapes, docs/quantization.md): with separate scale and zero loads issued in the iteration that
+used them, the word kernel read 1.2-1.6 TB/s, no better than the row kernel, and skipping those
+loads (NO_SZ, a benchmark-only switch) made it 15-25% faster. The SASS showed 4 scale / zero
+loads per 8 weight loads, each waited on within its iteration. Interleaving them (one load) and
+requesting them an iteration ahead brought the word kernel to 1.3-1.9 TB/s and the batch-1
+step from 1.62x (row kernel) to 1.76-1.78x bf16's speed.
 """
 from __future__ import annotations
 
