@@ -2,7 +2,7 @@
 shapes, timed the way a decode step runs them: eight weight copies rotated (so L2 does not
 help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 / fp8 both through
 the row kernel (_gemv_kernel; int8-i2f: with the int-to-float conversion instruction) and the
-word kernel (_gemv_bytes_kernel, "-words"); int4 through both of its kernels, the word kernel also
+word kernel (_gemv_bytes_kernel, "-words"; "-words-px": with its inputs requested a tile ahead); int4 through both of its kernels, the word kernel also
 reading (scale, zero) interleaved ("int4-pairs") (--int4-variants:
 the word kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to see how far it
 lands from the best.
@@ -58,7 +58,7 @@ for name, (N, K) in SHAPES.items():
                 launch_rows(None, G._gemv_kernel, N, args, flags, cfg)
             it = iter(range(10 ** 9))
             kernels.setdefault(kind, []).append((graph_time(lambda: call(next(it))), str(cfg)))
-    for kind, weights in [("int8-words", q8), ("fp8-words", f8)]:
+    for kind, weights in [("int8-words", q8), ("fp8-words", f8), ("int8-words-px", q8), ("fp8-words-px", f8)]:
         if kind not in KINDS:
             continue
         ref = (x.double() @ weights[0][0].double().T) * weights[0][1].double()
@@ -67,8 +67,8 @@ for name, (N, K) in SHAPES.items():
                 wq, sc = weights[i % 8]
                 wv = wq.view(torch.int32)
                 args = (x, wv, y, y, x, y, y, sc, N, K, wv.stride(0), 1e-6)
-                flags = dict(HAS_BIAS=False, HAS_RES=False, NORM=False, SILU_MUL=False, FP8=kind == "fp8-words",
-                             ASM=True, **pdl(x))
+                flags = dict(HAS_BIAS=False, HAS_RES=False, NORM=False, SILU_MUL=False, FP8=kind.startswith("fp8"),
+                             ASM=True, PREFETCH_X=kind.endswith("-px"), **pdl(x))
                 launch_rows(None, G._gemv_bytes_kernel, N, args, flags, cfg)
             callw(0)
             err = ((y.double() - ref[0]).norm() / ref.norm()).item()

@@ -47,6 +47,30 @@ def _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES: tl.constexpr, SILU_MUL: tl.
 
 
 @triton.jit
+def _input_raw(x_ptr, res_ptr, nw_ptr, cols, col_ok, K, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+               SILU_MUL: tl.constexpr):
+    """The loads behind _input and the norm weight, unconverted: (x, up, residual, norm weight),
+    the unused ones standing in as x. Requested a tile ahead by the prefetching word kernel."""
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+    u = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0) if SILU_MUL else x
+    r = tl.load(res_ptr + cols, mask=col_ok, other=0.0) if HAS_RES else x
+    nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0) if NORM else x
+    return x, u, r, nw
+
+
+@triton.jit
+def _input_of(x, u, r, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr):
+    """_input from _input_raw's loads."""
+    dt: tl.constexpr = x.dtype
+    x = x.to(tl.float32)
+    if SILU_MUL:
+        x = (x / (1.0 + tl.exp(-x)) * u.to(tl.float32)).to(dt).to(tl.float32)
+    if HAS_RES:
+        x = (x + r.to(tl.float32)).to(dt).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _weight_f32(w, VIA_BITS: tl.constexpr):
     """A weight tile in fp32. With VIA_BITS, int8 goes through the float's bits (2^23 + 128 + q,
     minus that offset: exact) instead of an int-to-float conversion instruction, which runs at a
@@ -103,6 +127,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
 
 
 WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
+# The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
+# on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
+PREFETCH_X = False
 
 # _bytes_f32's int8 values carry this offset (q + INT8_OFFSET); the GEMV subtracts INT8_OFFSET * sum(x).
 INT8_OFFSET = tl.constexpr(32896.0)
@@ -158,11 +185,13 @@ def _bytes_f32(w, FP8: tl.constexpr, ASM: tl.constexpr):
 def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                        FP8: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+                       PREFETCH_X: tl.constexpr = False):
     """_gemv_kernel for row-scaled int8 / fp8 weights, read as int32 words of four values: a word
     tile stays packed in registers from its load (one iteration ahead) to its conversion, and each
     value converts in one instruction (_bytes_f32). w_ptr is the weight viewed as int32 [N, K / 4];
-    stride_w counts words."""
+    stride_w counts words. PREFETCH_X: the inputs (and norm weight) are requested a tile ahead too,
+    as the int4 word kernel does (there it made the GEMV 5-17% faster on an H100)."""
     pid = tl.program_id(0)
     BW: tl.constexpr = BLOCK_K // 4  # words per row of a tile
     KW = K // 4
@@ -178,20 +207,31 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     ss = tl.zeros((BW, 4), dtype=tl.float32)
     xs = tl.zeros((BW,), dtype=tl.float32)  # int8: the sum of x per word column, for the offset
+    cols0 = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c (first tile)
+    if PREFETCH_X:
+        xr, ur, rr, nwr = _input_raw(x_ptr, res_ptr, nw_ptr, cols0, cols0 < K, K, HAS_RES, NORM, SILU_MUL)
     for k in range(0, K, BLOCK_K):
         c = k // 4 + tl.arange(0, BW)
         nxt = c + BW
         w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
                          eviction_policy="evict_first")
-        cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c
+        cols = k + cols0
         col_ok = cols < K
-        x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
+        if PREFETCH_X:
+            cn = cols + BLOCK_K
+            xn, un, rn, nwn = _input_raw(x_ptr, res_ptr, nw_ptr, cn, cn < K, K, HAS_RES, NORM, SILU_MUL)
+            x = _input_of(xr, ur, rr, HAS_RES, SILU_MUL)
+            nw = nwr
+            xr, ur, rr, nwr = xn, un, rn, nwn
+        else:
+            x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
+            nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0) if NORM else x
         if NORM:
             if HAS_RES:
                 if pid == 0:
                     tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
             ss += x * x
-            x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = x * nw.to(tl.float32)
         xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
         x0, x2 = tl.split(xa)
         x1, x3 = tl.split(xb)
@@ -254,7 +294,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             and weight.data_ptr() % 16 == 0):
         words = weight.view(torch.int32)
         args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
-        flags |= dict(FP8=weight.dtype != torch.int8, ASM=not INTERPRETED)
+        flags |= dict(FP8=weight.dtype != torch.int8, ASM=not INTERPRETED, PREFETCH_X=PREFETCH_X)
         launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags, config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)

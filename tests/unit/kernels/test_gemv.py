@@ -115,10 +115,13 @@ def _q8(kind, N, K):
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("N, K, cfg", [(33, 512, 3), (7, 260, 0), (130, 1100, 8), (64, 4096, 13)])
 @pytest.mark.parametrize("fuse", ["none", "silu_mul", "norm", "norm+residual"])
-def test_quantized_rows_read_as_words(gemv, kind, N, K, cfg, fuse):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_quantized_rows_read_as_words(gemv, kind, N, K, cfg, fuse, prefetch, monkeypatch):
     """int8 / fp8 weights with K % 4 == 0 go through the word kernel (four values per int32,
     each widened in one instruction on the GPU, by the same values in plain Triton here): every
-    weight value, row scales, bias, and each input fusion, against float64."""
+    weight value, row scales, bias, and each input fusion, against float64; with its inputs
+    requested a tile ahead (PREFETCH_X) or not."""
+    monkeypatch.setattr(gemv, "PREFETCH_X", prefetch)
     dtype = torch.bfloat16
     q = _q8(kind, N, K)
     scale = torch.rand(N, device=DEV) + 0.01
