@@ -36,14 +36,8 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
 @triton.jit
 def _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr):
     """The fp32 input vector at `cols` before any norm, rounded as the unfused ops round it."""
-    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if SILU_MUL:
-        u = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
-        x = (x / (1.0 + tl.exp(-x)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
-    if HAS_RES:
-        r = tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        x = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
-    return x
+    x, u, r, _ = _input_raw(x_ptr, res_ptr, x_ptr, cols, col_ok, K, HAS_RES, False, SILU_MUL)
+    return _input_of(x, u, r, HAS_RES, SILU_MUL)
 
 
 @triton.jit
@@ -207,31 +201,33 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     ss = tl.zeros((BW, 4), dtype=tl.float32)
     xs = tl.zeros((BW,), dtype=tl.float32)  # int8: the sum of x per word column, for the offset
-    cols0 = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c (first tile)
     if PREFETCH_X:
-        xr, ur, rr, nwr = _input_raw(x_ptr, res_ptr, nw_ptr, cols0, cols0 < K, K, HAS_RES, NORM, SILU_MUL)
+        cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]
+        xr, ur, rr, nwr = _input_raw(x_ptr, res_ptr, nw_ptr, cols, cols < K, K, HAS_RES, NORM, SILU_MUL)
     for k in range(0, K, BLOCK_K):
         c = k // 4 + tl.arange(0, BW)
         nxt = c + BW
         w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
                          eviction_policy="evict_first")
-        cols = k + cols0
+        cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c
         col_ok = cols < K
         if PREFETCH_X:
             cn = cols + BLOCK_K
             xn, un, rn, nwn = _input_raw(x_ptr, res_ptr, nw_ptr, cn, cn < K, K, HAS_RES, NORM, SILU_MUL)
             x = _input_of(xr, ur, rr, HAS_RES, SILU_MUL)
-            nw = nwr
-            xr, ur, rr, nwr = xn, un, rn, nwn
         else:
             x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
-            nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0) if NORM else x
         if NORM:
             if HAS_RES:
                 if pid == 0:
                     tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
             ss += x * x
-            x = x * nw.to(tl.float32)
+            if PREFETCH_X:
+                x = x * nwr.to(tl.float32)
+            else:
+                x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if PREFETCH_X:
+            xr, ur, rr, nwr = xn, un, rn, nwn
         xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
         x0, x2 = tl.split(xa)
         x1, x3 = tl.split(xb)
