@@ -151,12 +151,13 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
                             stride_sg,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, PAIRS: tl.constexpr = False,
-                            SILU_MUL: tl.constexpr = False, NO_SZ: tl.constexpr = False):
+                            SILU_MUL: tl.constexpr = False, AHEAD: tl.constexpr = 1, NO_SZ: tl.constexpr = False):
     """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words. Scales and
     zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg (PAIRS: interleaved at s_ptr,
     see _int4_scales). SILU_MUL: x_ptr holds [gate, up] (2 K) and the input is silu(gate) * up,
     rounded to x's dtype as the separate kernel rounds it. NO_SZ (benchmarks only: wrong results)
-    skips the scale loads, to measure what they cost."""
+    skips the scale loads, to measure what they cost. AHEAD: how many tiles of words are in flight
+    ahead of the one in use (1 or 2; inputs and scales always come one tile ahead)."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8  # words per group
     GROUPS: tl.constexpr = BLOCK_W // W
@@ -169,6 +170,9 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
     # one an iteration ahead of its use.
     wt = tl.load(w_rows + offs[None], mask=row_ok[:, None, None] & (offs < nwords)[None], other=0,
                  eviction_policy="evict_first")
+    if AHEAD == 2:
+        w1 = tl.load(w_rows + BLOCK_W + offs[None], mask=row_ok[:, None, None] & (BLOCK_W + offs < nwords)[None],
+                     other=0, eviction_policy="evict_first")
     sz = _int4_scales(s_ptr, z_ptr, rows, row_ok, 0, Kp, stride_sn, stride_sg, G, GROUPS, PAIRS, NO_SZ)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
@@ -179,7 +183,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
     acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
     for k0 in range(0, Kp, BLOCK_W * 8):
         # the next tile's words, inputs, scales and zeros are requested before this one is used
-        nxt = k0 // 8 + BLOCK_W + offs
+        nxt = k0 // 8 + AHEAD * BLOCK_W + offs
         wn = tl.load(w_rows + nxt[None], mask=row_ok[:, None, None] & (nxt < nwords)[None], other=0,
                      eviction_policy="evict_first")
         kn = k0 + BLOCK_W * 8 + kx
@@ -216,7 +220,11 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         p = tl.fma(v6, x6[None], p)
         p = tl.fma(v7, x7[None], p)
         acc = tl.fma(s, p, acc)
-        wt, xt, ut, sz = wn, xn, un, szn
+        if AHEAD == 2:
+            wt, w1 = w1, wn
+        else:
+            wt = wn
+        xt, ut, sz = xn, un, szn
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)

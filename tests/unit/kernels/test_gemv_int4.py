@@ -108,3 +108,23 @@ def test_pinned_word_configurations_are_valid_for_their_shapes(g4):
     for (card, N, Kp, G), (bn, bw, nw) in g4.PINNED_WORDS.items():
         assert Kp % G == 0 and G in (32, 64, 128) and bw * 8 % G == 0 and (bn, bw, nw) in tunable, (card, N, Kp)
     assert g4._pinned(torch.device("cpu"), 12288, 4096, 128) is None  # no card: the autotuner (or interpreter)
+
+
+@pytest.mark.parametrize("N, K, G, cfg", [(45, 300, 32, 0), (7, 4096, 128, 2), (33, 1000, 64, 12), (64, 2752, 64, 4)])
+def test_int4_words_kernel_with_two_tiles_in_flight(g4, N, K, G, cfg):
+    """AHEAD=2 (a benchmark variant: two word tiles requested ahead of the one in use), with one,
+    two and many tiles per row, against float64."""
+    from fastllm.kernels.launch import launch_rows, pdl
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), G)
+    pairs = pack_scales(scales, zeros)
+    x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+    y = torch.empty(N, device=DEV, dtype=torch.bfloat16)
+    w = packed.view(torch.int32)
+    Kp = packed.shape[1] * 2
+    args = (x.view(K), w, pairs, pairs, y, y, N, K, Kp, w.stride(0), pairs.stride(0), 2)
+    launch_rows(None, g4._gemv_int4_words_kernel, N, args,
+                dict(G=G, HAS_BIAS=False, ASM=not g4.INTERPRETED, PAIRS=True, AHEAD=2, **pdl(x)), g4.WORD_CONFIGS[cfg])
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
+    assert ((y.double() - ref[0]).norm() / ref.norm()).item() < 1e-2
