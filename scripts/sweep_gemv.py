@@ -2,11 +2,11 @@
 shapes, timed the way a decode step runs them: eight weight copies rotated (so L2 does not
 help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 / fp8 both through
 the row kernel (_gemv_kernel; int8-i2f: with the int-to-float conversion instruction) and the
-word kernel (_gemv_bytes_kernel, "-words"; "-words-px": with its inputs requested a tile ahead); int4 through both of its kernels, the word kernel also
-reading (scale, zero) interleaved ("int4-pairs"; "int4-pairs-a2": two word tiles in flight, not one)
-(--int4-variants:
-the word kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to see how far it
-lands from the best.
+word kernel (_gemv_bytes_kernel, "-words"; "-words-px": with its inputs requested a tile ahead);
+int4 through both of its kernels, the word kernel also reading (scale, zero) interleaved
+("int4-pairs"; "int4-pairs-a2": two word tiles in flight, not one) (--int4-variants: the word
+kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to
+see how far it lands from the best.
 
 Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4,int8-words,...]. Prints the best per
 kernel and shape; JSON in OUTDIR.

@@ -273,7 +273,8 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     the layer's input is silu(gate) * up."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1] // 2 if silu_mul else x.shape[-1]
-    assert x.numel() == (2 * K if silu_mul else K) and K <= Kp and Kp % group_size == 0 and scales.shape == zeros.shape == (N, Kp // group_size)
+    assert x.numel() == (2 * K if silu_mul else K) and K <= Kp and Kp % group_size == 0
+    assert scales.shape == zeros.shape == (N, Kp // group_size)
     assert group_size % 32 == 0  # the kernels' 16-byte loads rely on it
     assert scales.stride() == zeros.stride() and packed.stride(1) == 1
     xv = x.reshape(-1).contiguous()
