@@ -9,7 +9,8 @@
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64] [--retune=N]
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: the
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
-int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead; e2e only).
+int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead; int4-a2: two word tiles in flight in
+int4's GEMV; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -105,8 +106,11 @@ if "--skip-e2e" not in sys.argv:
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
+                GV4.AHEAD = 2 if q.endswith("-a2") else 1  # "-a2": two word tiles in flight in the int4 GEMV
                 # "+head": the LM head quantized too
-                name = q.removesuffix("+head").removesuffix("-rows").removesuffix("-silu").removesuffix("-px")
+                name = q
+                for suffix in ("+head", "-rows", "-silu", "-px", "-a2"):
+                    name = name.removesuffix(suffix)
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
                 if q.endswith("+head"):
                     opts["quantizer"]["skip"] = []

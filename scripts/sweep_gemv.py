@@ -8,7 +8,8 @@ int4 through both of its kernels, the word kernel also reading (scale, zero) int
 kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to
 see how far it lands from the best.
 
-Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4,int8-words,...]. Prints the best per
+Usage: python scripts/sweep_gemv.py OUTDIR [--only=int4,int8-words,int4-pairs,...] ("int4": all of its
+variants; "int4-pairs" etc.: only those). Prints the best per
 kernel and shape; JSON in OUTDIR.
 """
 import json
@@ -42,7 +43,7 @@ for name, (N, K) in SHAPES.items():
     y = torch.empty(N, device=dev, dtype=torch.bfloat16)
     q8 = [quantize_int8(t) for t in w] if any(k.startswith("int8") for k in KINDS) else []
     f8 = [quantize_fp8(t) for t in w] if any(k.startswith("fp8") for k in KINDS) else []
-    q4 = [quantize_int4(t, 128) for t in w] if "int4" in KINDS else []
+    q4 = [quantize_int4(t, 128) for t in w] if any(k.startswith("int4") for k in KINDS) else []
     del w
     torch.cuda.empty_cache()
     w16 = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(8)] if "bf16" in KINDS else []
@@ -76,7 +77,7 @@ for name, (N, K) in SHAPES.items():
             assert err < 2e-2, (kind, str(cfg), err)
             it = iter(range(10 ** 9))
             kernels.setdefault(kind, []).append((graph_time(lambda: callw(next(it))), str(cfg)))
-    if "int4" in KINDS:
+    if q4:
         from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales
 
         ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
@@ -86,6 +87,8 @@ for name, (N, K) in SHAPES.items():
                     ("int4-pairs-a2", q4, False, "pairs-a2")]
         if "--int4-variants" in sys.argv:
             variants += [("int4-words-sT", q4t, False, True), ("int4-words-nosz", q4, True, True)]
+        if "int4" not in KINDS:  # only the int4 variants named
+            variants = [v for v in variants if v[0] in KINDS]
         for variant, qs, no_sz, words in variants:
             for cfg in G4.WORD_CONFIGS if words else G4.CONFIGS:
                 def call4(i, cfg=cfg, qs=qs, no_sz=no_sz, words=words):
@@ -112,7 +115,7 @@ for name, (N, K) in SHAPES.items():
         return graph_time(lambda: fn(next(it) % 8))
 
     picks = {}
-    if "int4" in KINDS:
+    if q4:
         picks["int4"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=False))
         picks["int4-words"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=True))
         picks["int4-pairs"] = rotating(lambda i, q4=q4, q4p=q4p: G4.gemv_int4(x, *q4[i], 128, words=True, pairs=q4p[i]))

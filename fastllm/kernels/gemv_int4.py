@@ -261,6 +261,7 @@ _tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kerne
 _tuned_words = triton.autotune(configs=WORD_CONFIGS, key=["N", "Kp", "G"],
                                prune_configs_by={"early_config_prune": _prune_words})(_gemv_int4_words_kernel)
 INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no inline PTX there
+AHEAD = 1  # word tiles the word kernel keeps in flight (1 or 2; see _gemv_int4_words_kernel)
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -291,7 +292,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         else:
             args = (xv, w, scales, zeros, b, y, N, K, Kp, w.stride(0), *scales.stride())
         launch_rows(_tuned_words, _gemv_int4_words_kernel, N, args,
-                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None, SILU_MUL=silu_mul),
+                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None, SILU_MUL=silu_mul, AHEAD=AHEAD),
                     config or _pinned(x.device, N, Kp, group_size))
     else:
         assert not silu_mul, "silu_mul: the word kernel only"
