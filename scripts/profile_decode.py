@@ -106,7 +106,7 @@ def kernel_table(fn, steps: int = 5) -> list[tuple[str, float, float]]:
 def step_profile(quantizer: str) -> None:
     """Part 2 for one quantizer ("bf16": none): graph replay time, and the kernels of a step, both as the
     graph replays them and as an eager forward runs them."""
-    eng = Engine(f"dummy:{shape}", progress=False, quantizer=None if quantizer == "bf16" else quantizer)
+    eng = Engine(f"dummy:{shape}", progress=False, **({} if quantizer == "bf16" else {"quantizer": quantizer}))
     prompt = {"prompt_token_ids": torch.randint(10, eng.vocab_size - 10, (128,)).tolist()}
     eng.generate(prompt, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     graphs = eng.runner.graphs
