@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_rows, pdl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .launch import launch_rows, pdl, tma_supported
 
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for n, k, w, s in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 4), (16, 256, 4, 4),
@@ -250,15 +252,72 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _gemv_bytes_tma_kernel(x_ptr, w_desc, b_ptr, y_ptr, scale_ptr, N, K,
+                           HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                           USE_PDL: tl.constexpr):
+    """_gemv_bytes_kernel (without the norm) with the weight words brought in by TMA: w_desc over
+    int32 [N, K / 4], block [BLOCK_N, BLOCK_K / 4]. Triton pipelines the loop STAGES deep in shared
+    memory, so the bytes in flight do not cost registers. Rows and columns past the weight read as
+    zeros."""
+    pid = tl.program_id(0)
+    BW: tl.constexpr = BLOCK_K // 4
+    row0 = pid * BLOCK_N
+    if USE_PDL:  # x comes from the kernel before; the pipeline's first loads come after this wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    xs = tl.zeros((BW,), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        w = w_desc.load([row0, k // 4])
+        cols = 4 * (k // 4 + tl.arange(0, BW))[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
+        x = _input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL)
+        xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+        v0, v1, v2, v3 = _bytes_f32(w, FP8, ASM)
+        acc = tl.fma(v0, x0[None, :], acc)
+        acc = tl.fma(v1, x1[None, :], acc)
+        acc = tl.fma(v2, x2[None, :], acc)
+        acc = tl.fma(v3, x3[None, :], acc)
+        if not FP8:
+            xs += (x0 + x1) + (x2 + x3)
+    if not FP8:
+        acc -= INT8_OFFSET * xs[None, :]
+    y = tl.sum(acc, axis=1)
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _tma_block(nargs: dict) -> None:
+    """Autotuner pre-hook of the TMA kernel: the descriptor's block follows the configuration."""
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // 4]
+
+
+# (BLOCK_N, BLOCK_K, num_warps, STAGES); the first H100 sweep (2026-11-27) had (8, 256-1024, 1-4, 3-5)
+# best on the Llama-2-7B shapes
+TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": st}, num_warps=w, num_stages=1, pre_hook=_tma_block)
+               for n, k, w, st in [(4, 512, 1, 3), (8, 256, 1, 3), (8, 512, 2, 3), (8, 512, 2, 5), (8, 1024, 4, 3),
+                                   (16, 256, 2, 3), (16, 512, 4, 3), (32, 256, 4, 3), (4, 1024, 2, 4),
+                                   (16, 1024, 8, 3), (8, 256, 1, 5), (4, 256, 1, 4)]]
+TMA = True  # on Hopper and later, int8 / fp8 GEMVs without a norm go through the TMA kernel
+
+
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
 INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"  # Triton's CPU interpreter: no inline PTX
 _tuned_bytes = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8"])(_gemv_bytes_kernel)
+_tuned_bytes_tma = triton.autotune(configs=TMA_CONFIGS, key=["N", "K", "SILU_MUL", "FP8"])(_gemv_bytes_tma_kernel)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
          silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
-         words: bool | None = None):
+         words: bool | None = None, tma: bool | None = None):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
@@ -269,6 +328,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     config pins a kernel configuration (benchmarks, tests); by default it is autotuned per shape.
     words: quantized weights under 16-bit inputs go through _gemv_bytes_kernel where K % 4 == 0
     (False: _gemv_kernel; default: the module's WORDS, which benchmarks switch to compare).
+    tma: such a word GEMV without a norm through _gemv_bytes_tma_kernel (default: the module's TMA,
+    on CUDA devices of compute capability 9.0 and later).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -289,9 +350,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if (scale is not None and words and x.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
             and weight.data_ptr() % 16 == 0):
         words = weight.view(torch.int32)
-        args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
-        flags |= dict(FP8=weight.dtype != torch.int8, ASM=not INTERPRETED, PREFETCH_X=PREFETCH_X)
-        launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags, config)
+        flags |= dict(FP8=weight.dtype != torch.int8, ASM=not INTERPRETED)
+        if tma is None:  # (a pinned configuration of the other kernel has no STAGES)
+            tma = TMA and tma_supported(x) and (config is None or "STAGES" in config.kwargs)
+        if tma and norm_weight is None and weight.stride(0) % 16 == 0:
+            desc = TensorDescriptor.from_tensor(words, [1, 4])  # block: set per configuration
+            if config is not None:
+                _tma_block(dict(w_desc=desc, **config.kwargs))
+            flags.pop("HAS_RES"), flags.pop("NORM")
+            launch_rows(_tuned_bytes_tma, _gemv_bytes_tma_kernel, N, args[:1] + (desc,) + args[2:4] + args[7:9] + (K,),
+                        flags, config)
+        else:
+            args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
+            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
     lead = x.shape[:-1]

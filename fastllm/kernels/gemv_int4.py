@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_rows, pdl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .launch import launch_rows, pdl, tma_supported
 
 WORDS = True  # the word kernel (False: the row kernel; benchmarks switch it to compare)
 
@@ -147,17 +149,44 @@ def _int4_scales(s_ptr, z_ptr, rows, row_ok, g0, Kp, stride_sn, stride_sg, G: tl
 
 
 @triton.jit
+def _int4_tile(acc, wt, xt, sz, GROUPS: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
+    """acc [BLOCK_N, GROUPS, W] + each word's scaled dot product: wt int32 words [BLOCK_N, GROUPS, W],
+    xt the tile's inputs [GROUPS, W, 8] (fp32), sz its (scale, zero) pairs [BLOCK_N, GROUPS, 2]."""
+    xa, xb = tl.split(tl.reshape(xt, [GROUPS, W, 4, 2]))  # columns 8c + 2j, 8c + 2j + 1
+    x0, x2 = tl.split(tl.reshape(xa, [GROUPS, W, 2, 2]))  # (columns 0, 4), (2, 6) of the word
+    x0, x4 = tl.split(x0)
+    x2, x6 = tl.split(x2)
+    x1, x3 = tl.split(tl.reshape(xb, [GROUPS, W, 2, 2]))
+    x1, x5 = tl.split(x1)
+    x3, x7 = tl.split(x3)
+    xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    s, z = tl.split(sz)
+    s = s[:, :, None]
+    z = z[:, :, None]
+    v0, v1, v2, v3, v4, v5, v6, v7 = _nibbles(wt, ASM)
+    p = -(z + 128.0) * xw[None]  # sum (128 + q) x - (128 + zero) sum x = sum (q - zero) x
+    p = tl.fma(v0, x0[None], p)
+    p = tl.fma(v1, x1[None], p)
+    p = tl.fma(v2, x2[None], p)
+    p = tl.fma(v3, x3[None], p)
+    p = tl.fma(v4, x4[None], p)
+    p = tl.fma(v5, x5[None], p)
+    p = tl.fma(v6, x6[None], p)
+    p = tl.fma(v7, x7[None], p)
+    return tl.fma(s, p, acc)
+
+
+@triton.jit
 def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn,
                             stride_sg,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, PAIRS: tl.constexpr = False,
-                            SILU_MUL: tl.constexpr = False, AHEAD: tl.constexpr = 1, NO_SZ: tl.constexpr = False):
+                            SILU_MUL: tl.constexpr = False, NO_SZ: tl.constexpr = False):
     """w_ptr: the packed bytes viewed as int32 [N, Kp / 8]; stride_w counts words. Scales and
     zeros at s_ptr / z_ptr + row * stride_sn + group * stride_sg (PAIRS: interleaved at s_ptr,
     see _int4_scales). SILU_MUL: x_ptr holds [gate, up] (2 K) and the input is silu(gate) * up,
     rounded to x's dtype as the separate kernel rounds it. NO_SZ (benchmarks only: wrong results)
-    skips the scale loads, to measure what they cost. AHEAD: how many tiles of words are in flight
-    ahead of the one in use (1 or 2; inputs and scales always come one tile ahead)."""
+    skips the scale loads, to measure what they cost."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8  # words per group
     GROUPS: tl.constexpr = BLOCK_W // W
@@ -170,9 +199,6 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
     # one an iteration ahead of its use.
     wt = tl.load(w_rows + offs[None], mask=row_ok[:, None, None] & (offs < nwords)[None], other=0,
                  eviction_policy="evict_first")
-    if AHEAD == 2:
-        w1 = tl.load(w_rows + BLOCK_W + offs[None], mask=row_ok[:, None, None] & (BLOCK_W + offs < nwords)[None],
-                     other=0, eviction_policy="evict_first")
     sz = _int4_scales(s_ptr, z_ptr, rows, row_ok, 0, Kp, stride_sn, stride_sg, G, GROUPS, PAIRS, NO_SZ)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
@@ -183,7 +209,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
     acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
     for k0 in range(0, Kp, BLOCK_W * 8):
         # the next tile's words, inputs, scales and zeros are requested before this one is used
-        nxt = k0 // 8 + AHEAD * BLOCK_W + offs
+        nxt = k0 // 8 + BLOCK_W + offs
         wn = tl.load(w_rows + nxt[None], mask=row_ok[:, None, None] & (nxt < nwords)[None], other=0,
                      eviction_policy="evict_first")
         kn = k0 + BLOCK_W * 8 + kx
@@ -194,38 +220,44 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
         xx = xt.to(tl.float32)
         if SILU_MUL:
             xx = (xx / (1.0 + tl.exp(-xx)) * ut.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
-        xa, xb = tl.split(tl.reshape(xx, [GROUPS, W, 4, 2]))  # columns 8c + 2j, 8c + 2j + 1
-        x0, x2 = tl.split(tl.reshape(xa, [GROUPS, W, 2, 2]))  # (columns 0, 4), (2, 6) of the word
-        x0, x4 = tl.split(x0)
-        x2, x6 = tl.split(x2)
-        x1, x3 = tl.split(tl.reshape(xb, [GROUPS, W, 2, 2]))
-        x1, x5 = tl.split(x1)
-        x3, x7 = tl.split(x3)
-        xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         if NO_SZ:
-            s = tl.full((BLOCK_N, GROUPS, 1), 1.0, tl.float32)
-            z = tl.full((BLOCK_N, GROUPS, 1), 8.0, tl.float32)
-        else:
-            s, z = tl.split(sz)
-            s = s[:, :, None]
-            z = z[:, :, None]
-        v0, v1, v2, v3, v4, v5, v6, v7 = _nibbles(wt, ASM)
-        p = -(z + 128.0) * xw[None]  # sum (128 + q) x - (128 + zero) sum x = sum (q - zero) x
-        p = tl.fma(v0, x0[None], p)
-        p = tl.fma(v1, x1[None], p)
-        p = tl.fma(v2, x2[None], p)
-        p = tl.fma(v3, x3[None], p)
-        p = tl.fma(v4, x4[None], p)
-        p = tl.fma(v5, x5[None], p)
-        p = tl.fma(v6, x6[None], p)
-        p = tl.fma(v7, x7[None], p)
-        acc = tl.fma(s, p, acc)
-        if AHEAD == 2:
-            wt, w1 = w1, wn
-        else:
-            wt = wn
-        xt, ut, sz = xn, un, szn
+            sz = tl.join(tl.full((BLOCK_N, GROUPS), 1.0, tl.float32), tl.full((BLOCK_N, GROUPS), 8.0, tl.float32))
+        acc = _int4_tile(acc, wt, xx, sz, GROUPS, W, ASM)
+        wt, xt, ut, sz = wn, xn, un, szn
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
+                          G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+    """The word kernel's arithmetic with the weights and (scale, zero) pairs brought in by TMA:
+    w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]), sz_desc over the pairs
+    (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]). Triton pipelines the
+    loop STAGES deep in shared memory, so the bytes in flight do not cost registers (the word
+    kernel's register prefetch holds one tile per program). Rows past N read as zeros."""
+    pid = tl.program_id(0)
+    W: tl.constexpr = G // 8
+    GROUPS: tl.constexpr = BLOCK_W // W
+    row0 = pid * BLOCK_N
+    offs = tl.arange(0, GROUPS)[:, None] * W + tl.arange(0, W)[None, :]
+    kx = (8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]: columns of a tile
+    if USE_PDL:  # x comes from the kernel before; the pipeline's first loads come after this wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
+    for k0 in tl.range(0, Kp, BLOCK_W * 8, num_stages=STAGES):
+        wt = tl.reshape(w_desc.load([row0, k0 // 8]), [BLOCK_N, GROUPS, W])
+        sz = tl.reshape(sz_desc.load([row0, 2 * (k0 // G)]), [BLOCK_N, GROUPS, 2])
+        kk = k0 + kx
+        xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        acc = _int4_tile(acc, wt, xt, sz, GROUPS, W, ASM)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -257,21 +289,46 @@ def _pinned(device: torch.device, N: int, Kp: int, G: int) -> triton.Config | No
                                                   num_stages=1)
 
 
+def _tma_blocks(nargs: dict) -> None:
+    """Autotuner pre-hook of the TMA kernel: the descriptors' blocks follow the configuration."""
+    bn, bw = nargs["BLOCK_N"], nargs["BLOCK_W"]
+    nargs["w_desc"].block_shape = [bn, bw]
+    nargs["sz_desc"].block_shape = [bn, 2 * bw * 8 // nargs["G"]]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    """Whole groups per tile, and at least two (the pairs' TMA block is 16 bytes or more)."""
+    g = named_args.get("G", kwargs.get("G"))
+    return [c for c in configs if c.kwargs["BLOCK_W"] * 8 % g == 0 and c.kwargs["BLOCK_W"] * 8 // g >= 2]
+
+
+# (BLOCK_N, BLOCK_W, num_warps, STAGES); the first H100 sweep (2026-11-27) had (32, 64, 2-4, 3-5)
+# best on every Llama-2-7B shape
+TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_warps=w, num_stages=1,
+                             pre_hook=_tma_blocks)
+               for n, bw, w, st in [(8, 64, 1, 3), (16, 64, 2, 3), (32, 64, 2, 3), (32, 64, 4, 3), (32, 64, 4, 5),
+                                    (64, 64, 4, 3), (64, 64, 8, 4), (32, 128, 4, 3), (16, 128, 2, 3),
+                                    (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
+TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
+
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
 _tuned_words = triton.autotune(configs=WORD_CONFIGS, key=["N", "Kp", "G"],
                                prune_configs_by={"early_config_prune": _prune_words})(_gemv_int4_words_kernel)
+_tuned_tma = triton.autotune(configs=TMA_CONFIGS, key=["N", "Kp", "G"],
+                             prune_configs_by={"early_config_prune": _prune_tma})(_gemv_int4_tma_kernel)
 INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no inline PTX there
-AHEAD = 1  # word tiles the word kernel keeps in flight (1 or 2; see _gemv_int4_words_kernel)
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, config: triton.Config | None = None,
-              words: bool | None = None, pairs: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+              words: bool | None = None, pairs: torch.Tensor | None = None, silu_mul: bool = False,
+              tma: bool | None = None) -> torch.Tensor:
     """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
     words: the word kernel (default: the module's WORDS); config: one of its configurations;
     pairs: the same scales and zeros interleaved (fastllm.stages.quantizers.int4.pack_scales), which
     the word kernel reads in 16-byte loads; silu_mul (word kernel): x is [gate, up] ([1, 2K]) and
-    the layer's input is silu(gate) * up."""
+    the layer's input is silu(gate) * up. tma: with pairs and without silu_mul, the TMA kernel
+    (default: the module's TMA, on CUDA devices of compute capability 9.0 and later)."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1] // 2 if silu_mul else x.shape[-1]
     assert x.numel() == (2 * K if silu_mul else K) and K <= Kp and Kp % group_size == 0
@@ -282,17 +339,28 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y
     flags = dict(G=group_size, HAS_BIAS=bias is not None, **pdl(x))
-    if WORDS if words is None else words:
+    if pairs is not None:
+        ng = Kp // group_size
+        assert pairs.shape == (N, ng + ng % 2, 2) and pairs.is_contiguous() and pairs.dtype == torch.float32
+    if tma is None:  # (a pinned configuration of another kernel has no STAGES)
+        tma = TMA and tma_supported(x) and words is None and (config is None or "STAGES" in config.kwargs)
+    if tma and pairs is not None and not silu_mul:
+        assert packed.stride(0) % 16 == 0 and packed.data_ptr() % 16 == 0
+        w_desc = TensorDescriptor.from_tensor(packed.view(torch.int32), [1, 4])  # blocks: set per configuration
+        sz_desc = TensorDescriptor.from_tensor(pairs.view(N, -1), [1, 4])
+        args = (xv, w_desc, sz_desc, b, y, N, K, Kp)
+        if config is not None:
+            _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
+        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args, flags | dict(ASM=not INTERPRETED), config)
+    elif WORDS if words is None else words:
         assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
         w = packed.view(torch.int32)  # [N, Kp / 8]
         if pairs is not None:
-            ng = Kp // group_size
-            assert pairs.shape == (N, ng + ng % 2, 2) and pairs.is_contiguous() and pairs.dtype == torch.float32
             args = (xv, w, pairs, pairs, b, y, N, K, Kp, w.stride(0), pairs.stride(0), 2)
         else:
             args = (xv, w, scales, zeros, b, y, N, K, Kp, w.stride(0), *scales.stride())
         launch_rows(_tuned_words, _gemv_int4_words_kernel, N, args,
-                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None, SILU_MUL=silu_mul, AHEAD=AHEAD),
+                    flags | dict(ASM=not INTERPRETED, PAIRS=pairs is not None, SILU_MUL=silu_mul),
                     config or _pinned(x.device, N, Kp, group_size))
     else:
         assert not silu_mul, "silu_mul: the word kernel only"

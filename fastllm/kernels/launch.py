@@ -32,6 +32,12 @@ def pdl(t: torch.Tensor) -> dict:
     return {"USE_PDL": True, "launch_pdl": True}
 
 
+def tma_supported(t: torch.Tensor) -> bool:
+    """Whether t's device has TMA (tensor descriptors in Triton): CUDA, compute capability 9.0+."""
+    return t.device.type == "cuda" and _supported(t.device.index if t.device.index is not None
+                                                  else torch.cuda.current_device())
+
+
 def launch_rows(tuned, kernel, rows: int, args: tuple, flags: dict, config=None) -> None:
     """Launch a kernel whose grid is rows / BLOCK_N programs: autotuned (`tuned`), or with a
     pinned triton.Config (benchmarks, tests in Triton's interpreter)."""

@@ -164,3 +164,45 @@ def test_int8_words_offset_keeps_precision_on_a_biased_input(gemv):
     ref = (x.double() @ q.double().T) * 0.01
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("N, K, cfg", [(33, 512, 3), (7, 260, 0), (130, 1100, 8), (64, 4096, 9)])
+@pytest.mark.parametrize("fuse", ["none", "silu_mul"])
+def test_quantized_rows_through_tma(gemv, kind, N, K, cfg, fuse):
+    """The int8 / fp8 word GEMV with its weights through a tensor descriptor (rows past N and
+    columns past K read as zeros), every weight value, row scales, bias and the SiLU fusion,
+    against float64."""
+    dtype = torch.bfloat16
+    q = _q8(kind, N, K)
+    scale = torch.rand(N, device=DEV) + 0.01
+    b = torch.randn(N, dtype=dtype, device=DEV)
+    cfg = gemv.TMA_CONFIGS[cfg]
+    if fuse == "silu_mul":
+        h = torch.randn(1, 2 * K, dtype=dtype, device=DEV)
+        out = gemv.gemv(h, q, b, silu_mul=True, scale=scale, config=cfg, tma=True)
+        g, u = h.float().split(K, dim=-1)
+        x = (torch.nn.functional.silu(g) * u).to(dtype)
+    else:
+        x = torch.randn(1, K, dtype=dtype, device=DEV)
+        out = gemv.gemv(x, q, b, scale=scale, config=cfg, tma=True)
+    ref = (x.double() @ q.double().T) * scale.double() + b.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (1, N) and not out.isnan().any() and err < TOL[dtype], err
+
+
+def test_word_gemv_takes_tma_only_without_a_norm_and_on_hopper(gemv, monkeypatch):
+    """The default path picks the TMA kernel only on CUDA devices of compute capability 9.0+, and
+    a norm in front keeps the register-prefetch word kernel."""
+    from fastllm.kernels import launch
+
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    assert not launch.tma_supported(x)
+    calls = []
+    monkeypatch.setattr(gemv, "launch_rows", lambda tuned, kernel, *a, **k: calls.append(kernel))
+    q = _q8("int8", 16, 64).cpu()
+    scale = torch.ones(16)
+    gemv.gemv(x, q, scale=scale)
+    gemv.gemv(x, q, scale=scale, tma=True)
+    gemv.gemv(x, q, scale=scale, tma=True, norm_weight=torch.ones(64, dtype=torch.bfloat16))
+    assert calls == [gemv._gemv_bytes_kernel, gemv._gemv_bytes_tma_kernel, gemv._gemv_bytes_kernel]
