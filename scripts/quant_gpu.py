@@ -9,8 +9,8 @@
 Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64] [--retune=N]
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: the
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
-int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead; int4-a2: two word tiles in flight in
-int4's GEMV; e2e only).
+int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
+register-prefetch word kernels, not the TMA ones; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -91,7 +91,8 @@ if "--skip-e2e" not in sys.argv:
         from fastllm.kernels import gemv as GV, gemv_int4 as GV4, qgemm as QG
 
         return {"gemv": GV._tuned, "gemv_bytes": GV._tuned_bytes, "gemv_int4": GV4._tuned,
-                "gemv_int4_words": GV4._tuned_words, "qgemm": QG._tuned}
+                "gemv_int4_words": GV4._tuned_words, "qgemm": QG._tuned, "gemv_bytes_tma": GV._tuned_bytes_tma,
+                "gemv_int4_tma": GV4._tuned_tma}
 
     for batch in batches:
         for q in ["bf16"] + [k for k in KINDS for _ in range(RETUNE)]:
@@ -106,10 +107,11 @@ if "--skip-e2e" not in sys.argv:
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
-                GV4.AHEAD = 2 if q.endswith("-a2") else 1  # "-a2": two word tiles in flight in the int4 GEMV
+                # "-notma": the register-prefetch word GEMVs (as "-px" needs)
+                GV.TMA = GV4.TMA = not (q.endswith("-notma") or q.endswith("-px"))
                 # "+head": the LM head quantized too
                 name = q
-                for suffix in ("+head", "-rows", "-silu", "-px", "-a2"):
+                for suffix in ("+head", "-rows", "-silu", "-px", "-notma"):
                     name = name.removesuffix(suffix)
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
                 if q.endswith("+head"):

@@ -4,7 +4,7 @@ help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 / fp
 the row kernel (_gemv_kernel; int8-i2f: with the int-to-float conversion instruction) and the
 word kernel (_gemv_bytes_kernel, "-words"; "-words-px": with its inputs requested a tile ahead);
 int4 through both of its kernels, the word kernel also reading (scale, zero) interleaved
-("int4-pairs"; "int4-pairs-a2": two word tiles in flight, not one) (--int4-variants: the word
+("int4-pairs") (--int4-variants: the word
 kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to
 see how far it lands from the best.
 
@@ -83,8 +83,7 @@ for name, (N, K) in SHAPES.items():
         ref4 = x.double() @ dequantize_int4(*q4[0], K).double().T
         q4t = [(p, s_.t().contiguous().t(), z.t().contiguous().t()) for p, s_, z in q4]  # [groups, N] storage
         q4p = [pack_scales(s_, z) for _, s_, z in q4]  # (scale, zero) interleaved, as Int4Linear stores them
-        variants = [("int4", q4, False, False), ("int4-words", q4, False, True), ("int4-pairs", q4, False, "pairs"),
-                    ("int4-pairs-a2", q4, False, "pairs-a2")]
+        variants = [("int4", q4, False, False), ("int4-words", q4, False, True), ("int4-pairs", q4, False, "pairs")]
         if "--int4-variants" in sys.argv:
             variants += [("int4-words-sT", q4t, False, True), ("int4-words-nosz", q4, True, True)]
         if "int4" not in KINDS:  # only the int4 variants named
@@ -100,7 +99,7 @@ for name, (N, K) in SHAPES.items():
                         args = (x, pw, sz[0], sz[1], y, y, N, K, p.shape[1] * 2, pw.stride(0), sz[2], sz[3])
                         launch_rows(None, G4._gemv_int4_words_kernel, N, args,
                                     dict(G=128, HAS_BIAS=False, ASM=True, NO_SZ=no_sz, PAIRS=pairs,
-                                         AHEAD=2 if words == "pairs-a2" else 1, **pdl(x)), cfg)
+                                         **pdl(x)), cfg)
                     else:
                         args = (x, p, s_, z, y, y, N, K, p.shape[1] * 2, p.stride(0), *s_.stride())
                         launch_rows(None, G4._gemv_int4_kernel, N, args, dict(G=128, HAS_BIAS=False, **pdl(x)), cfg)
@@ -118,7 +117,9 @@ for name, (N, K) in SHAPES.items():
     if q4:
         picks["int4"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=False))
         picks["int4-words"] = rotating(lambda i, q4=q4: G4.gemv_int4(x, *q4[i], 128, words=True))
-        picks["int4-pairs"] = rotating(lambda i, q4=q4, q4p=q4p: G4.gemv_int4(x, *q4[i], 128, words=True, pairs=q4p[i]))
+        picks["int4-tma"] = rotating(lambda i, q4=q4, q4p=q4p: G4.gemv_int4(x, *q4[i], 128, pairs=q4p[i], tma=True))
+        picks["int4-pairs"] = rotating(lambda i, q4=q4, q4p=q4p: G4.gemv_int4(x, *q4[i], 128, words=True, pairs=q4p[i],
+                                                                            tma=False))
     if "bf16" in KINDS:
         picks["bf16"] = rotating(lambda i, w16=w16: G.gemv(x, w16[i]))
     if q8:
