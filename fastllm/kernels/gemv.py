@@ -21,6 +21,8 @@ H100 it made the int8 decode step 14% faster and fp8's 6% than this row kernel, 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -306,6 +308,25 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": st}, num_war
                                    (16, 256, 2, 3), (16, 512, 4, 3), (32, 256, 4, 3), (4, 1024, 2, 4),
                                    (16, 1024, 8, 3), (8, 256, 1, 5), (4, 256, 1, 4)]]
 TMA = True  # on Hopper and later, int8 / fp8 GEMVs without a norm go through the TMA kernel
+# The TMA kernel's best configuration per card and shape (N, K, fp8), from scripts/sweep_tma.py
+# (chained under PDL, eight weight copies rotated, as a decode step runs them; H100, 2026-11-27):
+# the autotuner, timing each configuration alone, picked ones up to 47% slower there (qkv int8:
+# 28.0 against 19.1 us) and the int8 step fell to 1.51x bf16. (BLOCK_N, BLOCK_K, num_warps, STAGES)
+PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, False): (8, 256, 1, 3),
+              ("NVIDIA H100 80GB HBM3", 4096, 4096, False): (4, 512, 1, 3),
+              ("NVIDIA H100 80GB HBM3", 22016, 4096, False): (8, 1024, 4, 3),
+              ("NVIDIA H100 80GB HBM3", 4096, 11008, False): (8, 512, 2, 5),
+              ("NVIDIA H100 80GB HBM3", 12288, 4096, True): (8, 256, 1, 3),
+              ("NVIDIA H100 80GB HBM3", 4096, 4096, True): (4, 512, 1, 3),
+              ("NVIDIA H100 80GB HBM3", 22016, 4096, True): (4, 1024, 2, 4),
+              ("NVIDIA H100 80GB HBM3", 4096, 11008, True): (8, 1024, 4, 3)}
+
+
+@functools.lru_cache(maxsize=None)
+def _pinned_tma(device: torch.device, N: int, K: int, fp8: bool) -> triton.Config | None:
+    hit = PINNED_TMA.get((torch.cuda.get_device_name(device), N, K, fp8)) if device.type == "cuda" else None
+    return None if hit is None else triton.Config({"BLOCK_N": hit[0], "BLOCK_K": hit[1], "STAGES": hit[3]},
+                                                  num_warps=hit[2], num_stages=1)
 
 
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
@@ -355,6 +376,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             tma = TMA and tma_supported(x) and (config is None or "STAGES" in config.kwargs)
         if tma and norm_weight is None and weight.stride(0) % 16 == 0:
             desc = TensorDescriptor.from_tensor(words, [1, 4])  # block: set per configuration
+            config = config or _pinned_tma(x.device, N, K, weight.dtype != torch.int8)
             if config is not None:
                 _tma_block(dict(w_desc=desc, **config.kwargs))
             flags.pop("HAS_RES"), flags.pop("NORM")
@@ -362,6 +384,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                         flags, config)
         else:
             args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
+            if config is not None and "STAGES" in config.kwargs:  # a TMA configuration, where TMA cannot run
+                config = None
             launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)

@@ -310,6 +310,19 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 64, 4, 3), (64, 64, 8, 4), (32, 128, 4, 3), (16, 128, 2, 3),
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
+# As PINNED_WORDS, for the TMA kernel (scripts/sweep_tma.py, H100, 2026-11-27; the autotuner's
+# picks were up to 26% slower): (BLOCK_N, BLOCK_W, num_warps, STAGES)
+PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (64, 64, 4, 3),
+              ("NVIDIA H100 80GB HBM3", 4096, 4096, 128): (32, 64, 4, 3),
+              ("NVIDIA H100 80GB HBM3", 22016, 4096, 128): (32, 64, 2, 3),
+              ("NVIDIA H100 80GB HBM3", 4096, 11008, 128): (32, 64, 4, 5)}
+
+
+@functools.lru_cache(maxsize=None)
+def _pinned_tma(device: torch.device, N: int, Kp: int, G: int) -> triton.Config | None:
+    hit = PINNED_TMA.get((torch.cuda.get_device_name(device), N, Kp, G)) if device.type == "cuda" else None
+    return None if hit is None else triton.Config({"BLOCK_N": hit[0], "BLOCK_W": hit[1], "STAGES": hit[3]},
+                                                  num_warps=hit[2], num_stages=1)
 
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
 _tuned_words = triton.autotune(configs=WORD_CONFIGS, key=["N", "Kp", "G"],
@@ -349,6 +362,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         w_desc = TensorDescriptor.from_tensor(packed.view(torch.int32), [1, 4])  # blocks: set per configuration
         sz_desc = TensorDescriptor.from_tensor(pairs.view(N, -1), [1, 4])
         args = (xv, w_desc, sz_desc, b, y, N, K, Kp)
+        config = config or _pinned_tma(x.device, N, Kp, group_size)
         if config is not None:
             _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
         launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args, flags | dict(ASM=not INTERPRETED), config)

@@ -114,6 +114,10 @@ def test_pinned_word_configurations_are_valid_for_their_shapes(g4):
     for (card, N, Kp, G), (bn, bw, nw) in g4.PINNED_WORDS.items():
         assert Kp % G == 0 and G in (32, 64, 128) and bw * 8 % G == 0 and (bn, bw, nw) in tunable, (card, N, Kp)
     assert g4._pinned(torch.device("cpu"), 12288, 4096, 128) is None  # no card: the autotuner (or interpreter)
+    for (card, N, Kp, G), (bn, bw, nw, st) in g4.PINNED_TMA.items():
+        cfg = g4.triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "STAGES": st}, num_warps=nw)
+        assert g4._prune_tma([cfg], dict(G=G)) == [cfg] and bn <= 256 and bw <= 256 and st >= 2, (card, N, Kp)
+    assert g4._pinned_tma(torch.device("cpu"), 12288, 4096, 128) is None
 
 
 def test_int4_gemv_through_tma_by_default_only_where_the_card_has_it(g4, monkeypatch):
