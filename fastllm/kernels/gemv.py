@@ -384,8 +384,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                         flags, config)
         else:
             args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
-            if config is not None and "STAGES" in config.kwargs:  # a TMA configuration, where TMA cannot run
-                config = None
+            if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile
+                config = triton.Config({"BLOCK_N": config.kwargs["BLOCK_N"], "BLOCK_K": config.kwargs["BLOCK_K"]},
+                                       num_warps=config.num_warps, num_stages=1)
             launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
