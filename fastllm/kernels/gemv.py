@@ -307,7 +307,10 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": st}, num_war
                for n, k, w, st in [(4, 512, 1, 3), (8, 256, 1, 3), (8, 512, 2, 3), (8, 512, 2, 5), (8, 1024, 4, 3),
                                    (16, 256, 2, 3), (16, 512, 4, 3), (32, 256, 4, 3), (4, 1024, 2, 4),
                                    (16, 1024, 8, 3), (8, 256, 1, 5), (4, 256, 1, 4)]]
-TMA = True  # on Hopper and later, int8 / fp8 GEMVs without a norm go through the TMA kernel
+# On Hopper and later, int8 / fp8 GEMVs without a norm through the TMA kernel. Off: on an H100 it
+# read 2-8% faster per layer (scripts/sweep_tma.py), yet the Llama-2-7B int8 step was slower with it
+# in two calls (301.4 and 302.3 against 320.2 and 318.9 tok/s, 2026-11-27); not yet understood.
+TMA = False
 # The TMA kernel's best configuration per card and shape (N, K, fp8), from scripts/sweep_tma.py
 # (chained under PDL, eight weight copies rotated, as a decode step runs them; H100, 2026-11-27):
 # the autotuner, timing each configuration alone, picked ones up to 47% slower there (qkv int8:

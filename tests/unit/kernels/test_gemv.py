@@ -192,8 +192,8 @@ def test_quantized_rows_through_tma(gemv, kind, N, K, cfg, fuse):
 
 
 def test_word_gemv_takes_tma_only_without_a_norm_and_on_hopper(gemv, monkeypatch):
-    """The default path picks the TMA kernel only on CUDA devices of compute capability 9.0+, and
-    a norm in front keeps the register-prefetch word kernel."""
+    """The TMA kernel runs only where asked (tma=True, or gemv.TMA, now off) on CUDA devices of
+    compute capability 9.0+; a norm in front keeps the register-prefetch word kernel."""
     from fastllm.kernels import launch
 
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
