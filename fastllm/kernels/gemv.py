@@ -180,6 +180,23 @@ def _bytes_f32(w, FP8: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _bytes_tile(acc, xs, w, x, BW: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr):
+    """One word tile of the int8 / fp8 word GEMVs: acc [BLOCK_N, BW] + the four values of each word
+    times their inputs x [BW, 4]; for int8 also xs [BW] + the inputs' sum (for INT8_OFFSET)."""
+    xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    v0, v1, v2, v3 = _bytes_f32(w, FP8, ASM)
+    acc = tl.fma(v0, x0[None, :], acc)
+    acc = tl.fma(v1, x1[None, :], acc)
+    acc = tl.fma(v2, x2[None, :], acc)
+    acc = tl.fma(v3, x3[None, :], acc)
+    if not FP8:
+        xs += (x0 + x1) + (x2 + x3)
+    return acc, xs
+
+
+@triton.jit
 def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                        FP8: tl.constexpr, ASM: tl.constexpr,
@@ -232,16 +249,7 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
                 x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if PREFETCH_X:
             xr, ur, rr, nwr = xn, un, rn, nwn
-        xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
-        x0, x2 = tl.split(xa)
-        x1, x3 = tl.split(xb)
-        v0, v1, v2, v3 = _bytes_f32(w, FP8, ASM)
-        acc = tl.fma(v0, x0[None, :], acc)
-        acc = tl.fma(v1, x1[None, :], acc)
-        acc = tl.fma(v2, x2[None, :], acc)
-        acc = tl.fma(v3, x3[None, :], acc)
-        if not FP8:
-            xs += (x0 + x1) + (x2 + x3)
+        acc, xs = _bytes_tile(acc, xs, w, x, BW, FP8, ASM)
         w = w_next
     if not FP8:
         acc -= INT8_OFFSET * xs[None, :]
@@ -275,16 +283,7 @@ def _gemv_bytes_tma_kernel(x_ptr, w_desc, b_ptr, y_ptr, scale_ptr, N, K,
         w = w_desc.load([row0, k // 4])
         cols = 4 * (k // 4 + tl.arange(0, BW))[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
         x = _input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL)
-        xa, xb = tl.split(tl.reshape(x, [BW, 2, 2]))
-        x0, x2 = tl.split(xa)
-        x1, x3 = tl.split(xb)
-        v0, v1, v2, v3 = _bytes_f32(w, FP8, ASM)
-        acc = tl.fma(v0, x0[None, :], acc)
-        acc = tl.fma(v1, x1[None, :], acc)
-        acc = tl.fma(v2, x2[None, :], acc)
-        acc = tl.fma(v3, x3[None, :], acc)
-        if not FP8:
-            xs += (x0 + x1) + (x2 + x3)
+        acc, xs = _bytes_tile(acc, xs, w, x, BW, FP8, ASM)
     if not FP8:
         acc -= INT8_OFFSET * xs[None, :]
     y = tl.sum(acc, axis=1)
