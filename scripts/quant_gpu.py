@@ -10,8 +10,8 @@ Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batche
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: the
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
-register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -nopf: the TMA
-kernels without their L2 prefetch before the PDL wait; suffixes combine; e2e only).
+register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; suffixes
+combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -97,7 +97,7 @@ if "--skip-e2e" not in sys.argv:
 
     from fastllm.kernels import gemv as GV, gemv_int4 as GV4
 
-    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "TMA_L2_AHEAD": (GV.TMA_L2_AHEAD, GV4.TMA_L2_AHEAD)}
+    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA)}
     for batch in batches:
         for q in ["bf16"] + [k for k in KINDS for _ in range(RETUNE)]:
             for t in tuners().values():  # each run autotunes afresh: --retune=N shows how much the picks move it
@@ -108,15 +108,14 @@ if "--skip-e2e" not in sys.argv:
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
-                # int8 / fp8 too; "-nopf": the TMA GEMVs without their L2 prefetch before the PDL wait
+                # int8 / fp8 too
                 GV.TMA, GV4.TMA = DEFAULTS["TMA"]
                 if "-tma" in q:
                     GV.TMA = GV4.TMA = True
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
-                GV.TMA_L2_AHEAD, GV4.TMA_L2_AHEAD = (0, 0) if "-nopf" in q else DEFAULTS["TMA_L2_AHEAD"]
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-nopf")
+                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

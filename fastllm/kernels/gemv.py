@@ -263,34 +263,17 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
 
 
 @triton.jit
-def prefetch_l2(ptrs, nbytes: tl.constexpr, ASM: tl.constexpr):
-    """Ask L2 for the 128-byte lines from each pointer of `ptrs` (any shape) to nbytes past it:
-    no registers held, no wait. The TMA GEMVs' pipeline starts only after the PDL wait (a wait
-    inside the loop stops Triton from pipelining it); their first tiles, requested here before the
-    wait, are in L2 when it ends, as the word kernels' first tile is in registers. The caller keeps
-    every line inside the tensor. Does nothing without ASM (Triton's interpreter)."""
-    if ASM:
-        for off in tl.static_range(0, nbytes, 128):
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs + off],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _gemv_bytes_tma_kernel(x_ptr, w_desc, w_ptr, b_ptr, y_ptr, scale_ptr, N, K, stride_w,
+def _gemv_bytes_tma_kernel(x_ptr, w_desc, b_ptr, y_ptr, scale_ptr, N, K,
                            HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                           USE_PDL: tl.constexpr, L2_AHEAD: tl.constexpr = 0):
+                           USE_PDL: tl.constexpr):
     """_gemv_bytes_kernel (without the norm) with the weight words brought in by TMA: w_desc over
     int32 [N, K / 4], block [BLOCK_N, BLOCK_K / 4]. Triton pipelines the loop STAGES deep in shared
     memory, so the bytes in flight do not cost registers. Rows and columns past the weight read as
-    zeros. L2_AHEAD: the first L2_AHEAD tiles are prefetched to L2 before the PDL wait (w_ptr, the
-    same words, stride_w words per row; each row's span is cut to the row, 16-byte aligned)."""
+    zeros."""
     pid = tl.program_id(0)
     BW: tl.constexpr = BLOCK_K // 4
     row0 = pid * BLOCK_N
-    if L2_AHEAD > 0 and K >= L2_AHEAD * BLOCK_K:  # rows past N re-read the last one
-        rows = tl.minimum(row0 + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
-        prefetch_l2((w_ptr + rows * stride_w).to(tl.pointer_type(tl.int8)), L2_AHEAD * BLOCK_K, ASM)
     if USE_PDL:  # x comes from the kernel before; the pipeline's first loads come after this wait
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -327,8 +310,6 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": st}, num_war
 # read 2-8% faster per layer (scripts/sweep_tma.py), yet the Llama-2-7B int8 step was slower with it
 # in two calls (301.4 and 302.3 against 320.2 and 318.9 tok/s, 2026-11-27); not yet understood.
 TMA = False
-# Tiles of the TMA kernel prefetched to L2 before the PDL wait (0: none; see prefetch_l2)
-TMA_L2_AHEAD = 2
 # The TMA kernel's best configuration per card and shape (N, K, fp8), from scripts/sweep_tma.py
 # (chained under PDL, eight weight copies rotated, as a decode step runs them; H100, 2026-11-27):
 # the autotuner, timing each configuration alone, picked ones up to 47% slower there (qkv int8:
@@ -401,9 +382,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if config is not None:
                 _tma_block(dict(w_desc=desc, **config.kwargs))
             flags.pop("HAS_RES"), flags.pop("NORM")
-            launch_rows(_tuned_bytes_tma, _gemv_bytes_tma_kernel, N,
-                        args[:1] + (desc, words) + args[2:4] + args[7:9] + (K, words.stride(0)),
-                        flags | dict(L2_AHEAD=TMA_L2_AHEAD), config)
+            launch_rows(_tuned_bytes_tma, _gemv_bytes_tma_kernel, N, args[:1] + (desc,) + args[2:4] + args[7:9] + (K,),
+                        flags, config)
         else:
             args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
             if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile

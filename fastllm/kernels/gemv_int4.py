@@ -41,7 +41,6 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gemv import prefetch_l2
 from .launch import launch_rows, pdl, tma_supported
 
 WORDS = True  # the word kernel (False: the row kernel; benchmarks switch it to compare)
@@ -239,26 +238,18 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
 
 
 @triton.jit
-def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, w_ptr, sz_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sz,
+def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                          L2_AHEAD: tl.constexpr = 0):
+                          BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     """The word kernel's arithmetic with the weights and (scale, zero) pairs brought in by TMA:
     w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]), sz_desc over the pairs
     (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]). Triton pipelines the
     loop STAGES deep in shared memory, so the bytes in flight do not cost registers (the word
-    kernel's register prefetch holds one tile per program). Rows past N read as zeros.
-    L2_AHEAD: the first L2_AHEAD tiles' words and pairs are prefetched to L2 before the PDL wait
-    (w_ptr and sz_ptr: the same tensors, stride_w words and stride_sz floats per row)."""
+    kernel's register prefetch holds one tile per program). Rows past N read as zeros."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8
     GROUPS: tl.constexpr = BLOCK_W // W
     row0 = pid * BLOCK_N
-    if L2_AHEAD > 0 and Kp >= L2_AHEAD * BLOCK_W * 8:  # rows past N re-read the last one
-        rows = tl.minimum(row0 + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
-        prefetch_l2((w_ptr + rows * stride_w).to(tl.pointer_type(tl.int8)), L2_AHEAD * BLOCK_W * 4, ASM)
-        # the pairs: 8 bytes per group, L2_AHEAD * GROUPS groups (within the row, since the words are)
-        prefetch_l2((sz_ptr + rows * stride_sz).to(tl.pointer_type(tl.int8)), L2_AHEAD * GROUPS * 8, ASM)
     offs = tl.arange(0, GROUPS)[:, None] * W + tl.arange(0, W)[None, :]
     kx = (8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]: columns of a tile
     if USE_PDL:  # x comes from the kernel before; the pipeline's first loads come after this wait
@@ -326,7 +317,6 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 64, 4, 3), (64, 64, 8, 4), (32, 128, 4, 3), (16, 128, 2, 3),
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
-TMA_L2_AHEAD = 2  # tiles prefetched to L2 before the PDL wait (0: none; see fastllm.kernels.gemv.prefetch_l2)
 # As PINNED_WORDS, for the TMA kernel (scripts/sweep_tma.py, H100, 2026-11-27; the autotuner's
 # picks were up to 26% slower): (BLOCK_N, BLOCK_W, num_warps, STAGES)
 PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (64, 64, 4, 3),
@@ -378,13 +368,11 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         assert packed.stride(0) % 16 == 0 and packed.data_ptr() % 16 == 0
         w_desc = TensorDescriptor.from_tensor(packed.view(torch.int32), [1, 4])  # blocks: set per configuration
         sz_desc = TensorDescriptor.from_tensor(pairs.view(N, -1), [1, 4])
-        args = (xv, w_desc, sz_desc, packed.view(torch.int32), pairs, b, y, N, K, Kp, packed.stride(0) // 4,
-                pairs.stride(0))
+        args = (xv, w_desc, sz_desc, b, y, N, K, Kp)
         config = config or _pinned_tma(x.device, N, Kp, group_size)
         if config is not None:
             _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
-        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args,
-                    flags | dict(ASM=not INTERPRETED, L2_AHEAD=TMA_L2_AHEAD), config)
+        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args, flags | dict(ASM=not INTERPRETED), config)
     elif WORDS if words is None else words:
         assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
         w = packed.view(torch.int32)  # [N, Kp / 8]
