@@ -34,7 +34,9 @@ from .launch import launch_rows, pdl, tma_supported
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for n, k, w, s in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 4), (16, 256, 4, 4),
                               (16, 512, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3),
-                              (1, 1024, 4, 4), (1, 2048, 4, 3), (2, 2048, 8, 3), (4, 2048, 8, 3), (2, 4096, 8, 2)]]
+                              (1, 1024, 4, 4), (1, 2048, 4, 3), (2, 2048, 8, 3), (4, 2048, 8, 3), (2, 4096, 8, 2),
+                              # whole 4096-wide rows of 8-bit weights per tile, as (2, 4096) is for 16-bit ones
+                              (4, 4096, 8, 2), (8, 4096, 8, 2), (4, 4096, 4, 2), (8, 2048, 8, 3), (16, 1024, 8, 3)]]
 
 
 @triton.jit
@@ -324,6 +326,17 @@ PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, False): (8, 256, 1, 3),
               ("NVIDIA H100 80GB HBM3", 4096, 11008, True): (8, 1024, 4, 3)}
 
 
+# The word kernel's best configuration per card and shape (N, K, fp8), as PINNED_TMA is for the TMA
+# kernel: (BLOCK_N, BLOCK_K, num_warps); empty until measured (scripts/sweep_gemv.py)
+PINNED_WORDS: dict = {}
+
+
+def _pinned_words(device: torch.device, N: int, K: int, fp8: bool) -> triton.Config | None:
+    hit = PINNED_WORDS.get((torch.cuda.get_device_name(device), N, K, fp8)) if device.type == "cuda" else None
+    return None if hit is None else triton.Config({"BLOCK_N": hit[0], "BLOCK_K": hit[1]}, num_warps=hit[2],
+                                                  num_stages=1)
+
+
 @functools.lru_cache(maxsize=None)
 def _pinned_tma(device: torch.device, N: int, K: int, fp8: bool) -> triton.Config | None:
     hit = PINNED_TMA.get((torch.cuda.get_device_name(device), N, K, fp8)) if device.type == "cuda" else None
@@ -389,6 +402,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile
                 config = triton.Config({"BLOCK_N": config.kwargs["BLOCK_N"], "BLOCK_K": config.kwargs["BLOCK_K"]},
                                        num_warps=config.num_warps, num_stages=1)
+            config = config or _pinned_words(x.device, N, K, weight.dtype != torch.int8)
             launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
