@@ -11,7 +11,8 @@ Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batche
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
-int8 / fp8 word GEMVs in the best configurations of --pin-words=SWEEP_GEMV_JSON; suffixes combine; e2e only).
+int8 / fp8 word GEMVs in the best configurations of --pin-words=SWEEP_GEMV_JSON; -nodp4a: the int8 word
+GEMVs in float arithmetic, not dp4a; suffixes combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -105,12 +106,12 @@ if "--skip-e2e" not in sys.argv:
         if a.startswith("--pin-words="):
             sweep = json.loads(Path(a.split("=", 1)[1]).read_text())
             for r in sweep["results"]:
-                if r["kernel"] in ("int8-words", "fp8-words"):
+                kind = {"int8-words": "int8", "fp8-words": "fp8", "int8-dp4a": "dp4a"}.get(r["kernel"])
+                if kind is not None:
                     cfg = dict(kv.split(": ") for kv in r["best"].split(", "))
                     N, K = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096),
                             "down": (4096, 11008)}[r["shape"]]
-                    PIN[(sweep["device"], N, K, r["kernel"] == "fp8-words")] = (
-                        int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"]), int(cfg["num_warps"]))
+                    PIN[(sweep["device"], N, K, kind)] = (int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"]), int(cfg["num_warps"]))
             report["pinned_words"] = {str(k): v for k, v in PIN.items()}
     for batch in batches:
         for q in ["bf16"] + [k for k in KINDS for _ in range(RETUNE)]:
@@ -125,12 +126,13 @@ if "--skip-e2e" not in sys.argv:
                 # int8 / fp8 too
                 GV.TMA, GV4.TMA = DEFAULTS["TMA"]
                 GV.PINNED_WORDS = PIN if "-pin" in q else {}
+                GV.DP4A = "-nodp4a" not in q  # "-nodp4a": int8 word GEMVs in float arithmetic
                 if "-tma" in q:
                     GV.TMA = GV4.TMA = True
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin")
+                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}
