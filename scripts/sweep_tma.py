@@ -1,7 +1,7 @@
 """The batch-1 word GEMVs with TMA-pipelined weights (every configuration of gemv.TMA_CONFIGS and
 gemv_int4.TMA_CONFIGS) against the register-prefetch word kernels (autotuned), int8, fp8 and int4
 g128 on the Llama-2-7B shapes: eight weight copies rotated, graph-timed, PDL on.
-Usage: python scripts/sweep_tma.py OUTDIR. Prints a table last; JSON in OUTDIR."""
+Usage: python scripts/sweep_tma.py OUTDIR [--int4-only]; int4 also in integer arithmetic ("dp4a"). Prints a table last; JSON in OUTDIR."""
 import json
 import sys
 from pathlib import Path
@@ -42,6 +42,8 @@ for name, (N, K) in SHAPES.items():
     pairs = [pack_scales(s, z) for _, s, z in q4]
     res = {}
     for kind, qs in quant.items():
+        if "--int4-only" in sys.argv:
+            break
         ref = (x.double() @ qs[0][0].double().T) * qs[0][1].double()
         res[f"{kind} words"] = rot(lambda i, qs=qs: G.gemv(x, qs[i][0], scale=qs[i][1], tma=False))
         res[f"{kind} tma autotuned"] = rot(lambda i, qs=qs: G.gemv(x, qs[i][0], scale=qs[i][1], tma=True))
@@ -55,15 +57,21 @@ for name, (N, K) in SHAPES.items():
     for cfg in G4._prune_tma(G4.TMA_CONFIGS, dict(G=128)):
         assert err_of(G4.gemv_int4(x, *q4[0], 128, pairs=pairs[0], config=cfg, tma=True), ref4) < 2e-2, str(cfg)
         res[f"int4 tma {cfg}"] = rot(lambda i, cfg=cfg: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], config=cfg,
-                                                                     tma=True))
+                                                                     tma=True, dp4a=False))
+        assert err_of(G4.gemv_int4(x, *q4[0], 128, pairs=pairs[0], config=cfg, tma=True, dp4a=True), ref4) < 2e-2
+        res[f"int4 dp4a {cfg}"] = rot(lambda i, cfg=cfg: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], config=cfg,
+                                                                      tma=True, dp4a=True))
     report["results"].append(dict(shape=name, N=N, K=K, us=res))
     (out_dir / "sweep_tma.json").write_text(json.dumps(report, indent=1))
-    for kind in ("int8", "fp8", "int4"):
+    for kind in ("int4",) if "--int4-only" in sys.argv else ("int8", "fp8", "int4"):
         nbytes = N * K // 2 + N * K // 128 * 8 if kind == "int4" else N * K
         best = min((t, k) for k, t in res.items() if k.startswith(kind + " tma ") and "autotuned" not in k)
         words, auto = res[f"{kind} words"], res[f"{kind} tma autotuned"]
         line = (f"{name:8s} {kind}: words {words:6.1f} us ({nbytes / words / 1e6:.2f} TB/s); tma autotuned {auto:6.1f}; "
                 f"tma best {best[0]:6.1f} ({nbytes / best[0] / 1e6:.2f} TB/s) [{best[1].split(' tma ')[1]}]")
+        if kind == "int4":
+            d = min((t, k) for k, t in res.items() if k.startswith("int4 dp4a "))
+            line += f"; dp4a best {d[0]:6.1f} ({nbytes / d[0] / 1e6:.2f} TB/s) [{d[1].split(' dp4a ')[1][:40]}]"
         lines.append(line)
         print(line, flush=True)
 print("\n==== summary ====\n" + "\n".join(lines))

@@ -127,7 +127,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
 
 
 WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
-DP4A = True  # int8 word GEMVs without a norm through _gemv_int8_dp4a_kernel (see gemv's `dp4a`)
+# int8 word GEMVs without a norm through _gemv_int8_dp4a_kernel (see gemv's `dp4a`). Off: on an H100
+# it halved the loop's instructions and left the bandwidth where it was (Llama-2-7B int8 step 320.2
+# against 323.8 tok/s without it, 2026-11-27): the int8 GEMV is not bound by its arithmetic.
+DP4A = False
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
@@ -266,32 +269,40 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
 
 
 @triton.jit
-def _dp4a(a, b, c, B_SIGNED: tl.constexpr, ASM: tl.constexpr):
-    """c + the dot product of the four signed bytes of each int32 of a with the four bytes of b
-    (signed or unsigned): one dp4a instruction (PTX) per word; plain Triton without ASM."""
+def dp4a(a, b, c, A_SIGNED: tl.constexpr, B_SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """c + the dot product of the four bytes of each int32 of a with the four bytes of b, each
+    read as signed or unsigned: one dp4a instruction (PTX) per word; plain Triton without ASM."""
     if ASM:
-        if B_SIGNED:
+        if A_SIGNED and B_SIGNED:
             return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                              dtype=tl.int32, is_pure=True, pack=1)
-        else:
+        elif A_SIGNED:
             return tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        elif B_SIGNED:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                              dtype=tl.int32, is_pure=True, pack=1)
     else:
         for j in tl.static_range(4):
-            aj = (a << (24 - 8 * j)) >> 24
+            aj = (a << (24 - 8 * j)) >> 24 if A_SIGNED else (a >> (8 * j)) & 0xFF
             bj = (b << (24 - 8 * j)) >> 24 if B_SIGNED else (b >> (8 * j)) & 0xFF
             c += aj * bj
         return c
 
 
 @triton.jit
-def _int16_planes(x, inv, BW: tl.constexpr):
-    """The inputs x [BW, 4] (fp32) in 16-bit fixed point, round(x * inv) = 256 hi + lo, as two
-    words of four bytes per word column [BW]: hi's bytes signed (-128..127), lo's unsigned."""
-    q = (x * inv + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000  # round to nearest, |q| <= 32767
-    qa, qb = tl.split(tl.reshape(q, [BW, 2, 2]))
-    q0, q2 = tl.split(qa)  # byte 0 and byte 2 of each word, as in _bytes_tile
-    q1, q3 = tl.split(qb)
+def fixed16(x, inv):
+    """round(x * inv) as int32 (|x * inv| <= 32767: 16-bit fixed point against 32767 / inv)."""
+    return (x * inv + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000  # 1.5 * 2^23: rounds to nearest
+
+
+@triton.jit
+def byte_planes(q0, q1, q2, q3):
+    """Four 16-bit fixed-point values per position as two int32 words of bytes, q_j = 256 hi_j +
+    lo_j with hi_j in byte j of the first (signed, -128..127) and lo_j of the second (unsigned)."""
     hi = ((q0 >> 8) & 0xFF) | (((q1 >> 8) & 0xFF) << 8) | (((q2 >> 8) & 0xFF) << 16) | ((q3 >> 8) << 24)
     lo = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | ((q3 & 0xFF) << 24)
     return hi, lo
@@ -334,9 +345,13 @@ def _gemv_int8_dp4a_kernel(x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, N, K, stride_w
         w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
                          eviction_policy="evict_first")
         cols = 4 * cw[:, None] + tl.arange(0, 4)[None, :]
-        hi, lo = _int16_planes(_input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL), inv, BW)
-        acc_hi = _dp4a(w, tl.broadcast_to(hi[None, :], (BLOCK_N, BW)), acc_hi, True, ASM)
-        acc_lo = _dp4a(w, tl.broadcast_to(lo[None, :], (BLOCK_N, BW)), acc_lo, False, ASM)
+        q = fixed16(_input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL), inv)  # [BW, 4]
+        qa, qb = tl.split(tl.reshape(q, [BW, 2, 2]))
+        q0, q2 = tl.split(qa)  # byte 0 and byte 2 of each word, as in _bytes_tile
+        q1, q3 = tl.split(qb)
+        hi, lo = byte_planes(q0, q1, q2, q3)
+        acc_hi = dp4a(w, tl.broadcast_to(hi[None, :], (BLOCK_N, BW)), acc_hi, True, True, ASM)
+        acc_lo = dp4a(w, tl.broadcast_to(lo[None, :], (BLOCK_N, BW)), acc_lo, True, False, ASM)
         w = w_next
     # |sums| <= 127 * 255 * K: exact in int32 for K below 66,000
     y = tl.sum(acc_hi, axis=1).to(tl.float32) * 256.0 + tl.sum(acc_lo, axis=1).to(tl.float32)

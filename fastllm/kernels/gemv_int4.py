@@ -41,6 +41,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .gemv import byte_planes, dp4a, fixed16
 from .launch import launch_rows, pdl, tma_supported
 
 WORDS = True  # the word kernel (False: the row kernel; benchmarks switch it to compare)
@@ -184,6 +185,39 @@ def _int4_tile(acc, wt, xt, sz, GROUPS: tl.constexpr, W: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
+def _int4_tile_dp4a(acc, wt, xt, sz, GROUPS: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
+    """_int4_tile in integer arithmetic: the tile's inputs xt [GROUPS, W, 8] go to 16-bit fixed
+    point against their largest magnitude (one scale per tile), split into a high and a low byte
+    plane for the even and for the odd columns; a word's even and odd nibbles (two masks, one
+    shift) meet them in four dp4a. Per word, sum((q - zero) x) = sx (P - zero sum(xf)) with P the
+    exact int32 product sum and xf the fixed-point inputs: about 1.5 instructions per weight
+    against _int4_tile's 4. The inputs' rounding (at most amax / 65534 each) is the only one
+    added."""
+    amax = tl.max(tl.max(tl.max(tl.abs(xt), axis=2), axis=1), axis=0)
+    inv = tl.where(amax > 0.0, 32767.0 / tl.where(amax > 0.0, amax, 1.0), 0.0)
+    q = fixed16(xt, inv)  # [GROUPS, W, 8]
+    qe, qo = tl.split(tl.reshape(q, [GROUPS, W, 4, 2]))  # columns 8c + 2j (even nibbles), 8c + 2j + 1
+    e02, e13 = tl.split(tl.reshape(qe, [GROUPS, W, 2, 2]))  # j = (0, 2), (1, 3)
+    e0, e2 = tl.split(e02)
+    e1, e3 = tl.split(e13)
+    o02, o13 = tl.split(tl.reshape(qo, [GROUPS, W, 2, 2]))
+    o0, o2 = tl.split(o02)
+    o1, o3 = tl.split(o13)
+    eh, el = byte_planes(e0, e1, e2, e3)
+    oh, ol = byte_planes(o0, o1, o2, o3)
+    xw = ((e0 + e1) + (e2 + e3)) + ((o0 + o1) + (o2 + o3))  # [GROUPS, W], exact
+    even = wt & 0x0F0F0F0F
+    odd = (wt >> 4) & 0x0F0F0F0F
+    hi = dp4a(even, eh[None], dp4a(odd, oh[None], tl.zeros_like(wt), False, True, ASM), False, True, ASM)
+    lo = dp4a(even, el[None], dp4a(odd, ol[None], tl.zeros_like(wt), False, False, ASM), False, False, ASM)
+    # |256 hi + lo| <= 8 * 15 * 32767 < 2^22: exact in fp32 through the float's bits
+    p = ((hi * 256 + lo) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    s, z = tl.split(sz)
+    p = tl.fma(-z[:, :, None], xw.to(tl.float32)[None], p)
+    return tl.fma((s * (amax / 32767.0))[:, :, None], p, acc)
+
+
+@triton.jit
 def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, stride_w, stride_sn,
                             stride_sg,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -240,8 +274,9 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
 @triton.jit
 def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    """The word kernel's arithmetic with the weights and (scale, zero) pairs brought in by TMA:
+                          BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+                          DP4A: tl.constexpr = False):
+    """The word kernel's arithmetic (DP4A: _int4_tile_dp4a's) with the weights and (scale, zero) pairs brought in by TMA:
     w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]), sz_desc over the pairs
     (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]). Triton pipelines the
     loop STAGES deep in shared memory, so the bytes in flight do not cost registers (the word
@@ -261,7 +296,10 @@ def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
         sz = tl.reshape(sz_desc.load([row0, 2 * (k0 // G)]), [BLOCK_N, GROUPS, 2])
         kk = k0 + kx
         xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc = _int4_tile(acc, wt, xt, sz, GROUPS, W, ASM)
+        if DP4A:
+            acc = _int4_tile_dp4a(acc, wt, xt, sz, GROUPS, W, ASM)
+        else:
+            acc = _int4_tile(acc, wt, xt, sz, GROUPS, W, ASM)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -317,6 +355,7 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 64, 4, 3), (64, 64, 8, 4), (32, 128, 4, 3), (16, 128, 2, 3),
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
+DP4A = True  # the TMA kernel in integer arithmetic (_int4_tile_dp4a; benchmarks switch it)
 # As PINNED_WORDS, for the TMA kernel (scripts/sweep_tma.py, H100, 2026-11-27; the autotuner's
 # picks were up to 26% slower): (BLOCK_N, BLOCK_W, num_warps, STAGES)
 PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (64, 64, 4, 3),
@@ -342,13 +381,14 @@ INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no in
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, config: triton.Config | None = None,
               words: bool | None = None, pairs: torch.Tensor | None = None, silu_mul: bool = False,
-              tma: bool | None = None) -> torch.Tensor:
+              tma: bool | None = None, dp4a: bool | None = None) -> torch.Tensor:
     """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
     words: the word kernel (default: the module's WORDS); config: one of its configurations;
     pairs: the same scales and zeros interleaved (fastllm.stages.quantizers.int4.pack_scales), which
     the word kernel reads in 16-byte loads; silu_mul (word kernel): x is [gate, up] ([1, 2K]) and
     the layer's input is silu(gate) * up. tma: with pairs and without silu_mul, the TMA kernel
-    (default: the module's TMA, on CUDA devices of compute capability 9.0 and later)."""
+    (default: the module's TMA, on CUDA devices of compute capability 9.0 and later); dp4a: the TMA
+    kernel in integer arithmetic, for 16-bit inputs (default: the module's DP4A)."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1] // 2 if silu_mul else x.shape[-1]
     assert x.numel() == (2 * K if silu_mul else K) and K <= Kp and Kp % group_size == 0
@@ -372,7 +412,9 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         config = config or _pinned_tma(x.device, N, Kp, group_size)
         if config is not None:
             _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
-        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args, flags | dict(ASM=not INTERPRETED), config)
+        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args,
+                    flags | dict(ASM=not INTERPRETED, DP4A=(DP4A if dp4a is None else dp4a) and x.dtype != torch.float32),
+                    config)
     elif WORDS if words is None else words:
         assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
         w = packed.view(torch.int32)  # [N, Kp / 8]

@@ -260,10 +260,13 @@ def test_int8_dp4a_on_inputs_of_wide_range_and_on_zeros(gemv):
 
 
 def test_int8_gemv_takes_dp4a_without_a_norm(gemv, monkeypatch):
-    """gemv.DP4A (on) routes int8 word GEMVs without a norm to the dp4a kernel; fp8, a norm in
-    front, or dp4a=False keep the float word kernel."""
+    """gemv.DP4A (off by default) routes int8 word GEMVs without a norm to the dp4a kernel; fp8, a
+    norm in front, or dp4a=False keep the float word kernel."""
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
     calls = []
+    gemv.gemv(x, _q8("int8", 16, 64).cpu(), scale=torch.ones(16), config=gemv.CONFIGS[0])
+    assert not gemv.DP4A
+    monkeypatch.setattr(gemv, "DP4A", True)
     monkeypatch.setattr(gemv, "launch_rows", lambda tuned, kernel, *a, **k: calls.append(kernel))
     q, f8, scale = _q8("int8", 16, 64).cpu(), _q8("fp8", 16, 64).cpu(), torch.ones(16)
     gemv.gemv(x, q, scale=scale)

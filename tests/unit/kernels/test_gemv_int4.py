@@ -22,11 +22,12 @@ def g4():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("N, K, cfg", [(45, 300, 0), (7, 4096, 2), (130, 1000, 4), (64, 11008 // 8, 7)])
-@pytest.mark.parametrize("mode", ["rows", "words", "pairs", "rows-views", "tma"])
+@pytest.mark.parametrize("mode", ["rows", "words", "pairs", "rows-views", "tma", "tma-dp4a"])
 def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg, mode):
     """pairs: the word kernel reading (scale, zero) interleaved, as Int4Linear stores them;
     rows-views: the row kernel reading scales and zeros as views of that storage; tma: the same
-    storage through tensor descriptors (rows past N and the padded columns read as zeros)."""
+    storage through tensor descriptors (rows past N and the padded columns read as zeros);
+    tma-dp4a: that kernel in integer arithmetic (16-bit inputs only; fp32 ones keep floats)."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 
     w = torch.randn(N, K, device=DEV) * (1 + torch.rand(N, 1, device=DEV))
@@ -35,22 +36,24 @@ def test_int4_gemv_matches_float64(g4, dtype, G, N, K, cfg, mode):
     x = torch.randn(1, K, device=DEV).to(dtype)
     b = torch.randn(N, device=DEV).to(dtype)
     words = mode in ("words", "pairs")
-    configs = g4.TMA_CONFIGS if mode == "tma" else g4.WORD_CONFIGS if words else g4.CONFIGS
-    pairs = pack_scales(scales, zeros) if mode in ("pairs", "rows-views", "tma") else None
+    tma = mode.startswith("tma")
+    configs = g4.TMA_CONFIGS if tma else g4.WORD_CONFIGS if words else g4.CONFIGS
+    pairs = pack_scales(scales, zeros) if mode in ("pairs", "rows-views") or tma else None
     if pairs is not None:
         ng = scales.shape[1]
         scales, zeros = pairs[:, :ng, 0], pairs[:, :ng, 1]
-    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=configs[cfg], words=None if mode == "tma" else words,
-                       pairs=pairs if mode in ("pairs", "tma") else None, tma=mode == "tma")
+    out = g4.gemv_int4(x, packed, scales, zeros, G, b, config=configs[cfg], words=None if tma else words,
+                       pairs=pairs if mode == "pairs" or tma else None, tma=tma, dp4a=mode == "tma-dp4a")
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T + b.double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and out.dtype == dtype and not out.isnan().any()
     # fp32: the word kernels sum (128 + q) x and subtract (128 + zero) sum(x), which costs a few
     # of fp32's bits (up to ~1e-5 relative over 30 seeds of the 7 x 4096 case)
-    assert err < ((3e-5 if mode in ("words", "pairs", "tma") else 1e-5) if dtype == torch.float32 else 1e-2), err
+    assert err < ((3e-5 if mode in ("words", "pairs", "tma", "tma-dp4a") else 1e-5) if dtype == torch.float32
+                  else 1e-2), err
 
 
-@pytest.mark.parametrize("mode", ["rows", "words", "pairs", "tma"])
+@pytest.mark.parametrize("mode", ["rows", "words", "pairs", "tma", "tma-dp4a"])
 def test_int4_gemv_every_config_on_a_llama_row_shape(g4, mode):
     """Each configuration (the autotuner may pick any) on K = 4096, G = 128."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
@@ -60,16 +63,20 @@ def test_int4_gemv_every_config_on_a_llama_row_shape(g4, mode):
     x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T
     words = mode in ("words", "pairs")
-    pairs = pack_scales(scales, zeros) if mode in ("pairs", "tma") else None
-    configs = g4._prune_tma(g4.TMA_CONFIGS, dict(G=128)) if mode == "tma" else g4.WORD_CONFIGS if words else g4.CONFIGS
+    tma = mode.startswith("tma")
+    pairs = pack_scales(scales, zeros) if mode == "pairs" or tma else None
+    configs = g4._prune_tma(g4.TMA_CONFIGS, dict(G=128)) if tma else g4.WORD_CONFIGS if words else g4.CONFIGS
     assert configs
     for cfg in configs:
         if words and cfg.kwargs["BLOCK_W"] * 8 % 128:
             continue
-        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg, words=None if mode == "tma" else words,
-                           pairs=pairs, tma=mode == "tma")
+        out = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg, words=None if tma else words,
+                           pairs=pairs, tma=tma, dp4a=mode == "tma-dp4a")
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (str(cfg), err)
+        if mode == "tma-dp4a":  # as close as the float arithmetic, to a few bf16 roundings
+            other = g4.gemv_int4(x, packed, scales, zeros, 128, config=cfg, pairs=pairs, tma=True, dp4a=False)
+            assert ((out.double() - other.double()).norm() / ref.norm()).item() < 8e-3, str(cfg)
 
 
 @pytest.mark.parametrize("words", [False, True])
