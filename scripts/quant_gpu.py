@@ -13,7 +13,7 @@ int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without T
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int8 / fp8 word GEMVs in the best configurations of --pin-words=SWEEP_GEMV_JSON, the int4 TMA GEMVs in the
 best dp4a ones of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int8 word
-and int4 TMA GEMVs in float arithmetic, not dp4a; suffixes combine; e2e only).
+and int4 TMA GEMVs in float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; suffixes combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -139,6 +139,7 @@ if "--skip-e2e" not in sys.argv:
                 # int8 / fp8 too
                 GV.TMA, GV4.TMA = DEFAULTS["TMA"]
                 GV.PINNED_WORDS = PIN if "-pin" in q else {}
+                DecodeLinear.fuse_norm = "-norm" in q  # "-norm": the RMSNorms taken into the GEMVs after them
                 GV4.PINNED_TMA = PIN4 if "-pin" in q else PIN4_DEFAULT
                 GV4._pinned_tma.cache_clear()
                 GV.DP4A, GV4.DP4A = DEFAULTS["DP4A"]
@@ -149,7 +150,7 @@ if "--skip-e2e" not in sys.argv:
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a")
+                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

@@ -356,12 +356,13 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
 DP4A = True  # the TMA kernel in integer arithmetic (_int4_tile_dp4a; benchmarks switch it)
-# As PINNED_WORDS, for the TMA kernel (scripts/sweep_tma.py, H100, 2026-11-27; the autotuner's
-# picks were up to 26% slower): (BLOCK_N, BLOCK_W, num_warps, STAGES)
-PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (64, 64, 4, 3),
-              ("NVIDIA H100 80GB HBM3", 4096, 4096, 128): (32, 64, 4, 3),
+# As PINNED_WORDS, for the TMA kernel in integer arithmetic (DP4A; scripts/sweep_tma.py, H100, 2026-11-27,
+# the sweep's "int4 dp4a" rows; the autotuner's picks were up to 26% slower, and the float arithmetic's
+# best ones cost the dp4a kernel 10% end to end): (BLOCK_N, BLOCK_W, num_warps, STAGES)
+PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (32, 64, 2, 3),
+              ("NVIDIA H100 80GB HBM3", 4096, 4096, 128): (16, 128, 2, 3),
               ("NVIDIA H100 80GB HBM3", 22016, 4096, 128): (32, 64, 2, 3),
-              ("NVIDIA H100 80GB HBM3", 4096, 11008, 128): (32, 64, 4, 5)}
+              ("NVIDIA H100 80GB HBM3", 4096, 11008, 128): (32, 128, 4, 3)}
 
 
 @functools.lru_cache(maxsize=None)
