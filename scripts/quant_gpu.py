@@ -11,9 +11,8 @@ Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batche
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
-int8 / fp8 word GEMVs in the best configurations of --pin-words=SWEEP_GEMV_JSON, the int4 TMA GEMVs in the
-best dp4a ones of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int8 word
-and int4 TMA GEMVs in float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; suffixes combine; e2e only).
+int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
+float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; suffixes combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -99,22 +98,8 @@ if "--skip-e2e" not in sys.argv:
 
     from fastllm.kernels import gemv as GV, gemv_int4 as GV4
 
-    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": (GV.DP4A, GV4.DP4A)}
-    # "-pin" rows: the int8 / fp8 word GEMVs take the best configurations of a scripts/sweep_gemv.py JSON
-    # (--pin-words=PATH) instead of the autotuner's
-    PIN = {}
-    for a in sys.argv:
-        if a.startswith("--pin-words="):
-            sweep = json.loads(Path(a.split("=", 1)[1]).read_text())
-            for r in sweep["results"]:
-                kind = {"int8-words": "int8", "fp8-words": "fp8", "int8-dp4a": "dp4a"}.get(r["kernel"])
-                if kind is not None:
-                    cfg = dict(kv.split(": ") for kv in r["best"].split(", "))
-                    N, K = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096),
-                            "down": (4096, 11008)}[r["shape"]]
-                    PIN[(sweep["device"], N, K, kind)] = (int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"]), int(cfg["num_warps"]))
-            report["pinned_words"] = {str(k): v for k, v in PIN.items()}
-    # and the int4 TMA GEMV the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
+    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A}
+    # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     for a in sys.argv:
         if a.startswith("--pin-int4="):
@@ -138,13 +123,10 @@ if "--skip-e2e" not in sys.argv:
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
                 # int8 / fp8 too
                 GV.TMA, GV4.TMA = DEFAULTS["TMA"]
-                GV.PINNED_WORDS = PIN if "-pin" in q else {}
                 DecodeLinear.fuse_norm = "-norm" in q  # "-norm": the RMSNorms taken into the GEMVs after them
                 GV4.PINNED_TMA = PIN4 if "-pin" in q else PIN4_DEFAULT
                 GV4._pinned_tma.cache_clear()
-                GV.DP4A, GV4.DP4A = DEFAULTS["DP4A"]
-                if "-nodp4a" in q:  # the int8 word / int4 TMA GEMVs in float arithmetic
-                    GV.DP4A = GV4.DP4A = False
+                GV4.DP4A = DEFAULTS["DP4A"] and "-nodp4a" not in q  # "-nodp4a": the int4 TMA GEMV in floats
                 if "-tma" in q:
                     GV.TMA = GV4.TMA = True
                 if "-notma" in q or "-px" in q:

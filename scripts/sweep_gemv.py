@@ -4,7 +4,7 @@ help), sixteen calls per CUDA graph, programmatic dependent launch on. int8 / fp
 the row kernel (_gemv_kernel; int8-i2f: with the int-to-float conversion instruction) and the
 word kernel (_gemv_bytes_kernel, "-words"; "-words-px": with its inputs requested a tile ahead);
 int4 through both of its kernels, the word kernel also reading (scale, zero) interleaved
-("int4-pairs"); int8 also through the dp4a kernel ("int8-dp4a") (--int4-variants: the word
+("int4-pairs") (--int4-variants: the word
 kernel also with group-major scales, and without scale loads). Then the autotuner's own pick, to
 see how far it lands from the best.
 
@@ -60,19 +60,6 @@ for name, (N, K) in SHAPES.items():
                 launch_rows(None, G._gemv_kernel, N, args, flags, cfg)
             it = iter(range(10 ** 9))
             kernels.setdefault(kind, []).append((graph_time(lambda: call(next(it))), str(cfg)))
-    if "int8-dp4a" in KINDS:
-        ref = (x.double() @ q8[0][0].double().T) * q8[0][1].double()
-        for cfg in G.CONFIGS:
-            def calld(i, cfg=cfg, q8=q8):
-                wq, sc = q8[i % 8]
-                wv = wq.view(torch.int32)
-                launch_rows(None, G._gemv_int8_dp4a_kernel, N, (x, wv, y, y, sc, N, K, wv.stride(0)),
-                            dict(HAS_BIAS=False, SILU_MUL=False, ASM=True, **pdl(x)), cfg)
-            calld(0)
-            err = ((y.double() - ref[0]).norm() / ref.norm()).item()
-            assert err < 2e-2, ("int8-dp4a", str(cfg), err)
-            it = iter(range(10 ** 9))
-            kernels.setdefault("int8-dp4a", []).append((graph_time(lambda: calld(next(it))), str(cfg)))
     for kind, weights in [("int8-words", q8), ("fp8-words", f8), ("int8-words-px", q8), ("fp8-words-px", f8)]:
         if kind not in KINDS:
             continue
@@ -136,8 +123,7 @@ for name, (N, K) in SHAPES.items():
     if "bf16" in KINDS:
         picks["bf16"] = rotating(lambda i, w16=w16: G.gemv(x, w16[i]))
     if q8:
-        picks["int8-dp4a"] = rotating(lambda i, q8=q8: G.gemv(x, q8[i][0], scale=q8[i][1], dp4a=True))
-        picks["int8-words"] = rotating(lambda i, q8=q8: G.gemv(x, q8[i][0], scale=q8[i][1], dp4a=False))
+        picks["int8-words"] = rotating(lambda i, q8=q8: G.gemv(x, q8[i][0], scale=q8[i][1]))
         picks["int8"] = rotating(lambda i, q8=q8: G.gemv(x, q8[i][0], scale=q8[i][1], words=False))
     if f8:
         picks["fp8-words"] = rotating(lambda i, f8=f8: G.gemv(x, f8[i][0], scale=f8[i][1]))

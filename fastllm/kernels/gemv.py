@@ -35,7 +35,8 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
            for n, k, w, s in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 4), (16, 256, 4, 4),
                               (16, 512, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3),
                               (1, 1024, 4, 4), (1, 2048, 4, 3), (2, 2048, 8, 3), (4, 2048, 8, 3), (2, 4096, 8, 2),
-                              # whole 4096-wide rows of 8-bit weights per tile, as (2, 4096) is for 16-bit ones
+                              # wider 8-bit tiles; (16, 1024, 8) was the best int8 / fp8 word configuration for
+                              # o_proj and down_proj in an H100 sweep (scripts/sweep_gemv.py, 2026-11-27)
                               (4, 4096, 8, 2), (8, 4096, 8, 2), (4, 4096, 4, 2), (8, 2048, 8, 3), (16, 1024, 8, 3)]]
 
 
@@ -127,10 +128,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
 
 
 WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
-# int8 word GEMVs without a norm through _gemv_int8_dp4a_kernel (see gemv's `dp4a`). Off: on an H100
-# it halved the loop's instructions and left the bandwidth where it was (Llama-2-7B int8 step 320.2
-# against 323.8 tok/s without it, 2026-11-27): the int8 GEMV is not bound by its arithmetic.
-DP4A = False
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
@@ -269,99 +266,6 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
 
 
 @triton.jit
-def dp4a(a, b, c, A_SIGNED: tl.constexpr, B_SIGNED: tl.constexpr, ASM: tl.constexpr):
-    """c + the dot product of the four bytes of each int32 of a with the four bytes of b, each
-    read as signed or unsigned: one dp4a instruction (PTX) per word; plain Triton without ASM."""
-    if ASM:
-        if A_SIGNED and B_SIGNED:
-            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif A_SIGNED:
-            return tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif B_SIGNED:
-            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        for j in tl.static_range(4):
-            aj = (a << (24 - 8 * j)) >> 24 if A_SIGNED else (a >> (8 * j)) & 0xFF
-            bj = (b << (24 - 8 * j)) >> 24 if B_SIGNED else (b >> (8 * j)) & 0xFF
-            c += aj * bj
-        return c
-
-
-@triton.jit
-def fixed16(x, inv):
-    """round(x * inv) as int32 (|x * inv| <= 32767: 16-bit fixed point against 32767 / inv)."""
-    return (x * inv + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000  # 1.5 * 2^23: rounds to nearest
-
-
-@triton.jit
-def byte_planes(q0, q1, q2, q3):
-    """Four 16-bit fixed-point values per position as two int32 words of bytes, q_j = 256 hi_j +
-    lo_j with hi_j in byte j of the first (signed, -128..127) and lo_j of the second (unsigned)."""
-    hi = ((q0 >> 8) & 0xFF) | (((q1 >> 8) & 0xFF) << 8) | (((q2 >> 8) & 0xFF) << 16) | ((q3 >> 8) << 24)
-    lo = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | ((q3 & 0xFF) << 24)
-    return hi, lo
-
-
-@triton.jit
-def _gemv_int8_dp4a_kernel(x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, N, K, stride_w,
-                           HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """_gemv_bytes_kernel for int8 weights (no norm) in integer arithmetic: the input vector is
-    taken to 16-bit fixed point against its largest magnitude (a first pass over it, while the
-    first weight tile is in flight), split into a high and a low byte plane, and each weight word
-    meets each plane in one dp4a: 2 instructions per 4 weights, where the float path spends
-    about 9 (4 conversions, 4 FMAs, the offset). The int32 sums are exact; the only rounding is
-    the inputs' to 16 bits (at most amax / 65534 each, below bf16's own rounding of all but the
-    inputs 128 times smaller than the largest)."""
-    pid = tl.program_id(0)
-    BW: tl.constexpr = BLOCK_K // 4
-    KW = K // 4
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    c = tl.arange(0, BW)
-    w = tl.load(w_rows + c[None, :], mask=row_ok[:, None] & (c < KW)[None, :], other=0,
-                eviction_policy="evict_first")
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    amax = tl.zeros((BW, 4), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        cols = 4 * (k // 4 + c)[:, None] + tl.arange(0, 4)[None, :]
-        amax = tl.maximum(amax, tl.abs(_input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL)))
-    amax = tl.max(tl.max(amax, axis=1), axis=0)
-    inv = tl.where(amax > 0.0, 32767.0 / tl.where(amax > 0.0, amax, 1.0), 0.0)
-    acc_hi = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
-    acc_lo = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
-    for k in range(0, K, BLOCK_K):
-        cw = k // 4 + c
-        nxt = cw + BW
-        w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
-                         eviction_policy="evict_first")
-        cols = 4 * cw[:, None] + tl.arange(0, 4)[None, :]
-        q = fixed16(_input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL), inv)  # [BW, 4]
-        qa, qb = tl.split(tl.reshape(q, [BW, 2, 2]))
-        q0, q2 = tl.split(qa)  # byte 0 and byte 2 of each word, as in _bytes_tile
-        q1, q3 = tl.split(qb)
-        hi, lo = byte_planes(q0, q1, q2, q3)
-        acc_hi = dp4a(w, tl.broadcast_to(hi[None, :], (BLOCK_N, BW)), acc_hi, True, True, ASM)
-        acc_lo = dp4a(w, tl.broadcast_to(lo[None, :], (BLOCK_N, BW)), acc_lo, True, False, ASM)
-        w = w_next
-    # |sums| <= 127 * 255 * K: exact in int32 for K below 66,000
-    y = tl.sum(acc_hi, axis=1).to(tl.float32) * 256.0 + tl.sum(acc_lo, axis=1).to(tl.float32)
-    y = y * (amax / 32767.0) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
 def _gemv_bytes_tma_kernel(x_ptr, w_desc, b_ptr, y_ptr, scale_ptr, N, K,
                            HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
@@ -423,17 +327,6 @@ PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, False): (8, 256, 1, 3),
               ("NVIDIA H100 80GB HBM3", 4096, 11008, True): (8, 1024, 4, 3)}
 
 
-# The word kernels' best configuration per card, shape and kernel (N, K, "int8" / "fp8" / "dp4a"), as
-# PINNED_TMA is for the TMA kernel: (BLOCK_N, BLOCK_K, num_warps); empty until measured (scripts/sweep_gemv.py)
-PINNED_WORDS: dict = {}
-
-
-def _pinned_words(device: torch.device, N: int, K: int, kind: str) -> triton.Config | None:
-    hit = PINNED_WORDS.get((torch.cuda.get_device_name(device), N, K, kind)) if device.type == "cuda" else None
-    return None if hit is None else triton.Config({"BLOCK_N": hit[0], "BLOCK_K": hit[1]}, num_warps=hit[2],
-                                                  num_stages=1)
-
-
 @functools.lru_cache(maxsize=None)
 def _pinned_tma(device: torch.device, N: int, K: int, fp8: bool) -> triton.Config | None:
     hit = PINNED_TMA.get((torch.cuda.get_device_name(device), N, K, fp8)) if device.type == "cuda" else None
@@ -444,14 +337,13 @@ def _pinned_tma(device: torch.device, N: int, K: int, fp8: bool) -> triton.Confi
 _tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
 INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"  # Triton's CPU interpreter: no inline PTX
 _tuned_bytes = triton.autotune(configs=CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8"])(_gemv_bytes_kernel)
-_tuned_dp4a = triton.autotune(configs=CONFIGS, key=["N", "K", "SILU_MUL"])(_gemv_int8_dp4a_kernel)
 _tuned_bytes_tma = triton.autotune(configs=TMA_CONFIGS, key=["N", "K", "SILU_MUL", "FP8"])(_gemv_bytes_tma_kernel)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
          silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
-         words: bool | None = None, tma: bool | None = None, dp4a: bool | None = None):
+         words: bool | None = None, tma: bool | None = None):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
@@ -464,8 +356,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     (False: _gemv_kernel; default: the module's WORDS, which benchmarks switch to compare).
     tma: such a word GEMV without a norm through _gemv_bytes_tma_kernel (default: the module's TMA,
     on CUDA devices of compute capability 9.0 and later).
-    dp4a: an int8 word GEMV without a norm (and not through TMA) in integer arithmetic,
-    _gemv_int8_dp4a_kernel (default: the module's DP4A).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -498,18 +388,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             launch_rows(_tuned_bytes_tma, _gemv_bytes_tma_kernel, N, args[:1] + (desc,) + args[2:4] + args[7:9] + (K,),
                         flags, config)
         else:
+            args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
             if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile
                 config = triton.Config({"BLOCK_N": config.kwargs["BLOCK_N"], "BLOCK_K": config.kwargs["BLOCK_K"]},
                                        num_warps=config.num_warps, num_stages=1)
-            if (DP4A if dp4a is None else dp4a) and weight.dtype == torch.int8 and norm_weight is None:
-                flags.pop("HAS_RES"), flags.pop("NORM"), flags.pop("FP8")
-                launch_rows(_tuned_dp4a, _gemv_int8_dp4a_kernel, N,
-                            (xv, words, args[2], y, args[7], N, K, words.stride(0)), flags,
-                            config or _pinned_words(x.device, N, K, "dp4a"))
-            else:
-                args = args[:1] + (words,) + args[2:10] + (words.stride(0), eps)
-                launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X),
-                            config or _pinned_words(x.device, N, K, "int8" if weight.dtype == torch.int8 else "fp8"))
+            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
     lead = x.shape[:-1]

@@ -202,77 +202,7 @@ def test_word_gemv_takes_tma_only_without_a_norm_and_on_hopper(gemv, monkeypatch
     monkeypatch.setattr(gemv, "launch_rows", lambda tuned, kernel, *a, **k: calls.append(kernel))
     q = _q8("int8", 16, 64).cpu()
     scale = torch.ones(16)
-    gemv.gemv(x, q, scale=scale, dp4a=False)
+    gemv.gemv(x, q, scale=scale)
     gemv.gemv(x, q, scale=scale, tma=True)
     gemv.gemv(x, q, scale=scale, tma=True, norm_weight=torch.ones(64, dtype=torch.bfloat16))
     assert calls == [gemv._gemv_bytes_kernel, gemv._gemv_bytes_tma_kernel, gemv._gemv_bytes_kernel]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N, K, cfg", [(33, 512, 3), (7, 260, 0), (130, 1100, 8), (64, 4096, 13), (5, 12, 1)])
-@pytest.mark.parametrize("fuse", ["none", "silu_mul"])
-def test_int8_rows_through_dp4a(gemv, dtype, N, K, cfg, fuse):
-    """The integer-arithmetic int8 GEMV (inputs in 16-bit fixed point, two dp4a per word): every
-    weight value, row scales, bias and the SiLU fusion, on odd shapes, against float64; within
-    the output's rounding, and as close as the float word kernel."""
-    q = _q8("int8", N, K)
-    scale = torch.rand(N, device=DEV) + 0.01
-    b = torch.randn(N, dtype=dtype, device=DEV)
-    cfg = gemv.CONFIGS[cfg]
-    amp = 3.0 if dtype == torch.bfloat16 else 0.5  # fp16: keep sums of 4096 products of up to 128 in range
-    if fuse == "silu_mul":
-        h = amp * torch.randn(1, 2 * K, dtype=dtype, device=DEV)
-        out = gemv.gemv(h, q, b, silu_mul=True, scale=scale, config=cfg, dp4a=True)
-        other = gemv.gemv(h, q, b, silu_mul=True, scale=scale, config=cfg, dp4a=False)
-        g, u = h.float().split(K, dim=-1)
-        x = (torch.nn.functional.silu(g) * u).to(dtype)
-    else:
-        x = amp * torch.randn(1, K, dtype=dtype, device=DEV)
-        out = gemv.gemv(x, q, b, scale=scale, config=cfg, dp4a=True)
-        other = gemv.gemv(x, q, b, scale=scale, config=cfg, dp4a=False)
-    ref = (x.double() @ q.double().T) * scale.double() + b.double()
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    err_float = ((other.double() - ref).norm() / ref.norm()).item()
-    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    assert out.shape == (1, N) and out.dtype == dtype and not out.isnan().any()
-    assert err < tol and err < 1.2 * err_float + 1e-4, (err, err_float)
-
-
-def test_int8_dp4a_on_inputs_of_wide_range_and_on_zeros(gemv):
-    """16-bit fixed point against the largest input: one input 1000 times the others still
-    leaves the result within fp16 rounding; an all-zero input gives zeros, not NaN."""
-    N, K = 24, 2048
-    q = _q8("int8", N, K)
-    scale = 0.01 * (torch.rand(N, device=DEV) + 0.01)  # keeps the outlier's products in fp16's range
-    x = torch.randn(1, K, dtype=torch.float16, device=DEV)
-    x[0, 77] = 1000.0
-    out = gemv.gemv(x, q, scale=scale, config=gemv.CONFIGS[3], dp4a=True)
-    ref = (x.double() @ q.double().T) * scale.double()
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < 2e-3, err
-    # without the outlier's column the rest is still resolved to a few 1e-4 of its own size
-    rest = ((x.double() @ q.double().T) - 1000.0 * q[:, 77].double()) * scale.double()
-    diff = ((out.double() - ref).norm() / rest.norm()).item()
-    assert diff < 2e-2, diff
-    zero = gemv.gemv(torch.zeros(1, K, dtype=torch.bfloat16, device=DEV), q, scale=scale, config=gemv.CONFIGS[3],
-                     dp4a=True)
-    assert not zero.isnan().any() and (zero == 0).all()
-
-
-def test_int8_gemv_takes_dp4a_without_a_norm(gemv, monkeypatch):
-    """gemv.DP4A (off by default) routes int8 word GEMVs without a norm to the dp4a kernel; fp8, a
-    norm in front, or dp4a=False keep the float word kernel."""
-    x = torch.zeros(1, 64, dtype=torch.bfloat16)
-    calls = []
-    gemv.gemv(x, _q8("int8", 16, 64).cpu(), scale=torch.ones(16), config=gemv.CONFIGS[0])
-    assert not gemv.DP4A
-    monkeypatch.setattr(gemv, "DP4A", True)
-    monkeypatch.setattr(gemv, "launch_rows", lambda tuned, kernel, *a, **k: calls.append(kernel))
-    q, f8, scale = _q8("int8", 16, 64).cpu(), _q8("fp8", 16, 64).cpu(), torch.ones(16)
-    gemv.gemv(x, q, scale=scale)
-    gemv.gemv(torch.zeros(1, 128, dtype=torch.bfloat16), q, scale=scale, silu_mul=True)
-    gemv.gemv(x, f8, scale=scale)
-    gemv.gemv(x, q, scale=scale, norm_weight=torch.ones(64, dtype=torch.bfloat16))
-    gemv.gemv(x, q, scale=scale, dp4a=False)
-    assert calls == [gemv._gemv_int8_dp4a_kernel, gemv._gemv_int8_dp4a_kernel, gemv._gemv_bytes_kernel,
-                     gemv._gemv_bytes_kernel, gemv._gemv_bytes_kernel]
