@@ -148,3 +148,38 @@ def qgemm_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
     assert x.dim() == 2 and x.shape[1] <= Kp and Kp % group_size == 0 and group_size % 32 == 0
     assert scales.shape == zeros.shape == (N, Kp // group_size) and scales.stride() == zeros.stride()
     return _launch(x, packed, scales, zeros, bias, N, Kp, True, group_size, config)
+
+
+@triton.jit
+def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, stride_w, stride_sn, stride_sg, stride_o,
+                         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    # Grid (N / BLOCK_N, words per row / BLOCK_W): out[n, 8 c + j] = (nibble j of word c - zero) * scale
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    m = (rows < N)[:, None] & (c < KW)[None, :]
+    words = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + c[None, :], mask=m, other=0)
+    sz = rows.to(tl.int64)[:, None] * stride_sn + (c * 8 // G)[None, :] * stride_sg
+    s = tl.load(s_ptr + sz, mask=m, other=0.0)
+    z = tl.load(z_ptr + sz, mask=m, other=0.0)
+    q = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_W, 8]
+    v = (q.to(tl.float32) - z[:, :, None]) * s[:, :, None]
+    k = 8 * c[:, None] + tl.arange(0, 8)[None, :]  # [BLOCK_W, 8]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None, None] * stride_o + k[None], v.to(out_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None, None] & (k < K)[None])
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, K: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The int4 weight as a dense [N, K] tensor of `dtype`, in one pass (each value (q - zero) * scale
+    in fp32, rounded once, as qgemm_int4 rounds its tiles): for many tokens, where a cuBLAS GEMM
+    on it outruns qgemm_int4 by more than the pass costs (see Int4Linear.dense_min_tokens)."""
+    N, Kp = packed.shape[0], packed.shape[1] * 2
+    assert packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0 and K <= Kp
+    assert scales.shape == zeros.shape == (N, Kp // group_size) and scales.stride() == zeros.stride()
+    w = packed.view(torch.int32)  # [N, Kp / 8]
+    out = torch.empty(N, K, dtype=dtype, device=packed.device)
+    block_n, block_w = 16, 64
+    _dequant_int4_kernel[(triton.cdiv(N, block_n), triton.cdiv(w.shape[1], block_w))](
+        w, scales, zeros, out, N, K, w.shape[1], w.stride(0), *scales.stride(), out.stride(0),
+        G=group_size, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4)
+    return out

@@ -94,3 +94,23 @@ def test_a_strided_input_view(qgemm):
     out = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), config=qgemm.CONFIGS[0])
     torch.testing.assert_close(out.cpu().double(), x.double() @ (q.double() * s.double()[:, None]).T,
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, K, N", [(32, 96, 45), (64, 200, 16), (128, 300, 33), (128, 1024, 70)])
+def test_int4_dequantized_in_one_pass(qgemm, dtype, G, K, N):
+    """The dense weight of the many-token path: each value (q - zero) * scale rounded once to
+    dtype, exactly as the torch reference computes it (K padded to the group in two shapes), read
+    through Int4Linear's interleaved (scale, zero) views."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(N, K) * (1 + torch.rand(N, 1)), G)
+    packed[0, :8] = torch.arange(0, 256, 33, dtype=torch.uint8)[:8]  # every nibble value appears
+    pairs = pack_scales(scales, zeros).to(DEV)
+    ng = scales.shape[1]
+    out = qgemm.dequantize_int4(packed.to(DEV), pairs[:, :ng, 0], pairs[:, :ng, 1], G, K, dtype)
+    ref = dequantize_int4(packed, scales, zeros, K).to(dtype)
+    assert out.shape == (N, K) and out.dtype == dtype
+    # exact, but for the interpreter's fp32 -> bf16 cast, which truncates (one bf16 step at most)
+    exact = DEV == "cuda" or dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, rtol=0 if exact else 2 ** -7, atol=0)
