@@ -100,11 +100,11 @@ class Int4Linear(nn.Module):
             w = w * self.inv_input_scale.float()[None, :]
         return w.to(dtype)
 
-    # From this many tokens (a prefill chunk) the weight is dequantized to x's dtype in one pass and
-    # multiplied by cuBLAS, as vLLM's AWQ layers do from 256 tokens: qgemm_int4 runs at 0.33-0.44x
-    # bf16's speed from 256 tokens on an H100, where the pass costs about a third of a bf16 GEMM at
-    # 1,024 tokens (docs/quantization.md). A transient [N, K] buffer per layer call.
-    dense_min_tokens = 512
+    # From this many tokens the weight is dequantized to x's dtype in one pass and multiplied by
+    # cuBLAS, as vLLM's AWQ layers do from 256 tokens. On an H100 (Llama-2-7B layers, 2026-11-27)
+    # that ran at 0.39-0.49x bf16's speed at 256 tokens, 0.66-0.71x at 1,024 and 0.90-0.94x at
+    # 4,096, against qgemm_int4's 0.33-0.44x (docs/quantization.md). A transient [N, K] buffer per call.
+    dense_min_tokens = 256
 
     def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """torch's CPU int4 layout, made on first use: (weight, scales_and_zeros [Kp/G, N, 2] bf16);
