@@ -67,12 +67,6 @@ class Int8Linear(RowScaledLinear):
             out = (acc.float() * x_scale * self.scale).to(flat.dtype)
             if self.bias is not None:
                 out = out + self.bias
-        elif (flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens
-              and flat.dtype != torch.float32):
-            # q is exact in bf16 / fp16: the same products as qgemm_rows, the scale on the result
-            out = (F.linear(flat, self.qweight.to(flat.dtype)).float() * self.scale).to(flat.dtype)
-            if self.bias is not None:
-                out = out + self.bias
         elif flat.device.type in self.devices:
             from ...kernels.qgemm import qgemm_rows
 
@@ -85,10 +79,6 @@ class Int8Linear(RowScaledLinear):
         else:
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
-
-    # From this many tokens, as Int4Linear.dense_min_tokens: the weight widened to x's dtype (exact)
-    # and multiplied by cuBLAS, the scales applied to the result
-    dense_min_tokens = 256
 
     def _int_mm_fits(self, flat: torch.Tensor) -> bool:
         return flat.shape[0] >= INT_MM_MIN_TOKENS and self.in_features % 8 == 0 and self.out_features % 8 == 0

@@ -208,30 +208,6 @@ def test_int4_down_proj_takes_silu_and_mul_into_its_gemv(monkeypatch):
     assert layer.forward_silu_mul(gate_up) is None
 
 
-def test_int8_many_tokens_through_a_dense_weight(monkeypatch):
-    """From Int8Linear.dense_min_tokens 16-bit tokens the int8 weight is widened (exactly) and
-    multiplied densely, the row scales applied to the result; fewer tokens take the Triton GEMM,
-    fp32 inputs always do."""
-    pytest.importorskip("triton")
-    from fastllm.kernels import qgemm
-
-    monkeypatch.setattr(Int8Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
-    calls = []
-    real = qgemm.qgemm_rows
-    monkeypatch.setattr(qgemm, "qgemm_rows", lambda *a, **k: calls.append(a[0].shape[0]) or
-                        real(*a, config=qgemm.CONFIGS[0], **k))
-    layer = Int8Linear(nn.Linear(96, 40, bias=True).to(torch.bfloat16))
-    monkeypatch.setattr(Int8Linear, "dense_min_tokens", 6)
-    x = torch.randn(6, 96, dtype=torch.bfloat16)
-    ref = x.double() @ layer.dequantize(torch.float64).T + layer.bias.double()
-    out = layer(x)
-    assert out.dtype == torch.bfloat16 and calls == []
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
-    layer(x[:5])
-    layer.float()(x.float())
-    assert calls == [5, 6]
-
-
 @pytest.mark.parametrize("awq", [False, True])
 def test_int4_many_tokens_through_a_dense_weight(monkeypatch, awq):
     """From Int4Linear.dense_min_tokens tokens the layer dequantizes its weight in one pass and
