@@ -34,15 +34,14 @@ def dump():
 
 
 # ---- 1. linears at M=1 -----------------------------------------------------------------
-from fastllm.bench.common import copy_bandwidth  # noqa: E402
+from fastllm.bench.common import LLAMA2_7B_LINEARS, copy_bandwidth  # noqa: E402
 from fastllm.kernels import gemv as G  # noqa: E402
 
 bw = copy_bandwidth(dev)
 report["copy_bandwidth_TBps"] = bw / 1e12
 lines.append(f"copy bandwidth {bw / 1e12:.2f} TB/s")
 if not QUANTIZERS:
-    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
-              "lm_head": (32000, 4096)}
+    shapes = {**LLAMA2_7B_LINEARS, "lm_head": (32000, 4096)}
     lin = {}
     for name, (N, K) in shapes.items():
         ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(8)]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastllm.bench.common import graph_time
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time
 
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ from fastllm.stages.quantizers.fp8 import Fp8Linear  # noqa: E402
 from fastllm.stages.quantizers.int4 import Int4Linear  # noqa: E402
 from fastllm.stages.quantizers.int8 import Int8Linear  # noqa: E402
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+SHAPES = LLAMA2_7B_LINEARS
 MS = [int(m) for a in sys.argv if a.startswith("--ms=") for m in a.split("=")[1].split(",")] or [1, 16, 64, 256, 1024]
 KINDS = [k for a in sys.argv if a.startswith("--kinds=") for k in a.split("=")[1].split(",")] or ["int8", "int4", "fp8"]
 FP8_DEFAULT = Fp8Linear.scaled_mm_min_tokens

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastllm.bench.common import LLAMA2_7B_LINEARS
 from fastllm.stages.pruners import nm_mask
 from fastllm.stages.pruners.semi_structured import to_sparse
 
@@ -47,7 +48,7 @@ def event_time(fn, iters: int = 50) -> float:
     return statistics.median(times)
 
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+SHAPES = LLAMA2_7B_LINEARS
 layers = []
 for name, (N, K) in SHAPES.items():
     dense, sparse = [], {"cusparselt": [], "cutlass": []}

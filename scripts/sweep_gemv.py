@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastllm.bench.common import graph_time
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time
 
 from fastllm.kernels import gemv as G
 from fastllm.kernels import gemv_int4 as G4
@@ -30,7 +30,7 @@ from fastllm.stages.quantizers.int8 import quantize_int8
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
 dev = torch.device("cuda")
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+SHAPES = LLAMA2_7B_LINEARS
 
 
 report: dict = {"device": torch.cuda.get_device_name(), "results": []}

@@ -8,6 +8,10 @@ from pathlib import Path
 import torch
 
 
+# The linear layers of one Llama-2-7B decoder layer, (N, K) of y = W x, as the GPU scripts time them
+LLAMA2_7B_LINEARS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 20) -> float:
     """The card's copy ceiling in bytes/s (bytes read + bytes written): the best of `repeats`
     device-to-device copies of nbytes / 2, timed with CUDA events after a warm-up (a ceiling is
