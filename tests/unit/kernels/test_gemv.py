@@ -112,6 +112,22 @@ def _q8(kind, N, K):
     return vals[idx].to(DEV)
 
 
+def _rows_layer(kind, N, K, dtype):
+    """(q, per-row scales, bias) of a row-scaled int8 / fp8 layer holding every weight value."""
+    return _q8(kind, N, K), torch.rand(N, device=DEV) + 0.01, torch.randn(N, dtype=dtype, device=DEV)
+
+
+def _silu_mul_input(K, dtype):
+    """(gate_up [1, 2K], the layer input silu(gate) * up rounded to dtype as the unfused op rounds it)."""
+    h = torch.randn(1, 2 * K, dtype=dtype, device=DEV)
+    g, u = h.float().split(K, dim=-1)
+    return h, (torch.nn.functional.silu(g) * u).to(dtype)
+
+
+def _rows_ref(x, q, scale, b):
+    return (x.double() @ q.double().T) * scale.double() + b.double()
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("N, K, cfg", [(33, 512, 3), (7, 260, 0), (130, 1100, 8), (64, 4096, 13)])
 @pytest.mark.parametrize("fuse", ["none", "silu_mul", "norm", "norm+residual"])
@@ -123,15 +139,11 @@ def test_quantized_rows_read_as_words(gemv, kind, N, K, cfg, fuse, prefetch, mon
     requested a tile ahead (PREFETCH_X) or not."""
     monkeypatch.setattr(gemv, "PREFETCH_X", prefetch)
     dtype = torch.bfloat16
-    q = _q8(kind, N, K)
-    scale = torch.rand(N, device=DEV) + 0.01
-    b = torch.randn(N, dtype=dtype, device=DEV)
+    q, scale, b = _rows_layer(kind, N, K, dtype)
     cfg = gemv.CONFIGS[cfg]
     if fuse == "silu_mul":
-        h = torch.randn(1, 2 * K, dtype=dtype, device=DEV)
+        h, x = _silu_mul_input(K, dtype)
         out = gemv.gemv(h, q, b, silu_mul=True, scale=scale, config=cfg)
-        g, u = h.float().split(K, dim=-1)
-        x = (torch.nn.functional.silu(g) * u).to(dtype)
     elif fuse.startswith("norm"):
         h = torch.randn(1, K, dtype=dtype, device=DEV)
         nw = (1 + 0.3 * torch.randn(K)).to(dtype).to(DEV)
@@ -145,7 +157,7 @@ def test_quantized_rows_read_as_words(gemv, kind, N, K, cfg, fuse, prefetch, mon
     else:
         x = torch.randn(1, K, dtype=dtype, device=DEV)
         out = gemv.gemv(x, q, b, scale=scale, config=cfg)
-    ref = (x.double() @ q.double().T) * scale.double() + b.double()
+    ref = _rows_ref(x, q, scale, b)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and not out.isnan().any() and err < TOL[dtype], err
     # the row-at-a-time kernel gives the same result to bf16 rounding
@@ -174,19 +186,15 @@ def test_quantized_rows_through_tma(gemv, kind, N, K, cfg, fuse):
     columns past K read as zeros), every weight value, row scales, bias and the SiLU fusion,
     against float64."""
     dtype = torch.bfloat16
-    q = _q8(kind, N, K)
-    scale = torch.rand(N, device=DEV) + 0.01
-    b = torch.randn(N, dtype=dtype, device=DEV)
+    q, scale, b = _rows_layer(kind, N, K, dtype)
     cfg = gemv.TMA_CONFIGS[cfg]
     if fuse == "silu_mul":
-        h = torch.randn(1, 2 * K, dtype=dtype, device=DEV)
+        h, x = _silu_mul_input(K, dtype)
         out = gemv.gemv(h, q, b, silu_mul=True, scale=scale, config=cfg, tma=True)
-        g, u = h.float().split(K, dim=-1)
-        x = (torch.nn.functional.silu(g) * u).to(dtype)
     else:
         x = torch.randn(1, K, dtype=dtype, device=DEV)
         out = gemv.gemv(x, q, b, scale=scale, config=cfg, tma=True)
-    ref = (x.double() @ q.double().T) * scale.double() + b.double()
+    ref = _rows_ref(x, q, scale, b)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (1, N) and not out.isnan().any() and err < TOL[dtype], err
 
