@@ -10,25 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import prefetch  # noqa: F401 (models reach it through this module: fastllm.models.llama.l2_target)
 from .launch import pdl
 from .prefetch import l2_prefetch, launch_args
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps, rows, pf_ptr, pf_bytes,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps, pf_ptr, pf_bytes,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
                      PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr):
     row = tl.program_id(0)
-    if PREFETCH and row >= rows:  # a program past the rows asks L2 for the next layer's weights
-        l2_prefetch(pf_ptr, pf_bytes, row - rows, tl.num_programs(0) - rows, PF_CHUNK, PF_LANES)
-    else:
-        _rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps, row, HAS_RES, BLOCK,
-                      USE_PDL)
-
-
-@triton.jit
-def _rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps, row,
-                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if PREFETCH:  # the next layer's weights (fastllm.kernels.prefetch): constant, so before the wait
+        l2_prefetch(pf_ptr, pf_bytes, row, tl.num_programs(0), PF_CHUNK, PF_LANES)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -55,10 +48,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty_like(x2)
     N = x2.shape[-1]
     res = residual.reshape(-1, N) if residual is not None else x2
-    extra, pf = launch_args(prefetch, x2)
-    _rms_norm_kernel[(x2.shape[0] + extra,)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps,
-                                             x2.shape[0], HAS_RES=residual is not None,
-                                             BLOCK=triton.next_power_of_2(N), num_warps=4, **pf, **pdl(x2))
+    _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps,
+                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
+                                     **launch_args(prefetch, x2.shape[0], x2), **pdl(x2))
     return out.view(x.shape)
 
 

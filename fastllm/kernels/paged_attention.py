@@ -62,27 +62,16 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 @_jit
 def _rope_store_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
-                       stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch, T, pf_ptr, pf_bytes,
+                       stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch, pf_ptr, pf_bytes,
                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
                        USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr):
     # Grid (T, H + KVH): one head of one token. A q head is rotated in place; a k head is rotated
-    # into the cache, with the v head of the same index. With PREFETCH, rows of programs past T
-    # ask L2 for o_proj's weights, read after attention (fastllm.kernels.prefetch).
+    # into the cache, with the v head of the same index.
     t = tl.program_id(0)
     h = tl.program_id(1)
-    if PREFETCH and t >= T:
-        l2_prefetch(pf_ptr, pf_bytes, (t - T) * tl.num_programs(1) + h, (tl.num_programs(0) - T) * tl.num_programs(1),
+    if PREFETCH:  # o_proj's weights, read after attention (fastllm.kernels.prefetch)
+        l2_prefetch(pf_ptr, pf_bytes, t * tl.num_programs(1) + h, tl.num_programs(0) * tl.num_programs(1),
                     PF_CHUNK, PF_LANES)
-    else:
-        _rope_store_head(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
-                         stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch, t, h,
-                         NUM_HEADS, HEAD_DIM, BLOCK_HALF, USE_PDL)
-
-
-@_jit
-def _rope_store_head(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
-                     stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch, t, h,
-                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # qk comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -329,11 +318,11 @@ def rope_store_kv(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     if d % 2:
         raise ValueError(f"rotate-half RoPE needs an even head_dim, got {d}")
-    extra, pf = launch_args(prefetch, qk)
-    _rope_store_kernel[(T + -(-extra // (num_heads + kvh)), num_heads + kvh)](
+    _rope_store_kernel[(T, num_heads + kvh)](
         qk, v, k_cache, v_cache, slot_mapping, positions, inv_freq, scale,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2), T,
-        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1, **pf, **pdl(qk))
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1,
+        **launch_args(prefetch, T * (num_heads + kvh), qk), **pdl(qk))
 
 
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,

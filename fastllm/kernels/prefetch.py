@@ -21,10 +21,6 @@ ENABLED = True  # benchmarks switch it off to measure what it buys
 MAX_TOKENS = 16  # at more tokens a step's linear layers stop being weight streams
 HEAD_BYTES = 8 << 20  # before a norm: the start of the next layer (about 3 us of HBM)
 ATTENTION_BYTES = 24 << 20  # before attention: o_proj, up to this much
-# Extra programs that only prefetch, per launch: one SM's bulk prefetches run at a fraction of the
-# card's bandwidth (an H100 took ~200 us per layer with them all issued from one norm program), so
-# the bytes are spread over about one program per SM.
-PROGRAMS = 132
 LANES = 32  # bulk prefetches per program (one per lane of a warp)
 
 
@@ -60,11 +56,11 @@ def target(linear: torch.nn.Module, max_bytes: int, tokens: int) -> tuple[torch.
     return w, min(max_bytes, w.numel() * w.element_size())
 
 
-def launch_args(prefetch: tuple[torch.Tensor, int] | None, fallback: torch.Tensor) -> tuple[int, dict]:
-    """(extra programs, kernel arguments) of an optional prefetch: the kernel runs its usual grid
-    plus that many programs, which only prefetch (PF_PROGRAMS of them, PF_CHUNK bytes per lane)."""
+def launch_args(prefetch: tuple[torch.Tensor, int] | None, programs: int, fallback: torch.Tensor) -> dict:
+    """The kernel arguments of an optional prefetch spread over `programs` programs."""
     if prefetch is None:
-        return 0, dict(pf_ptr=fallback, pf_bytes=0, PREFETCH=False, PF_CHUNK=16, PF_LANES=LANES)
+        return dict(pf_ptr=fallback, pf_bytes=0, PREFETCH=False, PF_CHUNK=16, PF_LANES=LANES)
     t, nbytes = prefetch
-    chunk = max(4096, triton.next_power_of_2(-(-nbytes // (PROGRAMS * LANES))))
-    return PROGRAMS, dict(pf_ptr=t, pf_bytes=nbytes, PREFETCH=True, PF_CHUNK=chunk, PF_LANES=LANES)
+    per_lane = -(-nbytes // (programs * LANES))
+    chunk = max(4096, triton.next_power_of_2(per_lane))
+    return dict(pf_ptr=t, pf_bytes=nbytes, PREFETCH=True, PF_CHUNK=chunk, PF_LANES=LANES)

@@ -31,10 +31,10 @@ def l2_target(linear: nn.Module, x: torch.Tensor, head: bool = True):
     """The bytes of `linear`'s weight that the kernel before it may ask L2 for while it waits (the
     first HEAD_BYTES, or with head=False up to ATTENTION_BYTES): fastllm.kernels.prefetch, on CUDA
     at decode-sized batches; else None."""
-    if fused_ops(x) is None:
+    fused = fused_ops(x)
+    if fused is None:
         return None
-    from ..kernels import prefetch as pf
-
+    pf = fused.prefetch
     return pf.target(linear, pf.HEAD_BYTES if head else pf.ATTENTION_BYTES, x.shape[0])
 
 
