@@ -10,18 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prefetch  # noqa: F401 (models reach it through this module: fastllm.models.llama.l2_target)
 from .launch import pdl
-from .prefetch import l2_prefetch, launch_args
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps, pf_ptr, pf_bytes,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
-    if PREFETCH:  # the next layer's weights (fastllm.kernels.prefetch): constant, so before the wait
-        l2_prefetch(pf_ptr, pf_bytes, row, tl.num_programs(0), PF_CHUNK, PF_LANES)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -40,17 +35,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """weight * normalize(x [+ residual]); with a residual, it is updated in place to x + residual.
-    prefetch: (tensor, bytes) to ask L2 for meanwhile (see fastllm.kernels.prefetch.target)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * normalize(x [+ residual]); with a residual, it is updated in place to x + residual."""
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(x2)
     N = x2.shape[-1]
     res = residual.reshape(-1, N) if residual is not None else x2
     _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps,
                                      HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
-                                     **launch_args(prefetch, x2.shape[0], x2), **pdl(x2))
+                                     **pdl(x2))
     return out.view(x.shape)
 
 

@@ -24,8 +24,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-
-    from .prefetch import l2_prefetch, launch_args
 except ImportError:  # the torch reference still works; the kernels raise when launched
     triton = None
     tl = SimpleNamespace(constexpr=None)
@@ -62,16 +60,13 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 @_jit
 def _rope_store_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, inv_freq_ptr, rope_scale,
-                       stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch, pf_ptr, pf_bytes,
+                       stride_t, stride_h, stride_vt, stride_vh, stride_cs, stride_ch,
                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr):
+                       USE_PDL: tl.constexpr):
     # Grid (T, H + KVH): one head of one token. A q head is rotated in place; a k head is rotated
     # into the cache, with the v head of the same index.
     t = tl.program_id(0)
     h = tl.program_id(1)
-    if PREFETCH:  # o_proj's weights, read after attention (fastllm.kernels.prefetch)
-        l2_prefetch(pf_ptr, pf_bytes, t * tl.num_programs(1) + h, tl.num_programs(0) * tl.num_programs(1),
-                    PF_CHUNK, PF_LANES)
     if USE_PDL:  # qk comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -304,11 +299,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def rope_store_kv(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
-                  num_heads: int, prefetch: tuple[torch.Tensor, int] | None = None) -> None:
+                  num_heads: int) -> None:
     """RoPE (rotate-half, cos/sin of positions * inv_freq, times scale) and store_kv in one launch:
     qk [T, num_heads + KVH, D] holds q then k; q is rotated in place, the rotated k and v [T, KVH, D]
-    go to the cache rows slot_mapping [T] (-1 skipped). qk itself keeps k unrotated.
-    prefetch: (tensor, bytes) to ask L2 for meanwhile (see fastllm.kernels.prefetch.target)."""
+    go to the cache rows slot_mapping [T] (-1 skipped). qk itself keeps k unrotated."""
     _, kvh, d = _check_cache(k_cache, v_cache)
     T = qk.shape[0]
     if qk.shape[1:] != (num_heads + kvh, d) or v.shape != (T, kvh, d) or qk.stride(-1) != 1 or v.stride(-1) != 1:
@@ -321,8 +315,7 @@ def rope_store_kv(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _rope_store_kernel[(T, num_heads + kvh)](
         qk, v, k_cache, v_cache, slot_mapping, positions, inv_freq, scale,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1,
-        **launch_args(prefetch, T * (num_heads + kvh), qk), **pdl(qk))
+        NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1, **pdl(qk))
 
 
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,

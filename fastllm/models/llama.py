@@ -27,17 +27,6 @@ PACKED = {
 _FUSED = None
 
 
-def l2_target(linear: nn.Module, x: torch.Tensor, head: bool = True):
-    """The bytes of `linear`'s weight that the kernel before it may ask L2 for while it waits (the
-    first HEAD_BYTES, or with head=False up to ATTENTION_BYTES): fastllm.kernels.prefetch, on CUDA
-    at decode-sized batches; else None."""
-    fused = fused_ops(x)
-    if fused is None:
-        return None
-    pf = fused.prefetch
-    return pf.target(linear, pf.HEAD_BYTES if head else pf.ATTENTION_BYTES, x.shape[0])
-
-
 def fused_ops(x: torch.Tensor):
     """fastllm.kernels.fused for CUDA tensors when Triton is there, else None (torch ops)."""
     global _FUSED
@@ -58,15 +47,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prefetch=None):
-        """norm(x); with a residual: (norm(x + residual), x + residual) in one pass. prefetch: see
-        l2_target."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual: (norm(x + residual), x + residual) in one pass."""
         fused = fused_ops(x)
         if fused is not None:
             if residual is None:
-                return fused.rms_norm(x, self.weight, self.eps, prefetch=prefetch)
+                return fused.rms_norm(x, self.weight, self.eps)
             residual = residual.contiguous()
-            return fused.rms_norm(x, self.weight, self.eps, residual, prefetch=prefetch), residual
+            return fused.rms_norm(x, self.weight, self.eps, residual), residual
         if residual is not None:
             residual = x + residual
             x = residual
@@ -168,8 +156,7 @@ class LlamaAttention(nn.Module):
         qk, v = self.qk_norm(qkv[:, :H + self.num_kv_heads]), qkv[:, H + self.num_kv_heads:]
         fused = getattr(ctx.attention, "forward_rope", None)  # RoPE inside the backend's KV store
         if fused is not None:
-            pf = l2_target(self.o_proj, qkv, head=False) if getattr(ctx.attention, "takes_prefetch", False) else None
-            o = fused(self.layer_idx, qk, v, rope, ctx.meta, **({} if pf is None else {"prefetch": pf}))
+            o = fused(self.layer_idx, qk, v, rope, ctx.meta)
         else:
             qk = rope(qk)
             o = ctx.attention.forward(self.layer_idx, qk[:, :H], qk[:, H:], v, ctx.meta)  # [T, H, D]
@@ -230,8 +217,7 @@ def normed_linear(linear: nn.Module, norm: RMSNorm, h: torch.Tensor, residual: t
     out = fused(h, residual, norm.weight, norm.eps) if fused is not None else None
     if out is not None:
         return out
-    pf = l2_target(linear, h)
-    x, residual = (norm(h, prefetch=pf), h) if residual is None else norm(h, residual, prefetch=pf)
+    x, residual = (norm(h), h) if residual is None else norm(h, residual)
     return linear(x), residual
 
 

@@ -218,21 +218,16 @@ class PagedAttention:
         else:
             meta.key_slots = slots[valid]
 
-    takes_prefetch = True  # forward_rope's `prefetch` (models check this before passing it)
-
-    def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta,
-                     prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta) -> torch.Tensor:
         """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
-        rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope), and
-        asks L2 for `prefetch` (the next layer's weights: fastllm.kernels.prefetch)."""
+        rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope)."""
         H = self.spec.num_heads
         # a subclass with its own forward() (plugins/fastllm-flash-attn) attends its own way
         if self._kernels is None or type(self).forward is not PagedAttention.forward:
             qk = rope(qk)
             return self.forward(layer, qk[:, :H], qk[:, H:], v, meta)
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
-        self._kernels.rope_store_kv(qk, v, kc, vc, meta.slot_mapping, rope.positions, rope.inv_freq, rope.scaling, H,
-                                    prefetch=prefetch)
+        self._kernels.rope_store_kv(qk, v, kc, vc, meta.slot_mapping, rope.positions, rope.inv_freq, rope.scaling, H)
         return self._attend(qk[:, :H], kc, vc, meta)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
