@@ -3,7 +3,7 @@
 1. Each layer shape alone at M = 1, 16, 64, 256, 1024 tokens: bf16 (the Triton GEMV at M=1,
    cuBLAS above), and the int8, int4 (g128) and fp8 layers through their real forward (fp8 both
    with the weight-only GEMM and with torch._scaled_mm; int4 also dequantized in one pass and
-   multiplied by cuBLAS, "int4-dense"), eight weight copies rotated so L2 does
+   multiplied by cuBLAS, "int4-dense", and int8 likewise, "int8-dense"), eight weight copies rotated so L2 does
    not help, timed as CUDA-graph replays; each checked against its dequantized weight.
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
@@ -47,6 +47,7 @@ MS = [int(m) for a in sys.argv if a.startswith("--ms=") for m in a.split("=")[1]
 KINDS = [k for a in sys.argv if a.startswith("--kinds=") for k in a.split("=")[1].split(",")] or ["int8", "int4", "fp8"]
 FP8_DEFAULT = Fp8Linear.scaled_mm_min_tokens
 INT4_DEFAULT = Int4Linear.dense_min_tokens
+INT8_DEFAULT = Int8Linear.dense_min_tokens
 if "--skip-layers" not in sys.argv:
     layers_report = []
     for name, (N, K) in SHAPES.items():
@@ -61,6 +62,7 @@ if "--skip-layers" not in sys.argv:
             row = {"shape": name, "N": N, "K": K, "M": M}
             extra = [("fp8-scaled_mm", variants["fp8"])] if "fp8" in variants else []
             extra += [("int4-dense", variants["int4"])] if "int4" in variants else []
+            extra += [("int8-dense", variants["int8"])] if "int8" in variants else []
             for vname, mods in list(variants.items()) + extra:
                 if vname.startswith("fp8"):
                     Fp8Linear.scaled_mm_min_tokens = 2 if vname == "fp8-scaled_mm" else 10 ** 9
@@ -69,6 +71,10 @@ if "--skip-layers" not in sys.argv:
                 if vname.startswith("int4"):  # "int4-dense": dequantized in one pass, then cuBLAS
                     Int4Linear.dense_min_tokens = 2 if vname == "int4-dense" else 10 ** 9
                     if M == 1 and vname == "int4-dense":
+                        continue
+                if vname == "int8" or vname == "int8-dense":  # likewise for int8
+                    Int8Linear.dense_min_tokens = 2 if vname == "int8-dense" else 10 ** 9
+                    if M == 1 and vname == "int8-dense":
                         continue
                 w = mods[0].weight if vname == "bf16" else mods[0].dequantize(torch.float32)
                 ref = x.double() @ w.double().T
@@ -79,11 +85,12 @@ if "--skip-layers" not in sys.argv:
                 row[vname + "_us"], row[vname + "_err"] = t * 1e6, err
             Fp8Linear.scaled_mm_min_tokens = FP8_DEFAULT
             Int4Linear.dense_min_tokens = INT4_DEFAULT
+            Int8Linear.dense_min_tokens = INT8_DEFAULT
             layers_report.append(row)
             report["layers"] = layers_report
             dump()
             cells = "  ".join(f"{v} {row[v + '_us']:7.1f}us ({row['bf16_us'] / row[v + '_us']:.2f}x, err {row[v + '_err']:.0e})"
-                              for v in ["int8", "int8-w8a8", "int4", "int4-dense", "fp8", "fp8-scaled_mm"]
+                              for v in ["int8", "int8-dense", "int8-w8a8", "int4", "int4-dense", "fp8", "fp8-scaled_mm"]
                               if v + "_us" in row)
             line = f"{name:8s} M={M:5d}: bf16 {row['bf16_us']:7.1f}us  {cells}"
             lines.append(line)

@@ -6,7 +6,8 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
   the RMSNorm or SiLU-and-mul before the layer folded in, as for bf16 weights);
 - CPU with bf16 activations: torch's `_weight_int8pack_mm` (when in_features % 32 == 0);
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
-  before the tensor-core product;
+  before the tensor-core product; from `Int8Linear.dense_min_tokens` (2,048) the weight is
+  dequantized in one pass (qgemm.dequantize_rows) and cuBLAS multiplies it;
 - otherwise (fp32 on the CPU): the weight is dequantized for the call.
 """
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Int8Linear(RowScaledLinear):
     """A linear layer with int8 weights and per-output-channel fp32 scales."""
 
     quantize = staticmethod(quantize_int8)
+    # From this many tokens (CUDA, weight-only) the weight is dequantized in one pass into a
+    # transient buffer and cuBLAS multiplies it (as Int4Linear does from 256): the pass costs
+    # about 3 bytes per weight, which a prefill chunk's GEMM amortizes; at a decode batch of
+    # ~1,000 tokens the Triton GEMM is still faster (H100, scripts/quant_gpu.py --ms=...).
+    dense_min_tokens = 2048
 
     def __init__(self, linear: nn.Linear, dynamic_activations: bool = False):
         super().__init__(linear)
@@ -67,6 +73,10 @@ class Int8Linear(RowScaledLinear):
             out = (acc.float() * x_scale * self.scale).to(flat.dtype)
             if self.bias is not None:
                 out = out + self.bias
+        elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self.in_features % 4 == 0:
+            from ...kernels import qgemm
+
+            out = F.linear(flat, qgemm.dequantize_rows(self.qweight, self.scale, flat.dtype), self.bias)
         elif flat.device.type in self.devices:
             from ...kernels.qgemm import qgemm_rows
 

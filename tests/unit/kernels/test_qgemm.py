@@ -114,3 +114,17 @@ def test_int4_dequantized_in_one_pass(qgemm, dtype, G, K, N):
     # exact, but for the interpreter's fp32 -> bf16 cast, which truncates (one bf16 step at most)
     exact = DEV == "cuda" or dtype == torch.float32
     torch.testing.assert_close(out.cpu(), ref, rtol=0 if exact else 2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K", [(45, 96), (16, 200), (33, 1028)])
+def test_int8_dequantized_in_one_pass(qgemm, dtype, N, K):
+    """The dense weight of int8's many-token path: each value q * scale in fp32 rounded once to
+    dtype, as the torch reference computes it; every byte value, the sign bit included."""
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    q[0, :256 if K >= 256 else K] = torch.arange(-128, 128, dtype=torch.int32)[:min(256, K)].to(torch.int8)
+    s = torch.rand(N) * 0.1 + 1e-3
+    out = qgemm.dequantize_rows(q.to(DEV), s.to(DEV), dtype)
+    assert out.shape == (N, K) and out.dtype == dtype
+    exact = DEV == "cuda" or dtype == torch.float32  # the interpreter's bf16 cast truncates
+    torch.testing.assert_close(out.cpu(), (q.float() * s[:, None]).to(dtype), rtol=0 if exact else 2 ** -7, atol=0)

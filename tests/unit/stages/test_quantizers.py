@@ -231,6 +231,28 @@ def test_int4_many_tokens_through_a_dense_weight(monkeypatch, awq):
     assert len(calls) == 1  # five tokens: the GEMM
 
 
+def test_int8_many_tokens_through_a_dense_weight(monkeypatch):
+    """From Int8Linear.dense_min_tokens tokens (weight-only) the layer dequantizes its weight in
+    one pass and multiplies densely; below, the Triton GEMM. Both agree with the float64 product."""
+    pytest.importorskip("triton")
+    from fastllm.kernels import qgemm
+
+    monkeypatch.setattr(Int8Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
+    real = qgemm.qgemm_rows
+    monkeypatch.setattr(qgemm, "qgemm_rows", lambda *a, **k: real(*a, config=qgemm.CONFIGS[0], **k))
+    calls = []
+    dense = qgemm.dequantize_rows
+    monkeypatch.setattr(qgemm, "dequantize_rows", lambda *a: calls.append(a[-1]) or dense(*a))
+    layer = Int8Linear(nn.Linear(200, 40, bias=True))
+    monkeypatch.setattr(Int8Linear, "dense_min_tokens", 6)
+    x = torch.randn(7, 200)
+    ref = x.double() @ layer.dequantize(torch.float64).T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-4)
+    assert calls == [torch.float32]
+    torch.testing.assert_close(layer(x[:5]).double(), ref[:5], rtol=1e-5, atol=1e-4)
+    assert len(calls) == 1  # five tokens: the GEMM
+
+
 @pytest.mark.parametrize("K, G", [(300, 128), (256, 64)])  # 3 groups (padded to 4), 4 groups
 def test_int4_linear_stores_scales_and_zeros_interleaved_and_reads_the_old_layout(K, G):
     from fastllm.stages.quantizers.int4 import pack_scales
