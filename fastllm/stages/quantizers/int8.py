@@ -6,7 +6,7 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
   the RMSNorm or SiLU-and-mul before the layer folded in, as for bf16 weights);
 - CPU with bf16 activations: torch's `_weight_int8pack_mm` (when in_features % 32 == 0);
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
-  before the tensor-core product; from `Int8Linear.dense_min_tokens` (2,048) the weight is
+  before the tensor-core product; from `Int8Linear.dense_min_tokens` (1,024) the weight is
   dequantized in one pass (qgemm.dequantize_rows) and cuBLAS multiplies it;
 - otherwise (fp32 on the CPU): the weight is dequantized for the call.
 """
@@ -47,10 +47,11 @@ class Int8Linear(RowScaledLinear):
 
     quantize = staticmethod(quantize_int8)
     # From this many tokens (CUDA, weight-only) the weight is dequantized in one pass into a
-    # transient buffer and cuBLAS multiplies it (as Int4Linear does from 256): the pass costs
-    # about 3 bytes per weight, which a prefill chunk's GEMM amortizes; at a decode batch of
-    # ~1,000 tokens the Triton GEMM is still faster (H100, scripts/quant_gpu.py --ms=...).
-    dense_min_tokens = 2048
+    # transient buffer and cuBLAS multiplies it (as Int4Linear does from 256). The pass costs
+    # about 3 bytes per weight. On an H100 (Llama-2-7B layers, scripts/quant_gpu.py --ms=1024,2048,4096)
+    # the four layers took 752 against the Triton GEMM's 795 us at 1,024 tokens, 1,393 against 1,588
+    # at 2,048 and 2,657 against 3,232 at 4,096.
+    dense_min_tokens = 1024
 
     def __init__(self, linear: nn.Linear, dynamic_activations: bool = False):
         super().__init__(linear)
