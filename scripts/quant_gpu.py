@@ -7,7 +7,7 @@
    not help, timed as CUDA-graph replays; each checked against its dequantized weight.
 2. `fastllm bench latency` rows for bf16, int8, int4, fp8 at batch 1 and 64 (same options).
 
-Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64] [--retune=N]
+Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batches=1,64] [--retune=N] [--no-split-k]
 [--ms=1,64] [--kinds=int8,int4,fp8,int8-w8a8,int4+head] (+head: the LM head quantized too; -rows: the
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
@@ -47,6 +47,10 @@ MS = [int(m) for a in sys.argv if a.startswith("--ms=") for m in a.split("=")[1]
 KINDS = [k for a in sys.argv if a.startswith("--kinds=") for k in a.split("=")[1].split(",")] or ["int8", "int4", "fp8"]
 FP8_DEFAULT = Fp8Linear.scaled_mm_min_tokens
 INT4_DEFAULT = Int4Linear.dense_min_tokens
+if "--no-split-k" in sys.argv:  # the Triton GEMM without split-K, for comparison
+    from fastllm.kernels import qgemm
+
+    qgemm.SPLIT_K_MAX_TOKENS = 0
 INT8_DEFAULT = Int8Linear.dense_min_tokens
 if "--skip-layers" not in sys.argv:
     layers_report = []

@@ -9,11 +9,20 @@ Weights:
   zeros [N, Kp / G]): each value becomes (q - zero) * scale in fp32, rounded to x's dtype, as
   fastllm.stages.quantizers.int4.dequantize_int4 does.
 
-Tiles are autotuned per (M rounded up to a power of two, N, K), and with them two choices: SWAP
-(y^T = W x^T, the dequantized weight as the left operand, which Hopper's wgmma can read from
-registers). The grid walks N tiles in bands so that programs running together share x rows in L2.
+Tiles are autotuned per (M rounded up to a power of two, N, K), and with them SWAP (y^T = W x^T,
+the dequantized weight as the left operand, which Hopper's wgmma can read from registers). The
+grid walks N tiles in bands so that programs running together share x rows in L2.
+
+Split-K: with few tokens a layer has few output tiles (o_proj at 64 tokens: 32 of 64 x 128),
+too few programs to stream the weight at the card's bandwidth. There each tile's K range is
+split over SPLIT_K programs (`_split_k`: about two programs per SM), which add their fp32 partial
+sums into a zeroed fp32 buffer; one elementwise pass then adds the bias and rounds to x's dtype.
+(The adds are atomic, so the order of the partial sums, and the last bit of a result, may vary
+from call to call.)
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -31,13 +40,41 @@ CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw},
                                      (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True)]]
 
 
+SPLIT_K_MAX_TOKENS = 256  # above this, layers have tiles enough to fill the card
+
+
+@functools.lru_cache(maxsize=None)
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else 4
+
+
+def _split_k(m_bucket: int, N: int, Kw: int, block_m: int, block_n: int, block_k: int) -> int:
+    """Programs per output tile: a power of two that brings the grid to about two programs per
+    SM, each keeping at least four BLOCK_K steps; 1 above SPLIT_K_MAX_TOKENS tokens."""
+    if m_bucket > SPLIT_K_MAX_TOKENS:
+        return 1
+    tiles = triton.cdiv(max(m_bucket, 1), block_m) * triton.cdiv(N, block_n)
+    split = 1
+    while tiles * split * 2 <= 2 * _sms() and triton.cdiv(Kw, block_k) >= 8 * split and split < 16:
+        split *= 2
+    return split
+
+
 def _prune(configs, named_args, **kwargs):
-    """int4 tiles hold whole groups; tiles no wider than the problem (after rounding M up)."""
+    """int4 tiles hold whole groups; tiles no wider than the problem (after rounding M up); each
+    with its split-K (_split_k)."""
     g = named_args["G"] if "G" in named_args else kwargs.get("G", 1)
     int4 = named_args.get("INT4", kwargs.get("INT4", False))
     m = named_args["M_BUCKET"]
     fits = [c for c in configs if not int4 or c.kwargs["BLOCK_K"] % g == 0]
-    return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)] or fits
+    fits = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)] or fits
+    out = []
+    for c in fits:
+        kw = dict(c.kwargs, SPLIT_K=_split_k(m, named_args["N"], named_args["Kw"], c.kwargs["BLOCK_M"],
+                                              c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
+        out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
 
 
 @triton.jit
@@ -58,11 +95,16 @@ def _dot_acc(acc, w, x, SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION:
 
 
 @triton.jit
-def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w, stride_s,
-                  stride_sg, stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w,
+                  stride_s, stride_sg, stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+                  SPLIT_K: tl.constexpr = 1):
+    # Grid (output tiles, SPLIT_K): program (pid, s) sums the s-th share of K's BLOCK_K steps.
     pid = tl.program_id(0)
+    per_split = ((Kw + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K  # (no tl.cdiv: see paged_attention)
+    k_first = tl.program_id(1) * per_split
+    k_last = tl.minimum(k_first + per_split, Kw)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     GROUP_N: tl.constexpr = 8  # N tiles per band: a band's programs reuse the same x rows
@@ -78,7 +120,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, Kw, BLOCK_K):  # Kw: K, or for int4 the padded Kp (a multiple of G)
+    for k0 in range(k_first, k_last, BLOCK_K):  # Kw: K, or for int4 the padded Kp (a multiple of G)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         if INT4:
@@ -104,13 +146,28 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, M_BUCKE
         acc = tl.trans(acc)
     if not INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if SPLIT_K > 1:  # partial sums into the fp32 buffer [M, N]; _split_k_out adds the bias and rounds
+        tl.atomic_add(y32_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc,
+                      mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_k_out_kernel(y32_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid (M, N / BLOCK): y = y32 + bias, rounded to y's dtype.
+    m = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.load(y32_ptr + m.to(tl.int64) * N + n, mask=n < N, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"],
+_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"], reset_to_zero=["y32_ptr"],
                          prune_configs_by={"early_config_prune": _prune})(_qgemm_kernel)
 
 
@@ -118,18 +175,30 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     M, K = x.shape
     assert x.stride(1) == 1 and w.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    m_bucket = triton.next_power_of_2(M)
+    configs = [config] if config is not None else CONFIGS
+    splits = any(c.kwargs.get("SPLIT_K", 1) > 1 if config is not None else
+                 _split_k(m_bucket, N, Kw, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) > 1
+                 for c in configs)
+    y32 = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits else y  # split-K's partial sums
     upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
-    args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, M, N, K, Kw,
-            triton.next_power_of_2(M), x.stride(0), w.stride(0), s.stride(0), s.stride(-1), y.stride(0))
+    args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, y32, M, N, K, Kw,
+            m_bucket, x.stride(0), w.stride(0), s.stride(0), s.stride(-1), y.stride(0))
     # fp32 inputs: tf32x3 (near-fp32 on the tensor cores); plain tf32 is too coarse
     flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast,
                  DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
     if config is None:
-        _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](
+            *args, **flags)
+        config = _tuned.best_config
     else:
         kw = config.kwargs
-        _qgemm_kernel[(triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)](
+        _qgemm_kernel[(triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]), kw.get("SPLIT_K", 1))](
             *args, **flags, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.kwargs.get("SPLIT_K", 1) > 1:
+        block = min(1024, triton.next_power_of_2(N))
+        _split_k_out_kernel[(M, triton.cdiv(N, block))](y32, args[4], y, M, N, y.stride(0), HAS_BIAS=bias is not None,
+                                                        BLOCK=block)
     return y
 
 

@@ -128,3 +128,39 @@ def test_int8_dequantized_in_one_pass(qgemm, dtype, N, K):
     assert out.shape == (N, K) and out.dtype == dtype
     exact = DEV == "cuda" or dtype == torch.float32  # the interpreter's bf16 cast truncates
     torch.testing.assert_close(out.cpu(), (q.float() * s[:, None]).to(dtype), rtol=0 if exact else 2 ** -7, atol=0)
+
+
+def _with_split(qgemm, cfg: int, split: int):
+    c = qgemm.CONFIGS[cfg]
+    return qgemm.triton.Config(dict(c.kwargs, SPLIT_K=split), num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("cfg", [0, 6])  # a plain tile and a SWAP one
+def test_split_k(qgemm, cfg, split):
+    """K split over programs whose fp32 partial sums meet in one buffer, then bias and rounding:
+    the same products as one program per tile, for int8 rows (K = 5 steps of 128 over 2-4 splits,
+    so some splits are short or empty) and int4 (K padded to its group)."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    M, N, K = 5, 37, 600
+    x, b = torch.randn(M, K), torch.randn(N)
+    q, s = quantize_int8(torch.randn(N, K))
+    out = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), b.to(DEV), config=_with_split(qgemm, cfg, split))
+    _check(out.cpu(), x.double() @ (q.double() * s.double()[:, None]).T + b.double(), torch.float32, (M, N))
+    packed, scales, zeros = quantize_int4(torch.randn(N, 300), 64)
+    x4 = torch.randn(M, 300)
+    out = qgemm.qgemm_int4(x4.to(DEV), packed.to(DEV), scales.to(DEV), zeros.to(DEV), 64,
+                           config=_with_split(qgemm, cfg, split))
+    _check(out.cpu(), x4.double() @ dequantize_int4(packed, scales, zeros, 300).double().T, torch.float32, (M, N))
+
+
+def test_split_k_choice(qgemm, monkeypatch):
+    """About two programs per SM, at least four K steps per split, none above the token limit."""
+    monkeypatch.setattr(qgemm, "_sms", lambda: 132)
+    assert qgemm._split_k(64, 4096, 4096, 64, 128, 128) == 8  # 32 tiles -> 256 programs
+    assert qgemm._split_k(64, 12288, 4096, 64, 128, 128) == 2  # 96 tiles -> 192
+    assert qgemm._split_k(64, 22016, 4096, 64, 128, 128) == 1  # 172 tiles: enough
+    assert qgemm._split_k(16, 4096, 512, 16, 64, 128) == 1  # 4 K steps: nothing to split
+    assert qgemm._split_k(512, 4096, 4096, 64, 128, 128) == 1  # above SPLIT_K_MAX_TOKENS
