@@ -134,8 +134,9 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw
             GROUPS: tl.constexpr = BLOCK_K // G
             g = k0 // G + tl.arange(0, GROUPS)
             sz = offs_n[:, None] * stride_s + g[None, :] * stride_sg
-            s = tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0)
-            z = tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0) + 8388608.0
+            sz_ok = n_ok[:, None] & (g * G < Kw)[None, :]  # a last tile past Kp: no groups there to read
+            s = tl.load(s_ptr + sz, mask=sz_ok, other=0.0)
+            z = tl.load(z_ptr + sz, mask=sz_ok, other=0.0) + 8388608.0
             w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None],
                            [BLOCK_N, BLOCK_K])
         else:

@@ -164,3 +164,19 @@ def test_split_k_choice(qgemm, monkeypatch):
     assert qgemm._split_k(64, 22016, 4096, 64, 128, 128) == 1  # 172 tiles: enough
     assert qgemm._split_k(16, 4096, 512, 16, 64, 128) == 1  # 4 K steps: nothing to split
     assert qgemm._split_k(512, 4096, 4096, 64, 128, 128) == 1  # above SPLIT_K_MAX_TOKENS
+
+
+def test_int4_last_tile_reads_no_group_past_the_weight(qgemm):
+    """K = 5 groups of 32 with 128-wide tiles: the second tile covers groups 4-7, of which only 4
+    exists. The scales and zeros are views into wider storage holding NaN past group 4, so a read
+    past the weight's groups would show in the output."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(9, 160), 32)
+    wide = torch.full((2, 9, 8), float("nan"))
+    wide[0, :, :5], wide[1, :, :5] = scales, zeros
+    x = torch.randn(3, 160)
+    cfg = next(i for i, c in enumerate(qgemm.CONFIGS) if c.kwargs["BLOCK_K"] == 128 and c.kwargs["BLOCK_M"] == 16)
+    out = qgemm.qgemm_int4(x.to(DEV), packed.to(DEV), wide[0, :, :5].to(DEV), wide[1, :, :5].to(DEV), 32,
+                           config=qgemm.CONFIGS[cfg])
+    _check(out.cpu(), x.double() @ dequantize_int4(packed, scales, zeros, 160).double().T, torch.float32, (3, 9))
