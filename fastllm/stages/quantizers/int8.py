@@ -64,6 +64,11 @@ class Int8Linear(RowScaledLinear):
             s = self._scale_cache[dtype] = self.scale.to(dtype)
         return s
 
+    def _words_aligned(self) -> bool:
+        """Whether qgemm.dequantize_rows can read the weight as int32 words."""
+        q = self.qweight
+        return q.stride(1) == 1 and q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
@@ -74,7 +79,7 @@ class Int8Linear(RowScaledLinear):
             out = (acc.float() * x_scale * self.scale).to(flat.dtype)
             if self.bias is not None:
                 out = out + self.bias
-        elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self.in_features % 4 == 0:
+        elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self._words_aligned():
             from ...kernels import qgemm
 
             out = F.linear(flat, qgemm.dequantize_rows(self.qweight, self.scale, flat.dtype), self.bias)
