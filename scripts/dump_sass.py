@@ -11,6 +11,9 @@ from pathlib import Path
 
 import triton
 
+if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
+    sys.exit(print(__doc__))
+
 out_dir = Path(sys.argv[1])
 want = sys.argv[2:] or ["gemv"]
 tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")

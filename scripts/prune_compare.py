@@ -14,6 +14,9 @@ import torch
 from fastllm import Engine
 from fastllm.eval import default_text, perplexity
 
+if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
+    sys.exit(print(__doc__))
+
 out_path = sys.argv[1] if len(sys.argv) > 1 else "prune_compare.json"
 max_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 CONTEXT = 512

@@ -17,6 +17,9 @@ from fastllm import Engine, SamplingParams
 from fastllm.eval import default_text, perplexity
 from fastllm.stages.loaders import gguf
 
+if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
+    sys.exit(print(__doc__))
+
 out_path = sys.argv[1] if len(sys.argv) > 1 else "quant_compare.json"
 max_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 CONTEXT = 512

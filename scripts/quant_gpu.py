@@ -26,6 +26,9 @@ from torch import nn
 
 from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time
 
+if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
+    sys.exit(print(__doc__))
+
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
 dev = torch.device("cuda")

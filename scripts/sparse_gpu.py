@@ -22,6 +22,9 @@ from fastllm.bench.common import LLAMA2_7B_LINEARS
 from fastllm.stages.pruners import nm_mask
 from fastllm.stages.pruners.semi_structured import to_sparse
 
+if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
+    sys.exit(print(__doc__))
+
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
 dev = torch.device("cuda")

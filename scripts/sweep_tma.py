@@ -15,6 +15,9 @@ from fastllm.stages.quantizers.fp8 import quantize_fp8
 from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 from fastllm.stages.quantizers.int8 import quantize_int8
 
+if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
+    sys.exit(print(__doc__))
+
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 out_dir.mkdir(parents=True, exist_ok=True)
 dev = torch.device("cuda")
