@@ -177,10 +177,8 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     assert x.stride(1) == 1 and w.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     m_bucket = triton.next_power_of_2(M)
-    configs = [config] if config is not None else CONFIGS
-    splits = any(c.kwargs.get("SPLIT_K", 1) > 1 if config is not None else
-                 _split_k(m_bucket, N, Kw, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) > 1
-                 for c in configs)
+    configs = [config] if config is not None else _prune(CONFIGS, dict(G=G, INT4=int4, M_BUCKET=m_bucket, N=N, Kw=Kw))
+    splits = any(c.kwargs.get("SPLIT_K", 1) > 1 for c in configs)
     y32 = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits else y  # split-K's partial sums
     upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
     args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, y32, M, N, K, Kw,

@@ -164,6 +164,11 @@ def test_split_k_choice(qgemm, monkeypatch):
     assert qgemm._split_k(64, 22016, 4096, 64, 128, 128) == 1  # 172 tiles: enough
     assert qgemm._split_k(16, 4096, 512, 16, 64, 128) == 1  # 4 K steps: nothing to split
     assert qgemm._split_k(512, 4096, 4096, 64, 128, 128) == 1  # above SPLIT_K_MAX_TOKENS
+    # the autotuner's candidates (and _launch's test for a partial-sum buffer) carry their split
+    pruned = qgemm._prune(qgemm.CONFIGS, dict(G=1, INT4=False, M_BUCKET=64, N=4096, Kw=4096))
+    assert all(c.kwargs["BLOCK_M"] <= 64 for c in pruned) and max(c.kwargs["SPLIT_K"] for c in pruned) > 1
+    assert {c.kwargs["SPLIT_K"] for c in qgemm._prune(qgemm.CONFIGS, dict(G=128, INT4=True, M_BUCKET=1024,
+                                                                              N=4096, Kw=4096))} == {1}
 
 
 def test_int4_last_tile_reads_no_group_past_the_weight(qgemm):
