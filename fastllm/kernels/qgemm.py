@@ -257,17 +257,17 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     w = packed.view(torch.int32)  # [N, Kp / 8]
     out = torch.empty(N, K, dtype=dtype, device=packed.device)
     args = (w, scales, zeros, out, N, K, w.shape[1], w.stride(0), *scales.stride(), out.stride(0))
-    if _interpreted():  # the autotuner would time every tile in the interpreter
-        _dequant_int4_kernel[(triton.cdiv(N, 16), triton.cdiv(w.shape[1], 64))](*args, G=group_size, BLOCK_N=16,
-                                                                               BLOCK_W=64)
-    else:
-        _dequant_int4[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(w.shape[1], m["BLOCK_W"]))](
-            *args, G=group_size)
+    _launch_dequant(_dequant_int4, _dequant_int4_kernel, N, w.shape[1], args, G=group_size)
     return out
 
 
-def _interpreted() -> bool:
-    return type(_qgemm_kernel).__name__ == "InterpretedFunction"
+def _launch_dequant(tuned, kernel, N: int, KW: int, args: tuple, **consts) -> None:
+    """A one-pass dequantization over (N / BLOCK_N, KW / BLOCK_W) programs, autotuned; in Triton's
+    interpreter one fixed tile (the autotuner would time every tile there)."""
+    if type(kernel).__name__ == "InterpretedFunction":
+        kernel[(triton.cdiv(N, 16), triton.cdiv(KW, 64))](*args, **consts, BLOCK_N=16, BLOCK_W=64)
+    else:
+        tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(KW, m["BLOCK_W"]))](*args, **consts)
 
 
 @triton.jit
@@ -299,8 +299,5 @@ def dequantize_rows(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     w = qweight.view(torch.int32)  # [N, K / 4]
     out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     args = (w, scale, out, N, K, w.shape[1], w.stride(0), out.stride(0))
-    if _interpreted():
-        _dequant_rows_kernel[(triton.cdiv(N, 16), triton.cdiv(w.shape[1], 64))](*args, BLOCK_N=16, BLOCK_W=64)
-    else:
-        _dequant_rows[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(w.shape[1], m["BLOCK_W"]))](*args)
+    _launch_dequant(_dequant_rows, _dequant_rows_kernel, N, w.shape[1], args)
     return out
