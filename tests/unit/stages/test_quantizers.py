@@ -208,47 +208,35 @@ def test_int4_down_proj_takes_silu_and_mul_into_its_gemv(monkeypatch):
     assert layer.forward_silu_mul(gate_up) is None
 
 
-@pytest.mark.parametrize("awq", [False, True])
-def test_int4_many_tokens_through_a_dense_weight(monkeypatch, awq):
-    """From Int4Linear.dense_min_tokens tokens the layer dequantizes its weight in one pass and
-    multiplies densely; below, the Triton GEMM. Both agree with the float64 product."""
+@pytest.mark.parametrize("kind", ["int4", "int4-awq", "int8"])
+def test_many_tokens_through_a_dense_weight(monkeypatch, kind):
+    """From the layer's dense_min_tokens tokens (int4, and weight-only int8) it dequantizes its
+    weight in one pass, [N, K] in the input's dtype, and multiplies densely; below, the Triton
+    GEMM. Both agree with the float64 product."""
     pytest.importorskip("triton")
     from fastllm.kernels import qgemm
 
-    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
-    real = qgemm.qgemm_int4
-    monkeypatch.setattr(qgemm, "qgemm_int4", lambda *a, **k: real(*a, config=qgemm.CONFIGS[0], **k))
-    calls = []
-    dense = qgemm.dequantize_int4
-    monkeypatch.setattr(qgemm, "dequantize_int4", lambda *a: calls.append(a[-2:]) or dense(*a))
-    layer = Int4Linear(nn.Linear(200, 40, bias=True), 64, input_scale=1 + torch.rand(200) if awq else None)
-    monkeypatch.setattr(Int4Linear, "dense_min_tokens", 6)
-    x = torch.randn(6, 200)
-    ref = x.double() @ layer.dequantize(torch.float64).T + layer.bias.double()
-    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-4)
-    assert calls == [(200, torch.float32)]
-    torch.testing.assert_close(layer(x[:5]).double(), ref[:5], rtol=1e-5, atol=1e-4)
-    assert len(calls) == 1  # five tokens: the GEMM
+    cls, gemm, dequant = ((Int8Linear, "qgemm_rows", "dequantize_rows") if kind == "int8"
+                          else (Int4Linear, "qgemm_int4", "dequantize_int4"))
+    monkeypatch.setattr(cls, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
+    real = getattr(qgemm, gemm)
+    monkeypatch.setattr(qgemm, gemm, lambda *a, **k: real(*a, config=qgemm.CONFIGS[0], **k))
+    calls, dense = [], getattr(qgemm, dequant)
 
+    def spy(*a):
+        w = dense(*a)
+        calls.append((tuple(w.shape), w.dtype))
+        return w
 
-def test_int8_many_tokens_through_a_dense_weight(monkeypatch):
-    """From Int8Linear.dense_min_tokens tokens (weight-only) the layer dequantizes its weight in
-    one pass and multiplies densely; below, the Triton GEMM. Both agree with the float64 product."""
-    pytest.importorskip("triton")
-    from fastllm.kernels import qgemm
-
-    monkeypatch.setattr(Int8Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
-    real = qgemm.qgemm_rows
-    monkeypatch.setattr(qgemm, "qgemm_rows", lambda *a, **k: real(*a, config=qgemm.CONFIGS[0], **k))
-    calls = []
-    dense = qgemm.dequantize_rows
-    monkeypatch.setattr(qgemm, "dequantize_rows", lambda *a: calls.append(a[-1]) or dense(*a))
-    layer = Int8Linear(nn.Linear(200, 40, bias=True))
-    monkeypatch.setattr(Int8Linear, "dense_min_tokens", 6)
+    monkeypatch.setattr(qgemm, dequant, spy)
+    lin = nn.Linear(200, 40, bias=True)
+    layer = (Int8Linear(lin) if kind == "int8" else
+             Int4Linear(lin, 64, input_scale=1 + torch.rand(200) if kind == "int4-awq" else None))
+    monkeypatch.setattr(cls, "dense_min_tokens", 6)
     x = torch.randn(7, 200)
     ref = x.double() @ layer.dequantize(torch.float64).T + layer.bias.double()
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-4)
-    assert calls == [torch.float32]
+    assert calls == [((40, 200), torch.float32)]  # K unpadded, the input's dtype
     torch.testing.assert_close(layer(x[:5]).double(), ref[:5], rtol=1e-5, atol=1e-4)
     assert len(calls) == 1  # five tokens: the GEMM
 
