@@ -24,13 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
-    sys.exit(print(__doc__))
-
-out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-out_dir.mkdir(parents=True, exist_ok=True)
+out_dir = script_out_dir(__doc__)
 dev = torch.device("cuda")
 report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 lines: list[str] = []

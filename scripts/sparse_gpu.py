@@ -11,22 +11,16 @@ Usage: python scripts/sparse_gpu.py OUTDIR. Prints a table last; JSON in OUTDIR.
 """
 import json
 import statistics
-import sys
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastllm.bench.common import LLAMA2_7B_LINEARS
+from fastllm.bench.common import LLAMA2_7B_LINEARS, script_out_dir
 from fastllm.stages.pruners import nm_mask
 from fastllm.stages.pruners.semi_structured import to_sparse
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
-    sys.exit(print(__doc__))
-
-out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-out_dir.mkdir(parents=True, exist_ok=True)
+out_dir = script_out_dir(__doc__)
 dev = torch.device("cuda")
 report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                 "cusparselt": torch.backends.cusparselt.is_available()}

@@ -14,11 +14,10 @@ kernel and shape; JSON in OUTDIR.
 """
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
 
 from fastllm.kernels import gemv as G
 from fastllm.kernels import gemv_int4 as G4
@@ -27,11 +26,7 @@ from fastllm.stages.quantizers.fp8 import quantize_fp8
 from fastllm.stages.quantizers.int4 import quantize_int4
 from fastllm.stages.quantizers.int8 import quantize_int8
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # not an output path
-    sys.exit(print(__doc__))
-
-out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-out_dir.mkdir(parents=True, exist_ok=True)
+out_dir = script_out_dir(__doc__)
 dev = torch.device("cuda")
 SHAPES = LLAMA2_7B_LINEARS
 

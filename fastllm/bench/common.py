@@ -8,6 +8,18 @@ from pathlib import Path
 import torch
 
 
+def script_out_dir(usage: str) -> Path:
+    """The GPU scripts' first argument, OUTDIR (default "."), created; with -h / --help, print
+    `usage` and exit instead."""
+    import sys
+
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(usage))
+    out = Path(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else ".")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 # The linear layers of one Llama-2-7B decoder layer, (N, K) of y = W x, as the GPU scripts time them
 LLAMA2_7B_LINEARS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
