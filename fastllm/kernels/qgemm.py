@@ -61,6 +61,15 @@ def _split_k(m_bucket: int, N: int, Kw: int, block_m: int, block_n: int, block_k
     return split
 
 
+@functools.lru_cache(maxsize=None)
+def _may_split(m_bucket: int, N: int, Kw: int, int4: bool, G: int, max_tokens: int) -> bool:
+    """Whether some tile the autotuner may pick splits K (so the call needs a partial-sum buffer);
+    cached, as it runs on every GEMM call (max_tokens: SPLIT_K_MAX_TOKENS, part of the key)."""
+    if m_bucket > max_tokens:
+        return False
+    return any(c.kwargs["SPLIT_K"] > 1 for c in _prune(CONFIGS, dict(G=G, INT4=int4, M_BUCKET=m_bucket, N=N, Kw=Kw)))
+
+
 def _prune(configs, named_args, **kwargs):
     """int4 tiles hold whole groups; tiles no wider than the problem (after rounding M up); each
     with its split-K (_split_k)."""
@@ -177,8 +186,8 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     assert x.stride(1) == 1 and w.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     m_bucket = triton.next_power_of_2(M)
-    configs = [config] if config is not None else _prune(CONFIGS, dict(G=G, INT4=int4, M_BUCKET=m_bucket, N=N, Kw=Kw))
-    splits = any(c.kwargs.get("SPLIT_K", 1) > 1 for c in configs)
+    splits = (config.kwargs.get("SPLIT_K", 1) > 1 if config is not None
+              else _may_split(m_bucket, N, Kw, int4, G, SPLIT_K_MAX_TOKENS))
     y32 = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits else y  # split-K's partial sums
     upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
     args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, y32, M, N, K, Kw,

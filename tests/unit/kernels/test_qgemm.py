@@ -169,6 +169,9 @@ def test_split_k_choice(qgemm, monkeypatch):
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in pruned) and max(c.kwargs["SPLIT_K"] for c in pruned) > 1
     assert {c.kwargs["SPLIT_K"] for c in qgemm._prune(qgemm.CONFIGS, dict(G=128, INT4=True, M_BUCKET=1024,
                                                                               N=4096, Kw=4096))} == {1}
+    assert qgemm._may_split.__wrapped__(64, 4096, 4096, False, 1, 256)
+    assert not qgemm._may_split.__wrapped__(1024, 4096, 4096, True, 128, 256)
+    assert not qgemm._may_split.__wrapped__(64, 4096, 4096, False, 1, 0)  # split-K off (SPLIT_K_MAX_TOKENS = 0)
 
 
 def test_int4_last_tile_reads_no_group_past_the_weight(qgemm):
