@@ -154,6 +154,79 @@ def test_paged_decode_rejects_wrong_scratch():
                         torch.empty_like(c["q"]), scratch=pa.decode_scratch(1, 4, 64, 4, DEVICE))
 
 
+def _rope_reference(x, positions, inv_freq, scale):
+    """The model's torch RoPE in float64 (fp32 angles, as HF computes them)."""
+    from fastllm.models.llama import apply_rotary
+
+    freqs = (positions[:, None].float() * inv_freq[None, :]).double()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return apply_rotary(x.double(), scale * emb.cos(), scale * emb.sin())
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,merge_in_kernel",
+                         [(*case, True) for case in CASES] + [(6, 2, 80, 4, torch.float32, False),
+                                                               (4, 4, 64, 16, torch.bfloat16, False)])
+def test_paged_decode_rope(heads, kv_heads, head_dim, block_size, dtype, merge_in_kernel):
+    # Rows: one key (only the new one), several tiles, fewer keys than splits, padding (seq_len 0,
+    # slot -1), and a row whose new key is not stored (slot -1) yet attended.
+    lens = [1, 70, 3, 0, 9]
+    c = make_case(heads, kv_heads, head_dim, block_size, dtype, lens, [1] * len(lens), seed=2)
+    B, kc, vc, tables = len(lens), c["k_cache"], c["v_cache"], c["block_tables"]
+    g = torch.Generator().manual_seed(3)
+    qk = torch.randn(B, heads + kv_heads, head_dim, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(B, kv_heads, head_dim, generator=g).to(dtype).to(DEVICE)
+    positions = torch.tensor([max(n - 1, 0) + 5 * b for b, n in enumerate(lens)], device=DEVICE)  # any positions
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    slots = torch.tensor([int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+                          for b, n in enumerate(lens)], device=DEVICE)
+    slots[-1] = -1
+    # reference: rotate in float64, put the new rows in a copy of the cache, attend in float64
+    rot = _rope_reference(qk, positions, inv_freq, 0.9)
+    want_k, want_v = kc.clone().flatten(0, 1), vc.clone().flatten(0, 1)
+    new_rows = [b for b, n in enumerate(lens) if n]
+    last = torch.tensor([int(tables[b, (lens[b] - 1) // block_size]) * block_size + (lens[b] - 1) % block_size
+                         for b in new_rows], device=DEVICE)
+    want_k[last], want_v[last] = rot[new_rows, heads:].to(dtype), v[new_rows]
+    ref = dict(c, q=rot[:, :heads].to(dtype), k_cache=want_k.view_as(kc), v_cache=want_v.view_as(vc))
+    splits = 4
+    qk_in, before_k, before_v = qk.clone(), kc.clone(), vc.clone()
+    out = torch.full((B, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    scratch = pa.decode_scratch(B + 2, heads, head_dim, splits, DEVICE).fill_(float("nan"))
+    tickets = pa.decode_tickets(B + 1, kv_heads, DEVICE) if merge_in_kernel else None
+    for _ in range(2):  # a second call on the same scratch and tickets, as graph replays do
+        pa.paged_decode_rope(qk, v, kc, vc, tables, c["seq_lens"], slots, positions, inv_freq, 0.9, c["scale"],
+                             out, splits, scratch, tickets)
+        assert_close(out, pa.reference_attention(**ref), dtype)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    assert torch.equal(qk, qk_in)  # q and k are rotated in registers only
+    stored = slots >= 0
+    rows_k, rows_v = kc.flatten(0, 1), vc.flatten(0, 1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(rows_k[slots[stored]].double(), rot[stored, heads:], **tol)
+    assert torch.equal(rows_v[slots[stored]], v[stored])
+    keep = torch.ones(rows_k.shape[0], dtype=torch.bool, device=DEVICE)
+    keep[slots[stored]] = False
+    assert torch.equal(rows_k[keep], before_k.flatten(0, 1)[keep])
+    assert torch.equal(rows_v[keep], before_v.flatten(0, 1)[keep])
+    if tickets is not None:
+        assert not tickets.any()  # left zeroed for the next step
+
+
+def test_paged_decode_rope_rejects_bad_buffers():
+    c = make_case(4, 2, 64, 16, torch.float32, [3], [1])
+    qk, v = torch.zeros(1, 6, 64, device=DEVICE), torch.zeros(1, 2, 64, device=DEVICE)
+    args = (c["k_cache"], c["v_cache"], c["block_tables"], c["seq_lens"], torch.zeros(1, dtype=torch.long,
+            device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE), torch.ones(32, device=DEVICE), 1.0,
+            c["scale"])
+    out, scratch = torch.empty(1, 4, 64, device=DEVICE), pa.decode_scratch(1, 4, 64, 2, DEVICE)
+    with pytest.raises(ValueError, match="scratch"):
+        pa.paged_decode_rope(qk, v, *args, out, 4, scratch)
+    with pytest.raises(ValueError, match="tickets"):
+        pa.paged_decode_rope(qk, v, *args, out, 2, scratch, torch.zeros(1, 4, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="qk must be"):
+        pa.paged_decode_rope(qk[:, :5], v, *args, out, 2, scratch)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype", CASES)
 def test_paged_prefill_with_cached_prefix(heads, kv_heads, head_dim, block_size, dtype):
     # A full prompt, a chunk after a cached prefix, a decode row, an idle sequence, a chunk of 3 after 37.
