@@ -86,6 +86,6 @@ for model, (h, kvh, d) in MODELS.items():
                     f" us; max diff {max(row[v + '_maxdiff'] for v in ('fused-sepmerge', 'fused')):.1e}")
             lines.append(line)
             print(line, flush=True)
-            caches = projs = None  # freed before the next shape allocates
+            del caches, projs
             torch.cuda.empty_cache()
 print(f"\n==== {torch.cuda.get_device_name()}: unfused / fused-sepmerge / fused (us) ====\n" + "\n".join(lines))
