@@ -13,9 +13,7 @@ GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
-float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -unfused: decode attention
-as rope_store_kv + paged_decode; -sepmerge: paged_decode_rope with a separate merge kernel; suffixes
-combine, bf16 takes the last two too; e2e only).
+float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; suffixes combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -118,7 +116,6 @@ if "--skip-e2e" not in sys.argv:
                 "gemv_int4_tma": GV4._tuned_tma}
 
     from fastllm.kernels import gemv as GV, gemv_int4 as GV4
-    from fastllm.stages.attention.paged import PagedAttention
 
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
@@ -138,11 +135,7 @@ if "--skip-e2e" not in sys.argv:
             for t in tuners().values():  # each run autotunes afresh: --retune=N shows how much the picks move it
                 t.cache.clear()
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
-            # "-unfused": decode attention as rope_store_kv + paged_decode; "-sepmerge": paged_decode_rope
-            # with its splits merged by a second kernel
-            PagedAttention.fuse_decode_rope = "-unfused" not in q
-            PagedAttention.merge_in_kernel = "-sepmerge" not in q
-            if not q.startswith("bf16"):
+            if q != "bf16":
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
@@ -158,8 +151,7 @@ if "--skip-e2e" not in sys.argv:
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm",
-                                     "-unfused", "-sepmerge")
+                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

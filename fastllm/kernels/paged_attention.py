@@ -7,7 +7,6 @@ its slot id is block * block_size + row.
 - store_kv: write new K/V rows into their slots (slot -1 is skipped: CUDA-graph padding).
 - rope_store_kv: RoPE of q (in place) and k, and the store of k and v, in one launch.
 - paged_decode: one query per sequence, two-stage split-K (flash-decoding), graph-safe.
-- paged_decode_rope (fastllm.kernels.decode_rope): rope_store_kv and paged_decode in one launch.
 - paged_prefill: varlen causal attention of new tokens against the cache (chunked prefill,
   prefix-cache hits and decode rows in one launch).
 - reference_attention: float64 torch reference of the same semantics (tests, slow CPU path).
@@ -98,33 +97,16 @@ def _rope_store_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_pt
 
 
 @_jit
-def _tile_rows(table_ptr, n0, key_end, head_off, stride_cb, stride_cr, BLOCK_SIZE: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Cache row offsets [N] of keys n0 .. n0+BLOCK_N of one kv head, and which are < key_end."""
-    pos = n0 + tl.arange(0, BLOCK_N)
-    mask_n = pos < key_end
-    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    return block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cr + head_off, mask_n
-
-
-@_jit
-def _softmax_step(s, l_i, m_i):
-    """One online-softmax step over log2-domain scores s [M, N] (masked keys -inf; a row sees
-    some key of its first tile, so m_i is finite from then on: no inf - inf): (p, alpha, l, m)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    return p, alpha, l_i * alpha + tl.sum(p, axis=1), m_new
-
-
-@_jit
 def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, key_end, qpos, qk_scale,
                  head_off, stride_cb, stride_cr, offs_d, mask_d,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # One online-softmax step over keys n0 .. n0+BLOCK_N (those < key_end; with CAUSAL, <= qpos
     # of each row). q: [M, BLOCK_D]; acc: [M, BLOCK_D] fp32; l_i, m_i: [M] (log2 domain).
-    rows, mask_n = _tile_rows(table_ptr, n0, key_end, head_off, stride_cb, stride_cr, BLOCK_SIZE, BLOCK_N)
+    pos = n0 + tl.arange(0, BLOCK_N)
+    mask_n = pos < key_end
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    rows = block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cr + head_off  # [N]
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
     if UPCAST_DOT:
@@ -132,49 +114,18 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, key_
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N]
     visible = mask_n[None, :]
     if CAUSAL:
-        visible = visible & ((n0 + tl.arange(0, BLOCK_N))[None, :] <= qpos[:, None])
+        visible = visible & (pos[None, :] <= qpos[:, None])
     s = tl.where(visible, s * qk_scale, float("-inf"))  # qk_scale = scale * log2(e)
-    p, alpha, l_i, m_i = _softmax_step(s, l_i, m_i)
+    # A row sees some key of its first tile, so m_i is finite from then on: no inf - inf.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST_DOT:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_i
-
-
-@_jit
-def _store_partial(scratch_ptr, b, heads, split, acc, l_i, m_i, mask_g, offs_d, mask_d,
-                   stride_sb, stride_sh, stride_ss, HEAD_DIM: tl.constexpr):
-    """A split's normalised output and lse for its heads [G]; an empty split (seq_len 0, or
-    fewer keys than splits) stores o = 0, lse = -inf."""
-    nonempty = l_i > 0.0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    dst = scratch_ptr + b.to(tl.int64) * stride_sb + heads * stride_sh + split * stride_ss  # [G]
-    tl.store(dst[:, None] + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
-    tl.store(dst + HEAD_DIM, lse, mask=mask_g)
-
-
-@_jit
-def _merge_head(scratch_ptr, out_ptr, b, h, num_splits, stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
-                HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, h] = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m) over the splits' partial
-    results, 0 when every split is empty. Reads through L2 (.cg): another program may have
-    written them moments ago."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
-    mask_d = offs_d < HEAD_DIM
-    base = scratch_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s * stride_ss  # [S]
-    lse = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
-    denom = tl.sum(w, axis=0)
-    o = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-                cache_modifier=".cg")
-    acc = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+    return acc, l_i, m_new
 
 
 @_jit
@@ -218,8 +169,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
-    _store_partial(scratch_ptr, b, heads, split, acc, l_i, m_i, mask_g, offs_d, mask_d,
-                   stride_sb, stride_sh, stride_ss, HEAD_DIM)
+    # An empty split (seq_len 0, or fewer keys than splits) stores o = 0, lse = -inf.
+    nonempty = l_i > 0.0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    dst = scratch_ptr + b.to(tl.int64) * stride_sb + heads * stride_sh + split * stride_ss  # [G]
+    tl.store(dst[:, None] + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(dst + HEAD_DIM, lse, mask=mask_g)
 
 
 @_jit
@@ -227,12 +183,25 @@ def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
                          stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                          USE_PDL: tl.constexpr):
-    # Grid (B, H): one head's splits merged.
+    # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
     if USE_PDL:  # the partial results come from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    _merge_head(scratch_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_sb, stride_sh,
-                stride_ss, stride_ob, stride_oh, HEAD_DIM, BLOCK_S, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    base = scratch_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s * stride_ss  # [S]
+    lse = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
+    denom = tl.sum(w, axis=0)
+    o = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @_jit
@@ -452,13 +421,3 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], -math.inf)
         out[lo:hi] = (s.softmax(-1) @ v).transpose(0, 1)
     return out.to(q.dtype)
-
-
-def __getattr__(name: str):
-    # the decode step with RoPE and the KV store inside (built on the helpers above) is reached
-    # through this module too, so that one module object holds every kernel a backend calls
-    if name in ("paged_decode_rope", "decode_tickets"):
-        from . import decode_rope
-
-        return getattr(decode_rope, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,16 +47,10 @@ class PagedMeta:
     # by all layers (a CUDA-graph runner swaps in a slice of a static one)
     decode_scratch: torch.Tensor | None = None
     num_splits: int = 8  # split-K partitions of paged_decode for this batch size
-    # int32 [B, KVH], zeroed: paged_decode_rope's merge tickets (it leaves them zeroed)
-    decode_tickets: torch.Tensor | None = None
 
 
 class PagedAttention:
     api_version = 1
-    # Decode steps on CUDA: RoPE, the KV store and attention in one kernel (paged_decode_rope),
-    # its splits merged in the same kernel; benchmarks switch these off to measure them.
-    fuse_decode_rope = True
-    merge_in_kernel = True
 
     def __init__(self, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True):
@@ -97,7 +91,7 @@ class PagedAttention:
         self.pool = BlockPool(num_blocks, self.block_size, self.enable_prefix_caching)
         self._kernels = None
         self._splits: dict[int, int] = {}  # paged_decode split count per batch size
-        self._scratch: dict[int, tuple] = {}  # eager decode steps' (splits, scratch, tickets)
+        self._scratch: dict[int, tuple[int, torch.Tensor]] = {}  # eager decode steps' (splits, scratch)
         if spec.device.type == "cuda":
             if self.block_size & (self.block_size - 1):
                 raise ConfigError(f"paged attention on CUDA needs a power-of-two block_size (the Triton "
@@ -191,29 +185,28 @@ class PagedAttention:
             B = len(tables)
             if B not in self._scratch:  # reused step after step: paged_decode leaves it ready
                 self._scratch[B] = self._splits_and_scratch(B)
-            meta.num_splits, meta.decode_scratch, meta.decode_tickets = self._scratch[B]
+            meta.num_splits, meta.decode_scratch = self._scratch[B]
         return meta
 
-    def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor]:
         s = self.spec
         splits = self._splits.get(batch)
         if splits is None:  # (the kernels also run interpreted on the CPU in tests: 8 splits there)
             splits = (self._kernels.decode_num_splits(batch, s.num_kv_heads, s.device)
                       if s.device.type == "cuda" else 8)
             self._splits[batch] = splits
-        return (splits, self._kernels.decode_scratch(batch, s.num_heads, s.head_dim, splits, s.device),
-                self._kernels.decode_tickets(batch, s.num_kv_heads, s.device))
+        return splits, self._kernels.decode_scratch(batch, s.num_heads, s.head_dim, splits, s.device)
 
     def decode_meta(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     cu_seqlens_q: torch.Tensor) -> PagedMeta:
         """Decode metadata over a CUDA-graph runner's static buffers (rows padded with seq_len 0);
         its scratch lives as long as the graph that captures it."""
         B = seq_lens.shape[0]
-        splits, scratch, tickets = self._splits_and_scratch(B)
+        splits, scratch = self._splits_and_scratch(B)
         return PagedMeta(slot_mapping, block_tables, seq_lens, cu_seqlens_q, query_lens=[1] * B,
                          context_lens=[0] * B, decode_only=True, max_query_len=1,
                          max_seq_len=block_tables.shape[1] * self.block_size, decode_scratch=scratch,
-                         num_splits=splits, decode_tickets=tickets)
+                         num_splits=splits)
 
     def _plan_cpu(self, meta: PagedMeta) -> None:
         bs, S = self.block_size, meta.max_seq_len
@@ -226,23 +219,14 @@ class PagedAttention:
             meta.key_slots = slots[valid]
 
     def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta) -> torch.Tensor:
-        """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated (rope:
-        fastllm.models.llama.Rope). On CUDA a decode step is one kernel (paged_decode_rope, qk
-        left as it was); other steps rotate q in place and store the rotated k with v in one
-        kernel, then attend."""
+        """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
+        rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope)."""
         H = self.spec.num_heads
         # a subclass with its own forward() (plugins/fastllm-flash-attn) attends its own way
         if self._kernels is None or type(self).forward is not PagedAttention.forward:
             qk = rope(qk)
             return self.forward(layer, qk[:, :H], qk[:, H:], v, meta)
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
-        if meta.decode_only and self.fuse_decode_rope:
-            out = torch.empty(qk.shape[0], H, qk.shape[2], dtype=qk.dtype, device=qk.device)
-            self._kernels.paged_decode_rope(qk, v, kc, vc, meta.block_tables, meta.seq_lens, meta.slot_mapping,
-                                            rope.positions, rope.inv_freq, rope.scaling, self.spec.scale, out,
-                                            meta.num_splits, meta.decode_scratch,
-                                            meta.decode_tickets if self.merge_in_kernel else None)
-            return out
         self._kernels.rope_store_kv(qk, v, kc, vc, meta.slot_mapping, rope.positions, rope.inv_freq, rope.scaling, H)
         return self._attend(qk[:, :H], kc, vc, meta)
 
