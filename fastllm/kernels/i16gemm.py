@@ -85,8 +85,8 @@ def _i16gemm_kernel(hi_ptr, lo_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K
         w = tl.load(w_ptr + w_off + k, mask=k_ok[:, None] & n_ok[None, :], other=0)
         a_hi = tl.load(hi_ptr + a_off + k, mask=m_ok[:, None] & k_ok[None, :], other=0)
         a_lo = tl.load(lo_ptr + a_off + k, mask=m_ok[:, None] & k_ok[None, :], other=0)
-        acc_hi = tl.dot(a_hi, w, acc_hi)
-        acc_lo = tl.dot(a_lo, w, acc_lo)
+        acc_hi = tl.dot(a_hi, w, acc_hi, out_dtype=tl.int32)
+        acc_lo = tl.dot(a_lo, w, acc_lo, out_dtype=tl.int32)
     sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     y = (acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)) * sx[:, None] * sw[None, :]
