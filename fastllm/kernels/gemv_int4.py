@@ -43,7 +43,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import launch_rows, pdl, tma_supported
+from .launch import autotune, launch_rows, pdl, tma_supported
 
 WORDS = True  # the word kernel (False: the row kernel; benchmarks switch it to compare)
 
@@ -400,10 +400,10 @@ def _pinned_tma(device: torch.device, N: int, Kp: int, G: int) -> triton.Config 
     return None if hit is None else triton.Config({"BLOCK_N": hit[0], "BLOCK_W": hit[1], "STAGES": hit[3]},
                                                   num_warps=hit[2], num_stages=1)
 
-_tuned = triton.autotune(configs=CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
-_tuned_words = triton.autotune(configs=WORD_CONFIGS, key=["N", "Kp", "G"],
+_tuned = autotune(CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
+_tuned_words = autotune(WORD_CONFIGS, key=["N", "Kp", "G"],
                                prune_configs_by={"early_config_prune": _prune_words})(_gemv_int4_words_kernel)
-_tuned_tma = triton.autotune(configs=TMA_CONFIGS, key=["N", "Kp", "G"],
+_tuned_tma = autotune(TMA_CONFIGS, key=["N", "Kp", "G"],
                              prune_configs_by={"early_config_prune": _prune_tma})(_gemv_int4_tma_kernel)
 INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no inline PTX there
 

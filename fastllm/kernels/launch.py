@@ -12,11 +12,17 @@ launch (`gdc_launch_dependents`) right after its own wait or after its main loop
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 
 import torch
 
 
 ENABLED = True  # benchmarks switch it off to measure what it buys
+# Autotuned picks are kept on disk (Triton's cache directory, keyed by the kernel's source, the
+# card's architecture, the shape and the candidate configurations), so an engine's next start
+# skips the tuning this one did. FASTLLM_AUTOTUNE_CACHE=0 tunes afresh in every process.
+AUTOTUNE_CACHE = os.environ.get("FASTLLM_AUTOTUNE_CACHE", "1") != "0"
 
 
 @functools.cache
@@ -48,3 +54,13 @@ def launch_rows(tuned, kernel, rows: int, args: tuple, flags: dict, config=None)
     else:
         kernel[(triton.cdiv(rows, config.kwargs["BLOCK_N"]),)](*args, **flags, **config.kwargs,
                                                               num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def autotune(configs: list, key: list[str], **options):
+    """triton.autotune with its picks cached on disk (AUTOTUNE_CACHE; configurations with a
+    pre_hook are re-tuned each process, as Triton cannot store them)."""
+    import triton
+
+    if AUTOTUNE_CACHE and "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **options)

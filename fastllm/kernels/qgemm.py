@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .gemv import _weight_f32
+from .launch import autotune
 
 # SWAP: y^T = W x^T, so the dequantized weight tile is the left operand (which Hopper's wgmma can
 # take from registers) and only x passes through shared memory.
@@ -177,7 +178,7 @@ def _split_k_out_kernel(y32_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.con
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"], reset_to_zero=["y32_ptr"],
+_tuned = autotune(CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"], reset_to_zero=["y32_ptr"],
                          prune_configs_by={"early_config_prune": _prune})(_qgemm_kernel)
 
 
@@ -252,7 +253,7 @@ def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, stride_w, strid
              mask=(rows < N)[:, None, None] & (k < K)[None])
 
 
-_dequant_int4 = triton.autotune(configs=DEQUANT_CONFIGS, key=["N", "KW", "G"])(_dequant_int4_kernel)
+_dequant_int4 = autotune(DEQUANT_CONFIGS, key=["N", "KW", "G"])(_dequant_int4_kernel)
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, K: int,
@@ -295,7 +296,7 @@ def _dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, KW, stride_w, stride_o,
              mask=(rows < N)[:, None, None] & (k < K)[None])
 
 
-_dequant_rows = triton.autotune(configs=DEQUANT_CONFIGS, key=["N", "KW"])(_dequant_rows_kernel)
+_dequant_rows = autotune(DEQUANT_CONFIGS, key=["N", "KW"])(_dequant_rows_kernel)
 
 
 def dequantize_rows(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
