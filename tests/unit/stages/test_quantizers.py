@@ -399,6 +399,22 @@ def test_fp8_linear_dequantized_path_and_one_token_gemv(monkeypatch):
     torch.testing.assert_close(layer(x[:1]).double(), ref[:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("capability,refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_fp8_refused_on_gpus_without_fp8(monkeypatch, capability, refused):
+    # A GPU without fp8 (before Ada / Hopper) gets a ConfigError naming the card, its compute
+    # capability and the way out, before any layer is swapped.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    model = nn.Sequential(nn.Linear(32, 16))
+    ctx = LoadContext(torch.device("cuda", 0), torch.bfloat16)
+    if refused:
+        with pytest.raises(ConfigError, match=r"8\.9 or later .*Some GPU is {}\.{}.*Use int8 instead".format(*capability)):
+            Fp8Quantizer().apply(model, ctx)
+        assert type(model[0]) is nn.Linear
+    else:
+        assert type(Fp8Quantizer().apply(model, ctx)[0]) is Fp8Linear
+
+
 def test_fp8_conformance():
     ctx = LoadContext(torch.device("cpu"), torch.float32)
     model = check_model_transform(Fp8Quantizer(), "quantizer", ctx)
