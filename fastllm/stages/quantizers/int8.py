@@ -5,6 +5,8 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 - CUDA, one token: fastllm's Triton GEMV reads the int8 rows and dequantizes in registers (with
   the RMSNorm or SiLU-and-mul before the layer folded in, as for bf16 weights);
 - CPU with bf16 activations: torch's `_weight_int8pack_mm` (when in_features % 32 == 0);
+- CUDA with `activations="dynamic"` (W8A8), 17+ tokens: fastllm.kernels.w8a8 (activations
+  quantized per token, int8 x int8 on the tensor cores, scales in the epilogue);
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
   before the tensor-core product; from `Int8Linear.dense_min_tokens` (1,024) the weight is
   dequantized in one pass (qgemm.dequantize_rows) and cuBLAS multiplies it;
@@ -73,7 +75,12 @@ class Int8Linear(RowScaledLinear):
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
             out = self._gemv(flat)
-        elif self.dynamic_activations and self._int_mm_fits(flat):  # W8A8 on the int8 tensor cores / AMX
+        elif self.dynamic_activations and flat.is_cuda and flat.shape[0] >= INT_MM_MIN_TOKENS:  # W8A8, fused
+            from ...kernels.w8a8 import w8a8_matmul
+
+            xq, x_scale = quantize_int8_rows(flat)
+            out = w8a8_matmul(xq, x_scale, self.qweight, self.scale, self.bias, flat.dtype)
+        elif self.dynamic_activations and self._int_mm_fits(flat):  # W8A8 on the CPU's int8 units (AMX)
             xq, x_scale = quantize_int8_rows(flat)
             acc = torch._int_mm(xq, self.qweight.t())  # int32 [M, N], exact
             out = (acc.float() * x_scale * self.scale).to(flat.dtype)
@@ -109,11 +116,11 @@ class Int8Quantizer:
     kept in full precision) becomes an Int8Linear. Embeddings are never quantized.
 
     `activations="dynamic"` (W8A8): batches of 17 or more tokens also quantize their activations
-    per token to int8 and multiply on the int8 tensor cores (torch._int_mm: twice bf16's peak on
-    Hopper) or the CPU's int8 units; fewer tokens stay weight-only. Faster where a batch is
-    compute-bound, at some quality cost (docs/quantization.md). `smooth` (SmoothQuant's alpha,
-    e.g. 0.5, with `calibration_tokens` / `calibration_file`) first moves activation outliers
-    into the weights (see smooth_into_norms)."""
+    per token to int8 and multiply on the int8 tensor cores (fastllm.kernels.w8a8: twice bf16's
+    peak on Hopper) or the CPU's int8 units (torch._int_mm); fewer tokens stay weight-only.
+    Faster where a batch is compute-bound, at some quality cost (docs/quantization.md).
+    `smooth` (SmoothQuant's alpha, e.g. 0.5, with `calibration_tokens` / `calibration_file`)
+    first moves activation outliers into the weights (see smooth_into_norms)."""
 
     api_version = 1
 
