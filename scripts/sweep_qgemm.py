@@ -86,7 +86,7 @@ for name, (N, K) in LLAMA3_8B.items():
                 + (f" | int4 {row['int4_tuned_us']:7.1f}" if q4 else "") + f"\n    best: {best}")
         print(line, flush=True)
         lines.append(line)
-    del w16, q8, q4
+    w16 = q8 = q4 = None  # freed before the next shape
     torch.cuda.empty_cache()
 (out_dir / "sweep_qgemm.json").write_text(json.dumps(report, indent=1))
 print("\n".join(lines))
