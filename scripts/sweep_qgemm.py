@@ -3,7 +3,10 @@ on the Llama-3-8B layer shapes, against cuBLAS' bf16 GEMM and the dequantize-the
 which tile is best per shape, how far the autotuner's pick lands from it, and how far the best
 is from cuBLAS. Four weight copies rotated (L2 does not hold the weight), CUDA-graph timed.
 
-Usage: python scripts/sweep_qgemm.py OUTDIR [--ms=256,512,1024] [--extra] [--int4]
+With --w8a8, instead: int8's W8A8 mode (activations quantized per token, then
+fastllm.kernels.w8a8), through pointer loads and through TMA, against cuBLAS' bf16.
+
+Usage: python scripts/sweep_qgemm.py OUTDIR [--ms=256,512,1024] [--extra] [--int4] [--w8a8]
 (--extra: also tiles outside qgemm.CONFIGS; --int4: the int4 g128 kernel too). Prints one line
 per (shape, tokens), JSON in OUTDIR.
 """
@@ -16,8 +19,9 @@ import triton
 
 from fastllm.bench.common import graph_time, script_out_dir
 from fastllm.kernels import qgemm as Q
+from fastllm.kernels import w8a8 as W
 from fastllm.stages.quantizers.int4 import quantize_int4
-from fastllm.stages.quantizers.int8 import quantize_int8
+from fastllm.stages.quantizers.int8 import quantize_int8, quantize_int8_rows
 
 out_dir = script_out_dir(__doc__)
 dev = torch.device("cuda")
@@ -41,6 +45,25 @@ for name, (N, K) in LLAMA3_8B.items():
         it = iter(range(10 ** 9))
         t_bf16 = graph_time(lambda: F.linear(x, w16[next(it) % COPIES]))
         row = {"layer": name, "N": N, "K": K, "M": M, "bf16_us": t_bf16 * 1e6}
+        if "--w8a8" in sys.argv:
+            xq, xs = quantize_int8_rows(x)
+            ref = (xq.double() @ q8[0][0].double().T) * xs.double() * q8[0][1].double()[None, :]
+            for tma in (False, True):
+                y = W.w8a8_matmul(xq, xs, *q8[0], None, x.dtype, tma=tma)
+                row[f"w8a8_tma{tma}_err"] = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                it = iter(range(10 ** 9))
+
+                def w8a8(tma=tma):
+                    q, s = q8[next(it) % COPIES]
+                    return W.w8a8_matmul(*quantize_int8_rows(x), q, s, None, x.dtype, tma=tma)
+                row[f"w8a8_tma{tma}_us"] = graph_time(w8a8) * 1e6
+            report["results"].append(row)
+            line = (f"{name:8s} M={M:5d} bf16 {t_bf16 * 1e6:7.1f} us | w8a8 pointers {row['w8a8_tmaFalse_us']:7.1f} "
+                    f"({t_bf16 * 1e6 / row['w8a8_tmaFalse_us']:.2f}x) TMA {row['w8a8_tmaTrue_us']:7.1f} "
+                    f"({t_bf16 * 1e6 / row['w8a8_tmaTrue_us']:.2f}x, err {row['w8a8_tmaTrue_err']:.1e})")
+            print(line, flush=True)
+            lines.append(line)
+            continue
         it = iter(range(10 ** 9))
 
         def dense():

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .launch import autotune, tma_supported
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for m, n, k, w, s in [(16, 64, 256, 4, 4), (32, 64, 256, 4, 4), (64, 64, 256, 4, 4), (64, 128, 128, 4, 4),
@@ -31,10 +33,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # Grid: output tiles, N tiles walked in bands of GROUP_N so programs running together share x rows.
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile (first row, first column): N tiles walked in bands of GROUP_N, so programs running
+    together share x rows in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -44,11 +45,34 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, 
     width = tl.minimum(num_n - first_n, GROUP_N)
     pid_n = first_n + (pid % (GROUP_N * num_m)) % width
     pid_m = (pid % (GROUP_N * num_m)) // width
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr):
+    """y = acc * x_scale[m] * w_scale[n] (+ bias[n]), rounded once to y's dtype."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # Grid: output tiles (see _tile); operands through pointer loads.
+    m0, n0 = _tile(M, N, BLOCK_M, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows past M / N read row 0 of their tile's neighbours (clamped), so loads need no row mask;
-    # their results are never stored.
+    # Rows past M / N read row 0 instead (clamped), so loads need no row mask; their results are
+    # never stored.
     rows_x = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
     rows_w = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]
@@ -65,39 +89,77 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, 
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
+
+@triton.jit
+def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_ym,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid: output tiles (see _tile); operand tiles through TMA (Hopper's tensor memory
+    # accelerator: no address arithmetic, out-of-range rows and columns read as zeros).
+    m0, n0 = _tile(M, N, BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([m0, k0])
+        w = w_desc.load([n0, k0])
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+    _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, N,
+              stride_ym, HAS_BIAS)
+
+
+def _tma_blocks(nargs: dict) -> None:
+    """Autotuner pre-hook of the TMA kernel: the descriptors' blocks follow the configuration."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+TMA_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_blocks)
+               for c in CONFIGS]
+# On Hopper and later, through TMA (where K's rows are 16-byte aligned); off: the pointer kernel.
+TMA = True
 
 _tuned = autotune(CONFIGS, key=["M_BUCKET", "N", "K", "EVEN_K"], prune_configs_by={"early_config_prune": _prune})(
     _w8a8_kernel)
+_tuned_tma = autotune(TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})(
+    _w8a8_tma_kernel)
+
+
+def _tma_fits(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """TMA's constraint on the operands: 16-byte aligned rows."""
+    return all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (xq, wq))
 
 
 def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, out_dtype: torch.dtype, config: triton.Config | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None, out_dtype: torch.dtype, config: triton.Config | None = None,
+                tma: bool | None = None) -> torch.Tensor:
     """xq int8 [M, K] with x_scale fp32 [M] (or [M, 1]) times wq int8 [N, K] with w_scale fp32 [N]:
-    y [M, N] in out_dtype, each output (exact int32 sum) * x_scale * w_scale (+ bias), rounded once."""
+    y [M, N] in out_dtype, each output (exact int32 sum) * x_scale * w_scale (+ bias), rounded once.
+    tma: through the TMA kernel where the strides allow (default: TMA, on cards with TMA; True also
+    runs it in Triton's interpreter)."""
     M, K = xq.shape
     N = wq.shape[0]
     assert xq.dtype == wq.dtype == torch.int8 and wq.shape[1] == K and xq.stride(1) == 1 and wq.stride(1) == 1
     assert x_scale.numel() == M and w_scale.shape == (N,)
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
-    args = (xq, x_scale.reshape(M), wq, w_scale, bias if bias is not None else w_scale, y, M, N, K,
-            triton.next_power_of_2(M), xq.stride(0), wq.stride(0), y.stride(0))
+    rest = (x_scale.reshape(M), bias if bias is not None else w_scale, y, M, N, K, triton.next_power_of_2(M))
     flags = dict(HAS_BIAS=bias is not None)
+    grid = (lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),))
+    if (TMA and tma_supported(xq) if tma is None else tma) and _tma_fits(xq, wq):
+        x_desc = TensorDescriptor.from_tensor(xq, [16, 16])  # blocks: set per configuration
+        w_desc = TensorDescriptor.from_tensor(wq, [16, 16])
+        args = (x_desc, rest[0], w_desc, w_scale, *rest[1:], y.stride(0))
+        if config is None:
+            _tuned_tma[grid](*args, **flags)
+        else:
+            _tma_blocks(dict(x_desc=x_desc, w_desc=w_desc, **config.kwargs))
+            _w8a8_tma_kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                                  num_stages=config.num_stages)
+        return y
+    args = (xq, rest[0], wq, w_scale, *rest[1:], xq.stride(0), wq.stride(0), y.stride(0))
     if config is None:
         flags["EVEN_K"] = K % 256 == 0  # every tile's BLOCK_K divides 256
-        _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        _tuned[grid](*args, **flags)
     else:
-        kw = config.kwargs
-        _w8a8_kernel[(triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)](
-            *args, **flags, EVEN_K=K % kw["BLOCK_K"] == 0, **kw, num_warps=config.num_warps,
-            num_stages=config.num_stages)
+        _w8a8_kernel[grid(config.kwargs)](*args, **flags, EVEN_K=K % config.kwargs["BLOCK_K"] == 0, **config.kwargs,
+                                          num_warps=config.num_warps, num_stages=config.num_stages)
     return y

@@ -30,15 +30,25 @@ def _operands(M, N, K, bias, dtype):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
-@pytest.mark.parametrize("M, N, K, bias", [(17, 37, 300, True), (40, 129, 256, False), (3, 64, 72, True)])
+@pytest.mark.parametrize("M, N, K, bias", [(17, 37, 304, True), (40, 129, 256, False), (3, 64, 80, True)])
 @pytest.mark.parametrize("cfg", [0, 3, 8])  # tiles that do and do not divide M, N and K
-def test_w8a8_matches_float64(w8a8, dtype, tol, M, N, K, bias, cfg):
+@pytest.mark.parametrize("tma", [False, True])  # pointer loads; TMA (K a multiple of 16 here)
+def test_w8a8_matches_float64(w8a8, dtype, tol, M, N, K, bias, cfg, tma):
     ops, ref = _operands(M, N, K, bias, dtype)
-    out = w8a8.w8a8_matmul(*[t.to(DEV) if t is not None else None for t in ops], dtype, config=w8a8.CONFIGS[cfg])
+    ops = [t.to(DEV) if t is not None else None for t in ops]
+    out = w8a8.w8a8_matmul(*ops, dtype, config=w8a8.CONFIGS[cfg], tma=tma)
     assert out.shape == (M, N) and out.dtype == dtype
     # the int32 sums are exact: fp32 output differs from float64 only by the scale products' rounding
     err = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
     assert err < tol, err
+
+
+def test_w8a8_odd_k_takes_the_pointer_kernel(w8a8):
+    """K whose rows are not 16-byte aligned (TMA cannot read them) falls back to pointer loads."""
+    ops, ref = _operands(9, 30, 77, True, torch.float32)
+    out = w8a8.w8a8_matmul(*[t.to(DEV) if t is not None else None for t in ops], torch.float32,
+                           config=w8a8.CONFIGS[0], tma=True)
+    assert ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
 
 
 def test_w8a8_rows_are_independent(w8a8):
