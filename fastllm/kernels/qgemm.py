@@ -109,7 +109,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw
                   stride_s, stride_sg, stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                  SPLIT_K: tl.constexpr = 1):
+                  SPLIT_K: tl.constexpr = 1, EVEN_K: tl.constexpr = False):
     # Grid (output tiles, SPLIT_K): program (pid, s) sums the s-th share of K's BLOCK_K steps.
     pid = tl.program_id(0)
     per_split = ((Kw + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K  # (no tl.cdiv: see paged_attention)
@@ -127,16 +127,26 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
+    # Rows past M / N read row 0 instead (clamped), so loads need no row mask; their results are
+    # never stored. With EVEN_K (every K step whole) the loads have no mask at all.
+    x_ptrs = (x_ptr + tl.where(m_ok, offs_m, 0).to(tl.int64)[:, None] * stride_xm
+              + k_first + tl.arange(0, BLOCK_K)[None, :])
+    w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_first, k_last, BLOCK_K):  # Kw: K, or for int4 the padded Kp (a multiple of G)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+        x_ptrs += BLOCK_K
         if INT4:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             KB = tl.multiple_of(Kw // 2, 16)  # bytes per row (Kp is a multiple of G >= 32): 16-byte loads
-            b = tl.load(w_rows + j[None, :], mask=n_ok[:, None] & (j < KB)[None, :], other=0).to(tl.int32)
+            if EVEN_K:
+                b = tl.load(w_rows + j[None, :]).to(tl.int32)
+            else:
+                b = tl.load(w_rows + j[None, :], mask=(j < KB)[None, :], other=0).to(tl.int32)
             # nibbles to fp32 through the float's bits (2^23 + q - 2^23: exact, no conversion instruction)
             lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
             hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
@@ -150,7 +160,10 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw
             w = tl.reshape((tl.reshape(q, [BLOCK_N, GROUPS, G]) - z[:, :, None]) * s[:, :, None],
                            [BLOCK_N, BLOCK_K])
         else:
-            w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            if EVEN_K:
+                w = tl.load(w_rows + offs_k[None, :])
+            else:
+                w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
             w = _weight_f32(w, True)  # int8 through the float's bits, as the GEMV does
         acc = _dot_acc(acc, w, x, SWAP, UPCAST, DOT_PRECISION, x_ptr.dtype.element_ty)
     if SWAP:  # [BLOCK_N, BLOCK_M] -> [BLOCK_M, BLOCK_N]
@@ -194,7 +207,8 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, y32, M, N, K, Kw,
             m_bucket, x.stride(0), w.stride(0), s.stride(0), s.stride(-1), y.stride(0))
     # fp32 inputs: tf32x3 (near-fp32 on the tensor cores); plain tf32 is too coarse
-    flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast,
+    # EVEN_K: every K step of every tile whole (each BLOCK_K divides 256), so loads need no mask
+    flags = dict(INT4=int4, G=G, HAS_BIAS=bias is not None, UPCAST=upcast, EVEN_K=Kw % 256 == 0 and K == Kw,
                  DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
     if config is None:
         _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](

@@ -28,7 +28,8 @@ def _check(out, ref, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M, N, K, bias", [(3, 37, 300, True), (17, 64, 130, False), (40, 129, 77, True)])
+@pytest.mark.parametrize("M, N, K, bias", [(3, 37, 300, True), (17, 64, 130, False), (40, 129, 77, True),
+                                           (9, 70, 512, True)])  # the last: every K step whole (EVEN_K)
 @pytest.mark.parametrize("cfg", [0, 3, 6, 9])  # both operand orders; tiles that do and do not divide the shape
 def test_int8_rows(qgemm, dtype, M, N, K, bias, cfg):
     from fastllm.stages.quantizers.int8 import quantize_int8
@@ -53,7 +54,7 @@ def test_fp8_rows(qgemm, M, N, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("G, K", [(32, 96), (64, 200), (128, 300)])  # K padded to the group in two of them
+@pytest.mark.parametrize("G, K", [(32, 96), (64, 200), (128, 300), (64, 256)])  # K padded in two; whole steps in one
 @pytest.mark.parametrize("M, N, cfg", [(2, 45, 0), (19, 70, 3), (5, 33, 7), (40, 70, 9)])
 def test_int4(qgemm, dtype, G, K, M, N, cfg):
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
