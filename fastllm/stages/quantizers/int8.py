@@ -8,7 +8,7 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 - CUDA with `activations="dynamic"` (W8A8), 17+ tokens: fastllm.kernels.w8a8 (activations
   quantized per token, int8 x int8 on the tensor cores, scales in the epilogue);
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
-  before the tensor-core product; from `Int8Linear.dense_min_tokens` (1,024) the weight is
+  before the tensor-core product; from `Int8Linear.dense_min_tokens` (2,048) the weight is
   dequantized in one pass (qgemm.dequantize_rows) and cuBLAS multiplies it;
 - otherwise (fp32 on the CPU): the weight is dequantized for the call.
 """
@@ -50,10 +50,11 @@ class Int8Linear(RowScaledLinear):
     quantize = staticmethod(quantize_int8)
     # From this many tokens (CUDA, weight-only) the weight is dequantized in one pass into a
     # transient buffer and cuBLAS multiplies it (as Int4Linear does from 256). The pass costs
-    # about 3 bytes per weight. On an H100 (Llama-2-7B layers, scripts/quant_gpu.py --ms=1024,2048,4096)
-    # the four layers took 752 against the Triton GEMM's 795 us at 1,024 tokens, 1,393 against 1,588
-    # at 2,048 and 2,657 against 3,232 at 4,096.
-    dense_min_tokens = 1024
+    # about 3 bytes per weight. On an H100 (Llama-3-8B layers, scripts/sweep_qgemm.py --ms=256,1024,
+    # 2026-11-27), once the Triton GEMM dropped its masks at whole K steps, the four layers took
+    # 761 us through it at 1,024 tokens against 867 dequantized (only qkv_proj, 107 against 93 us,
+    # was faster dequantized).
+    dense_min_tokens = 2048
 
     def __init__(self, linear: nn.Linear, dynamic_activations: bool = False):
         super().__init__(linear)
