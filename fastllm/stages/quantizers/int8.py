@@ -52,7 +52,7 @@ class Int8Linear(RowScaledLinear):
     # transient buffer and cuBLAS multiplies it (as Int4Linear does from 256). The pass costs
     # about 3 bytes per weight. On an H100 (Llama-3-8B layers, scripts/sweep_qgemm.py --ms=256,1024,
     # 2026-11-27), once the Triton GEMM dropped its masks at whole K steps, the four layers took
-    # 761 us through it at 1,024 tokens against 867 dequantized (only qkv_proj, 107 against 93 us,
+    # 761 us through it at 1,024 tokens against 857 dequantized (only qkv_proj, 107 against 93 us,
     # was faster dequantized).
     dense_min_tokens = 2048
 
