@@ -52,7 +52,7 @@ class EngineConfig(BaseModel):
     dtype: DType = "auto"
     device: str = "auto"
     max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int | None = Field(None, ge=1)  # None: 1024 on CUDA (graphs cover up to 512), 16 on the CPU
+    max_num_seqs: int | None = Field(None, ge=1)  # None: 1024 on CUDA (graphs cover up to 1024), 16 on the CPU
     max_num_batched_tokens: int | None = Field(None, ge=16)  # None: 16384 on CUDA, 2048 on the CPU
     cuda_graphs: bool = True
     # schedule step N+1 while step N runs (needs a batcher with overlap=True); None: on CUDA

@@ -36,6 +36,10 @@ from .stages.loaders.auto import choose_loader
 
 Prompt = str | dict
 log = logging.getLogger("fastllm")
+# Decode steps of up to this many sequences replay CUDA graphs (fastllm.core.cuda_graphs.ladder);
+# larger ones run eagerly. At 512, a 1,000-request throughput run's decode steps (~1,000
+# sequences) all ran eagerly, where quantized layers' Triton launches cost more host time.
+MAX_GRAPH_BATCH = 1024
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -161,7 +165,7 @@ class Engine:
         self.sampler = Sampler(self.device, config.seed)
         graphs = None
         if cuda and config.cuda_graphs and hasattr(self.attention, "decode_meta"):
-            graphs = DecodeGraphs(model, self.attention, self.device, min(max_seqs, 512),
+            graphs = DecodeGraphs(model, self.attention, self.device, min(max_seqs, MAX_GRAPH_BATCH),
                                   -(-self.max_model_len // self.attention.block_size), model.config.hidden_size, self.dtype)
             graphs.capture()
             log.info("captured CUDA graphs for decode batch sizes %s in %.1f s", graphs.sizes, graphs.capture_seconds)
