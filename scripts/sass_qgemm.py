@@ -1,0 +1,112 @@
+"""The int8 weight-only GEMM's main loop as Hopper machine code, compiled here without a GPU:
+fastllm.kernels.qgemm's kernel (the swapped product, bf16 inputs) and a prototype with the
+weights stored in the tensor cores' register order, each with its weight conversion variants.
+It prints, per variant, the instructions per warp in the K loop, the registers, and how the
+weight bytes leave shared memory (LDS.U16: two bytes per load; LDS.128: sixteen).
+
+The prototype's storage permutes each row's columns within blocks of 64: column k = 16 j + 8 h +
+2 t + p (j: which 16-column step, t: the lane's position in its quad, h, p: the lane's four values
+per step) is stored at 16 t + 4 j + 2 h + p, so each lane's 16 bytes of four steps lie together
+and one 16-byte load brings them. The kernel undoes the permutation with reshape / permute,
+which Triton folds into the register layout. (The GEMV would read the same storage with its
+input vector permuted alike.)
+
+Usage: python scripts/sass_qgemm.py [BLOCK_M,BLOCK_N,BLOCK_K,warps,stages ...]
+(default: 256,128,64,8,3 and 128,128,64,4,4). Needs Triton's bundled cuobjdump (triton >= 3.2).
+"""
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastllm.kernels import qgemm as Q
+
+if {"-h", "--help"} & set(sys.argv[1:]):
+    sys.exit(print(__doc__))
+
+
+@triton.jit
+def _permuted_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_ym, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr):
+    # y = x dequant(W)^T as qgemm's swapped product (W the left operand, from registers); K % BLOCK_K == 0
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_ptrs = x_ptr + tl.where(offs_m < M, offs_m, 0).to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = w_ptr + tl.where(offs_n < N, offs_n, 0).to(tl.int64)[:, None] * stride_w + tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs)
+        w = tl.load(w_ptrs)
+        if PERMUTED:  # stored at 16 t + 4 j + 2 h + p -> column 16 j + 8 h + 2 t + p
+            w = tl.reshape(tl.permute(tl.reshape(w, [BLOCK_N, BLOCK_K // 64, 4, 4, 2, 2]), [0, 1, 3, 4, 2, 5]),
+                           [BLOCK_N, BLOCK_K])
+        acc = tl.dot(w.to(tl.float32).to(tl.bfloat16), tl.trans(x), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc = tl.trans(acc) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.bfloat16),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, aligned: tuple, num_warps: int, num_stages: int) -> tuple:
+    """(SASS text, registers) of fn for sm_90a; `aligned`: integer arguments known divisible by 16."""
+    names = list(signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in aligned}
+    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    return sass, int(regs.group(1)) if regs else -1
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the backward branch's body that holds the most HGMMAs."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+(.*?);", sass)]
+    best: list[str] = []
+    for a, i in ins:
+        t = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", i)
+        if t and int(t.group(1), 16) < a:
+            body = [j for b, j in ins if int(t.group(1), 16) <= b <= a]
+            if sum("HGMMA" in j for j in body) > sum("HGMMA" in j for j in best):
+                best = body
+    return best
+
+
+def describe(name: str, sass: str, regs: int) -> str:
+    body = main_loop(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body)
+    lds = collections.Counter(m for i in body for m in re.findall(r"\bLDS(?:\.\w+)?", i))
+    return (f"{name:44s} {len(body):4d} instructions/warp/K step, {regs:3d} registers, HGMMA {ops['HGMMA']}, "
+            f"loads from shared memory {dict(lds)}; top: {ops.most_common(6)}")
+
+
+tiles = [tuple(int(v) for v in a.split(",")) for a in sys.argv[1:]] or [(256, 128, 64, 8, 3), (128, 128, 64, 4, 4)]
+ints = ("M", "N", "K", "Kw", "M_BUCKET", "stride_xm", "stride_w", "stride_s", "stride_sg", "stride_ym")
+ptr = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "z_ptr": "*fp32",
+       "y32_ptr": "*fp32"}
+for bm, bn, bk, warps, stages in tiles:
+    tile = f"({bm}, {bn}, {bk}), {warps} warps, {stages} stages"
+    sig = {n: ptr.get(n, "i32" if n in ints else "constexpr") for n in Q._qgemm_kernel.arg_names}
+    consts = dict(INT4=False, G=1, HAS_BIAS=False, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_K=bk, SWAP=True, SPLIT_K=1, EVEN_K=True)
+    sass, regs = compile_sm90(Q._qgemm_kernel, sig, consts, ("N", "K", "Kw", "stride_xm", "stride_w", "stride_ym"),
+                              warps, stages)
+    print(describe(f"qgemm {tile}", sass, regs))
+    psig = {n: ptr.get(n, "i32" if n in ints else "constexpr") for n in _permuted_kernel.arg_names}
+    for permuted in (False, True):
+        sass, regs = compile_sm90(_permuted_kernel, psig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PERMUTED=permuted),
+                                  ("N", "K", "stride_xm", "stride_w", "stride_ym"), warps, stages)
+        print(describe(f"prototype, {'permuted' if permuted else 'row-major'} {tile}", sass, regs))
