@@ -7,9 +7,8 @@ weight bytes leave shared memory (LDS.U16: two bytes per load; LDS.128: sixteen)
 The prototype's storage permutes each row's columns within blocks of 64: column k = 16 j + 8 h +
 2 t + p (j: which 16-column step, t: the lane's position in its quad, h, p: the lane's four values
 per step) is stored at 16 t + 4 j + 2 h + p, so each lane's 16 bytes of four steps lie together
-and one 16-byte load brings them. The kernel undoes the permutation with reshape / permute,
-which Triton folds into the register layout. (The GEMV would read the same storage with its
-input vector permuted alike.)
+and one 16-byte load brings them (scripts/qgemm_layout.py: the prototype, timed there on a GPU).
+(The GEMV would read the same storage with its input vector permuted alike.)
 
 Usage: python scripts/sass_qgemm.py [BLOCK_M,BLOCK_N,BLOCK_K,warps,stages ...]
 (default: 256,128,64,8,3 and 128,128,64,4,4). Needs Triton's bundled cuobjdump (triton >= 3.2).
@@ -22,37 +21,16 @@ import sys
 import tempfile
 
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastllm.kernels import qgemm as Q
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qgemm_layout import _permuted_kernel  # noqa: E402 (the prototype, timed on a GPU there)
+
 if {"-h", "--help"} & set(sys.argv[1:]):
     sys.exit(print(__doc__))
-
-
-@triton.jit
-def _permuted_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_ym, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr):
-    # y = x dequant(W)^T as qgemm's swapped product (W the left operand, from registers); K % BLOCK_K == 0
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_ptrs = x_ptr + tl.where(offs_m < M, offs_m, 0).to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
-    w_ptrs = w_ptr + tl.where(offs_n < N, offs_n, 0).to(tl.int64)[:, None] * stride_w + tl.arange(0, BLOCK_K)[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs)
-        w = tl.load(w_ptrs)
-        if PERMUTED:  # stored at 16 t + 4 j + 2 h + p -> column 16 j + 8 h + 2 t + p
-            w = tl.reshape(tl.permute(tl.reshape(w, [BLOCK_N, BLOCK_K // 64, 4, 4, 2, 2]), [0, 1, 3, 4, 2, 5]),
-                           [BLOCK_N, BLOCK_K])
-        acc = tl.dot(w.to(tl.float32).to(tl.bfloat16), tl.trans(x), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    acc = tl.trans(acc) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.bfloat16),
-             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, aligned: tuple, num_warps: int, num_stages: int) -> tuple:
