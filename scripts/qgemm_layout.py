@@ -111,8 +111,8 @@ def main() -> None:
                 row[v] = {"us": graph_time(lambda: fn(next(it) % copies)) * 1e6, "rel_err": err}
             rows.append(row)
             base = row["bf16"]["us"]
-            line = f"{name:8s} M={M:5d} " + "  ".join(
-                f"{v} {row[v]['us']:7.1f} us ({base / row[v]['us']:.2f}x, err {row[v]['rel_err']:.0e})" for v in variants)
+            line = f"{name:8s} M={M:5d} " + "  ".join(f"{v} {row[v]['us']:7.1f} us ({base / row[v]['us']:.2f}x, "
+                                                      f"err {row[v]['rel_err']:.0e})" for v in variants)
             print(line, flush=True)
             lines.append(line)
     (out_dir / "qgemm_layout.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
