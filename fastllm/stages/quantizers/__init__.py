@@ -32,6 +32,20 @@ def linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[nn.Module, st
     return out
 
 
+def norm_fed_linears(model: nn.Module) -> dict[int, nn.Module]:
+    """{id(linear): norm} for the linears whose whole input is an RMSNorm's output in a Llama-style
+    decoder layer (input_layernorm -> self_attn.qkv_proj, post_attention_layernorm ->
+    mlp.gate_up_proj): a per-input-channel scale on such a layer can live in the norm's weight."""
+    out = {}
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        for norm, lin in ((getattr(layer, "input_layernorm", None), getattr(attn, "qkv_proj", None)),
+                          (getattr(layer, "post_attention_layernorm", None), getattr(mlp, "gate_up_proj", None))):
+            if norm is not None and lin is not None and getattr(norm, "weight", None) is not None:
+                out[id(lin)] = norm
+    return out
+
+
 def calibration_ids(ctx, num_tokens: int, path: str | None = None) -> list[int]:
     """Token ids of a calibration text: `path`, or Python's pydoc topics (fastllm.eval.default_text),
     tokenized with the loaded model's tokenizer; its last `num_tokens` (fastllm eval perplexity

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
-from . import calibration_ids, capture_inputs, check_skip, linears
+from . import calibration_ids, capture_inputs, check_skip, linears, norm_fed_linears
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -181,7 +181,9 @@ class Int4Quantizer:
     `activation_aware=True` (AWQ's idea): run the model once over `calibration_tokens` tokens of a
     text (`calibration_file`, default Python's pydoc topics), and for each layer pick the input
     scaling s = mean|x|^a (a on a grid of 0..1; a = 0 is plain rounding) that minimises the
-    error of its output on those activations."""
+    error of its output on those activations. Where an RMSNorm feeds the layer (qkv_proj,
+    gate_up_proj), the division by s is folded into the norm's weight; elsewhere (o_proj,
+    down_proj) the layer divides its input at run time."""
 
     api_version = 1
     conformance_max_rel_error = 0.3  # fastllm.testing: 4 bits move the tiny random model's logits ~20%
@@ -205,8 +207,16 @@ class Int4Quantizer:
             inputs = capture_inputs(model, [c for _, _, c in targets], ids, ctx.device, ctx.dtype)
             scales = [search_input_scale(c.weight, x, self.group_size) if x is not None else None
                       for (_, _, c), x in zip(targets, inputs)]
+        norms = norm_fed_linears(model)
         for (parent, name, child), s in zip(targets, scales):
-            setattr(parent, name, Int4Linear(child, self.group_size, s))
+            layer = Int4Linear(child, self.group_size, s)
+            norm = norms.get(id(child))
+            if layer.inv_input_scale is not None and norm is not None:
+                # the input division lives in the norm's weight: no elementwise pass at run time
+                with torch.no_grad():
+                    norm.weight.mul_(layer.inv_input_scale.to(norm.weight.dtype))
+                layer.inv_input_scale = None
+            setattr(parent, name, layer)
         return model
 
 

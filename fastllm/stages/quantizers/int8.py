@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import LoadContext
-from . import RowScaledLinear, calibration_ids, capture_inputs, check_skip, linears
+from . import RowScaledLinear, calibration_ids, capture_inputs, check_skip, linears, norm_fed_linears
 
 
 # torch._int_mm's limits (cuBLASLt's int8 GEMM): more than 16 rows, K and N multiples of 8
@@ -155,13 +155,8 @@ def smooth_into_norms(model: nn.Module, ctx: LoadContext, alpha: float, skip: tu
     the norm's weight is divided by s and the layer's columns multiplied by it. The product is
     unchanged, but activation outliers move into the weights, where per-row int8 absorbs them.
     No runtime cost. o_proj and down_proj (no norm before them) are left as they are."""
-    kept = {id(child) for _, _, child in linears(model, skip)}
-    pairs = []
-    for layer in getattr(getattr(model, "model", model), "layers", []):
-        for norm, lin in ((getattr(layer, "input_layernorm", None), getattr(layer.self_attn, "qkv_proj", None)),
-                          (getattr(layer, "post_attention_layernorm", None), getattr(layer.mlp, "gate_up_proj", None))):
-            if norm is not None and lin is not None and id(lin) in kept:
-                pairs.append((norm, lin))
+    norms = norm_fed_linears(model)
+    pairs = [(norms[id(child)], child) for _, _, child in linears(model, skip) if id(child) in norms]
     if not pairs:
         return
     ids = calibration_ids(ctx, tokens, path)

@@ -338,6 +338,41 @@ def test_batches_on_the_gpu_path_take_the_quantized_gemm(monkeypatch, kind):
     assert calls == [1]
 
 
+def test_activation_aware_int4_folds_input_scales_into_the_norms(monkeypatch):
+    """Where an RMSNorm feeds the layer (qkv_proj, gate_up_proj) the division by the input scale
+    moves into the norm's weight, so no elementwise pass runs for it; o_proj and down_proj keep
+    theirs. The model computes what it computes with every division done at run time."""
+    import copy
+
+    from fastllm.stages.quantizers import int4 as int4_module
+    from fastllm.testing import model_logits, tiny_llama
+
+    ctx = LoadContext(torch.device("cpu"), torch.float32)
+    model = tiny_llama(ctx, seed=7)
+    ctx.text_tokenizer = lambda text, add_special_tokens=False: {
+        "input_ids": [ord(c) % model.config.vocab_size for c in text]}
+    unfolded = copy.deepcopy(model)
+    q = Int4Quantizer(group_size=32, activation_aware=True, calibration_tokens=32)
+
+    def scales(seed):  # the same input scales for both models, whatever the calibration finds
+        g = torch.Generator().manual_seed(seed)
+        return lambda w, x, group: torch.rand(w.shape[1], generator=g) + 0.5
+
+    monkeypatch.setattr(int4_module, "search_input_scale", scales(1))
+    q.apply(model, ctx)
+    monkeypatch.setattr(int4_module, "search_input_scale", scales(1))
+    monkeypatch.setattr(int4_module, "norm_fed_linears", lambda m: {})  # nothing folded
+    q.apply(unfolded, ctx)
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.inv_input_scale is None and layer.mlp.gate_up_proj.inv_input_scale is None
+    assert layer.self_attn.o_proj.inv_input_scale is not None and layer.mlp.down_proj.inv_input_scale is not None
+    assert unfolded.model.layers[0].self_attn.qkv_proj.inv_input_scale is not None
+    assert not torch.equal(layer.input_layernorm.weight, unfolded.model.layers[0].input_layernorm.weight)
+    prompts = [[3, 17, 42, 9, 5, 77]]
+    torch.testing.assert_close(model_logits(model, prompts)[0], model_logits(unfolded, prompts)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_activation_aware_needs_a_tokenizer():
     with pytest.raises(ConfigError, match="tokenizer"):
         Engine("dummy:smollm2-135m", device="cpu", dtype="float32", progress=False,
