@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
-from . import calibration_ids, capture_inputs, check_skip, linears, norm_fed_linears
+from . import calibration_ids, capture_inputs, check_skip, is_sparse, linears, norm_fed_linears
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -181,9 +181,10 @@ class Int4Quantizer:
     `activation_aware=True` (AWQ's idea): run the model once over `calibration_tokens` tokens of a
     text (`calibration_file`, default Python's pydoc topics), and for each layer pick the input
     scaling s = mean|x|^a (a on a grid of 0..1; a = 0 is plain rounding) that minimises the
-    error of its output on those activations. Where an RMSNorm feeds the layer (qkv_proj,
-    gate_up_proj), the division by s is folded into the norm's weight; elsewhere (o_proj,
-    down_proj) the layer divides its input at run time."""
+    error of its output on those activations. The division by s is folded into the RMSNorm before
+    the layer (qkv_proj, gate_up_proj) or into the rows that produce its input (down_proj, and
+    o_proj with one value head per query head: see fold_into_producers); elsewhere the layer
+    divides its input at run time."""
 
     api_version = 1
     conformance_max_rel_error = 0.3  # fastllm.testing: 4 bits move the tiny random model's logits ~20%
@@ -207,17 +208,57 @@ class Int4Quantizer:
             inputs = capture_inputs(model, [c for _, _, c in targets], ids, ctx.device, ctx.dtype)
             scales = [search_input_scale(c.weight, x, self.group_size) if x is not None else None
                       for (_, _, c), x in zip(targets, inputs)]
+        # Each layer's input division goes where it costs nothing at run time: into the RMSNorm
+        # before it, or into the rows of the layer that produces its input (before that layer is
+        # quantized); only the rest divide in an elementwise pass.
+        folded = fold_into_producers(model, {id(c): s for (_, _, c), s in zip(targets, scales) if s is not None})
         norms = norm_fed_linears(model)
         for (parent, name, child), s in zip(targets, scales):
             layer = Int4Linear(child, self.group_size, s)
             norm = norms.get(id(child))
-            if layer.inv_input_scale is not None and norm is not None:
-                # the input division lives in the norm's weight: no elementwise pass at run time
-                with torch.no_grad():
-                    norm.weight.mul_(layer.inv_input_scale.to(norm.weight.dtype))
+            if layer.inv_input_scale is not None and (norm is not None or id(child) in folded):
+                if norm is not None:
+                    with torch.no_grad():
+                        norm.weight.mul_(layer.inv_input_scale.to(norm.weight.dtype))
                 layer.inv_input_scale = None
             setattr(parent, name, layer)
         return model
+
+
+def fold_into_producers(model: nn.Module, scale_of: dict[int, torch.Tensor]) -> set[int]:
+    """Divide the rows that produce down_proj's input (gate_up_proj's up half: down_proj reads
+    silu(gate) * up) and, where every query head has its own value head, o_proj's (qkv_proj's
+    value rows: attention is linear in the values) by those layers' input scales (scale_of:
+    {id(layer): s}). Returns the ids of the layers whose division is now in the producer. Scaling
+    a row by a positive constant commutes with int4's per-row quantization, so the producers
+    quantize to the same values, scaled. (With grouped value heads o_proj keeps its division:
+    query heads sharing a value head would need one scale.)"""
+    folded: set[int] = set()
+    with torch.no_grad():
+        for block in getattr(getattr(model, "model", model), "layers", []):
+            mlp, attn = getattr(block, "mlp", None), getattr(block, "self_attn", None)
+            down, gate_up = getattr(mlp, "down_proj", None), getattr(mlp, "gate_up_proj", None)
+            if id(down) in scale_of and _plain(gate_up) and gate_up.out_features == 2 * down.in_features:
+                _scale_rows(gate_up, down.in_features, down.in_features, scale_of[id(down)])
+                folded.add(id(down))
+            o, qkv = getattr(attn, "o_proj", None), getattr(attn, "qkv_proj", None)
+            if (id(o) in scale_of and _plain(qkv) and getattr(attn, "num_heads", 0) == getattr(attn, "num_kv_heads", -1)
+                    and qkv.out_features == attn.q_size + 2 * attn.kv_size and o.in_features == attn.kv_size):
+                _scale_rows(qkv, attn.q_size + attn.kv_size, attn.kv_size, scale_of[id(o)])
+                folded.add(id(o))
+    return folded
+
+
+def _plain(layer) -> bool:
+    return type(layer) is nn.Linear and not is_sparse(layer.weight)
+
+
+def _scale_rows(layer: nn.Linear, start: int, count: int, s: torch.Tensor) -> None:
+    """Rows start .. start + count of layer (weight and bias) divided by s [count]."""
+    inv = 1.0 / s.float().to(layer.weight.device)
+    layer.weight[start:start + count].mul_(inv.to(layer.weight.dtype)[:, None])
+    if layer.bias is not None:
+        layer.bias[start:start + count].mul_(inv.to(layer.bias.dtype))
 
 
 def search_input_scale(weight: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 11) -> torch.Tensor | None:

@@ -338,17 +338,19 @@ def test_batches_on_the_gpu_path_take_the_quantized_gemm(monkeypatch, kind):
     assert calls == [1]
 
 
-def test_activation_aware_int4_folds_input_scales_into_the_norms(monkeypatch):
-    """Where an RMSNorm feeds the layer (qkv_proj, gate_up_proj) the division by the input scale
-    moves into the norm's weight, so no elementwise pass runs for it; o_proj and down_proj keep
-    theirs. The model computes what it computes with every division done at run time."""
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped value heads (o_proj keeps its division); one per query head
+def test_activation_aware_int4_folds_input_scales_out_of_the_run_time(monkeypatch, kv_heads):
+    """The division by each layer's input scale moves where it costs nothing at run time: into the
+    RMSNorm before qkv_proj and gate_up_proj, into gate_up_proj's up rows for down_proj, and (one
+    value head per query head) into qkv_proj's value rows for o_proj. The model computes what it
+    computes with every division done in an elementwise pass."""
     import copy
 
     from fastllm.stages.quantizers import int4 as int4_module
     from fastllm.testing import model_logits, tiny_llama
 
     ctx = LoadContext(torch.device("cpu"), torch.float32)
-    model = tiny_llama(ctx, seed=7)
+    model = tiny_llama(ctx, seed=7, num_key_value_heads=kv_heads)
     ctx.text_tokenizer = lambda text, add_special_tokens=False: {
         "input_ids": [ord(c) % model.config.vocab_size for c in text]}
     unfolded = copy.deepcopy(model)
@@ -362,12 +364,15 @@ def test_activation_aware_int4_folds_input_scales_into_the_norms(monkeypatch):
     q.apply(model, ctx)
     monkeypatch.setattr(int4_module, "search_input_scale", scales(1))
     monkeypatch.setattr(int4_module, "norm_fed_linears", lambda m: {})  # nothing folded
+    monkeypatch.setattr(int4_module, "fold_into_producers", lambda m, s: set())
     q.apply(unfolded, ctx)
-    layer = model.model.layers[0]
-    assert layer.self_attn.qkv_proj.inv_input_scale is None and layer.mlp.gate_up_proj.inv_input_scale is None
-    assert layer.self_attn.o_proj.inv_input_scale is not None and layer.mlp.down_proj.inv_input_scale is not None
-    assert unfolded.model.layers[0].self_attn.qkv_proj.inv_input_scale is not None
-    assert not torch.equal(layer.input_layernorm.weight, unfolded.model.layers[0].input_layernorm.weight)
+    for block, ref in zip(model.model.layers, unfolded.model.layers):
+        attn, mlp = block.self_attn, block.mlp
+        assert attn.qkv_proj.inv_input_scale is None and mlp.gate_up_proj.inv_input_scale is None
+        assert mlp.down_proj.inv_input_scale is None
+        assert (attn.o_proj.inv_input_scale is None) == (kv_heads == 4)
+        assert ref.mlp.down_proj.inv_input_scale is not None and ref.self_attn.qkv_proj.inv_input_scale is not None
+        assert not torch.equal(block.input_layernorm.weight, ref.input_layernorm.weight)
     prompts = [[3, 17, 42, 9, 5, 77]]
     torch.testing.assert_close(model_logits(model, prompts)[0], model_logits(unfolded, prompts)[0],
                                rtol=1e-4, atol=1e-4)
