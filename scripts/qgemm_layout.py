@@ -84,16 +84,15 @@ def prototype(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, permuted: bool,
 def main() -> None:
     import torch.nn.functional as F
 
-    from fastllm.bench.common import graph_time, script_out_dir
+    from fastllm.bench.common import LLAMA3_8B_LINEARS, graph_time, script_out_dir
     from fastllm.kernels import qgemm as Q
     from fastllm.stages.quantizers.int8 import quantize_int8
 
     out_dir = script_out_dir(__doc__)
     dev = torch.device("cuda")
-    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
     ms = [int(v) for a in sys.argv if a.startswith("--ms=") for v in a.split("=")[1].split(",")] or [256, 1024, 4096]
     copies, rows, lines = 4, [], []
-    for name, (N, K) in shapes.items():
+    for name, (N, K) in LLAMA3_8B_LINEARS.items():
         w16 = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5 for _ in range(copies)]
         q8 = [quantize_int8(t) for t in w16]
         perm = [(permute_columns(q), s) for q, s in q8]

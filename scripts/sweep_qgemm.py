@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fastllm.bench.common import graph_time, script_out_dir
+from fastllm.bench.common import LLAMA3_8B_LINEARS, graph_time, script_out_dir
 from fastllm.kernels import qgemm as Q
 from fastllm.kernels import w8a8 as W
 from fastllm.stages.quantizers.int4 import quantize_int4
@@ -25,7 +25,6 @@ from fastllm.stages.quantizers.int8 import quantize_int8, quantize_int8_rows
 
 out_dir = script_out_dir(__doc__)
 dev = torch.device("cuda")
-LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = [int(v) for a in sys.argv if a.startswith("--ms=") for v in a.split("=")[1].split(",")] or [256, 512, 1024]
 EXTRA = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw}, num_warps=w, num_stages=s)
          for m, n, k, w, s, sw in [(256, 128, 64, 8, 4, True), (256, 128, 128, 8, 2, True), (128, 128, 64, 8, 4, True),
@@ -36,7 +35,7 @@ COPIES = 4
 
 report: dict = {"device": torch.cuda.get_device_name(), "results": []}
 lines = []
-for name, (N, K) in LLAMA3_8B.items():
+for name, (N, K) in LLAMA3_8B_LINEARS.items():
     w16 = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5 for _ in range(COPIES)]
     q8 = [quantize_int8(t) for t in w16]
     q4 = [quantize_int4(t, 128) for t in w16] if "--int4" in sys.argv else []

@@ -22,6 +22,8 @@ def script_out_dir(usage: str) -> Path:
 
 # The linear layers of one Llama-2-7B decoder layer, (N, K) of y = W x, as the GPU scripts time them
 LLAMA2_7B_LINEARS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+# and of Llama-3-8B (grouped key/value heads), the throughput benchmark's model
+LLAMA3_8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 20) -> float:

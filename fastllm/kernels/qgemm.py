@@ -89,6 +89,22 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile (first row, first column) of an [M, N] product, from axis 0 of
+    the grid: N tiles walked in bands of GROUP_N, so programs running together share x rows in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    GROUP_N: tl.constexpr = 8
+    band = pid // (GROUP_N * num_m)
+    first_n = band * GROUP_N
+    width = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * num_m)) % width
+    pid_m = (pid % (GROUP_N * num_m)) // width
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
 def _dot_acc(acc, w, x, SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, dtype: tl.constexpr):
     """acc + x w^T ([M, N]), or with SWAP acc + w x^T ([N, M])."""
     if UPCAST:  # Triton's CPU interpreter: bf16 dot operands (and casts to bf16) go wrong; fp32 there
@@ -112,20 +128,12 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
                   SPLIT_K: tl.constexpr = 1, EVEN_K: tl.constexpr = False):
     # Grid (output tiles, SPLIT_K): program (pid, s) sums the s-th share of K's BLOCK_K steps.
-    pid = tl.program_id(0)
     per_split = ((Kw + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K  # (no tl.cdiv: see paged_attention)
     k_first = tl.program_id(1) * per_split
     k_last = tl.minimum(k_first + per_split, Kw)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    GROUP_N: tl.constexpr = 8  # N tiles per band: a band's programs reuse the same x rows
-    band = pid // (GROUP_N * num_m)
-    first_n = band * GROUP_N
-    width = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % (GROUP_N * num_m)) % width
-    pid_m = (pid % (GROUP_N * num_m)) // width
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0, n0 = _tile(M, N, BLOCK_M, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
     # Rows past M / N read row 0 instead (clamped), so loads need no row mask; their results are

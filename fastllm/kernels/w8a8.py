@@ -19,6 +19,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .launch import autotune, tma_supported
+from .qgemm import _tile
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for m, n, k, w, s in [(16, 64, 256, 4, 4), (32, 64, 256, 4, 4), (64, 64, 256, 4, 4), (64, 128, 128, 4, 4),
@@ -30,22 +31,6 @@ def _prune(configs, named_args, **kwargs):
     """Tiles no taller than the token count rounded up (at least 16)."""
     m = named_args["M_BUCKET"]
     return [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)] or configs[:1]
-
-
-@triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's output tile (first row, first column): N tiles walked in bands of GROUP_N, so programs running
-    together share x rows in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    GROUP_N: tl.constexpr = 8
-    band = pid // (GROUP_N * num_m)
-    first_n = band * GROUP_N
-    width = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % (GROUP_N * num_m)) % width
-    pid_m = (pid % (GROUP_N * num_m)) // width
-    return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
 @triton.jit

@@ -76,17 +76,18 @@ class Int8Linear(RowScaledLinear):
         flat = x.reshape(-1, self.in_features)
         if self._one_token(flat):
             out = self._gemv(flat)
-        elif self.dynamic_activations and flat.is_cuda and flat.shape[0] >= INT_MM_MIN_TOKENS:  # W8A8, fused
-            from ...kernels.w8a8 import w8a8_matmul
+        elif self.dynamic_activations and (flat.is_cuda and flat.shape[0] >= INT_MM_MIN_TOKENS
+                                           or self._int_mm_fits(flat)):  # W8A8 on the int8 tensor cores / AMX
+            xq, x_scale = quantize_int8_rows(flat)
+            if flat.is_cuda:  # scales, bias and rounding in the GEMM's epilogue
+                from ...kernels.w8a8 import w8a8_matmul
 
-            xq, x_scale = quantize_int8_rows(flat)
-            out = w8a8_matmul(xq, x_scale, self.qweight, self.scale, self.bias, flat.dtype)
-        elif self.dynamic_activations and self._int_mm_fits(flat):  # W8A8 on the CPU's int8 units (AMX)
-            xq, x_scale = quantize_int8_rows(flat)
-            acc = torch._int_mm(xq, self.qweight.t())  # int32 [M, N], exact
-            out = (acc.float() * x_scale * self.scale).to(flat.dtype)
-            if self.bias is not None:
-                out = out + self.bias
+                out = w8a8_matmul(xq, x_scale, self.qweight, self.scale, self.bias, flat.dtype)
+            else:
+                acc = torch._int_mm(xq, self.qweight.t())  # int32 [M, N], exact
+                out = (acc.float() * x_scale * self.scale).to(flat.dtype)
+                if self.bias is not None:
+                    out = out + self.bias
         elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self._words_aligned():
             from ...kernels import qgemm
 
