@@ -107,6 +107,8 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": st}, num_war
 # read 2-8% faster per layer (scripts/sweep_tma.py), yet the Llama-2-7B int8 step was slower with it
 # in two calls (301.4 and 302.3 against 320.2 and 318.9 tok/s, 2026-11-27); not yet understood.
 TMA = False
+# The TMA kernel requests its first weight tiles before the PDL wait (HEAD_START; benchmarks switch it)
+HEAD_START = True
 # The TMA kernel's best configuration per card and shape (N, K, fp8), from scripts/sweep_tma.py
 # (chained under PDL, eight weight copies rotated, as a decode step runs them; H100, 2026-11-27):
 # the autotuner, timing each configuration alone, picked ones up to 47% slower there (qkv int8:
@@ -179,6 +181,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if config is not None:
                 _tma_block(dict(w_desc=desc, **config.kwargs))
             flags.pop("HAS_RES"), flags.pop("NORM")
+            flags["HEAD_START"] = HEAD_START
             launch_rows(_tuned_bytes_tma, _gemv_bytes_tma_kernel, N, args[:1] + (desc,) + args[2:4] + args[7:9] + (K,),
                         flags, config)
         else:

@@ -1,5 +1,6 @@
 """Triton helpers shared by the GEMV kernels (fastllm.kernels.gemv, gemv_bytes, qgemm): the input
-vector as the unfused ops would round it, and a weight tile in fp32."""
+vector as the unfused ops would round it, a weight tile in fp32, and the PDL wait as a value
+(`_after_wait`)."""
 from __future__ import annotations
 
 import triton
@@ -46,3 +47,13 @@ def _weight_f32(w, VIA_BITS: tl.constexpr):
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
         return w.to(tl.float32)
+
+
+@triton.jit
+def _after_wait(k, STEP: tl.constexpr):
+    """k (a multiple of STEP), returned by an instruction after the PDL wait: inputs addressed
+    through it are read only once the kernel before has completed, while loads that do not use it
+    (the weights, which Triton's pipeline requests ahead of the loop) may start earlier. Returned
+    as a multiple of STEP, so Triton still knows the addresses' alignment (and vectorizes)."""
+    return tl.inline_asm_elementwise("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
+                                     "=r,r", [k // STEP], dtype=tl.int32, is_pure=True, pack=1) * STEP

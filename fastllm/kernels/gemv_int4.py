@@ -43,6 +43,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .gemv_common import _after_wait
 from .int4_tiles import _int4_scales, _int4_tile, _int4_tile_dp4a
 from .launch import autotune, launch_rows, pdl, tma_supported
 
@@ -163,27 +164,30 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
 def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                          DP4A: tl.constexpr = False):
+                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = False):
     """The word kernel's arithmetic (DP4A: _int4_tile_dp4a's) with the weights and (scale, zero)
     pairs brought in by TMA: w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]),
     sz_desc over the pairs (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]).
     Triton pipelines the loop STAGES deep in shared memory, so the bytes in flight do not cost
     registers (the word kernel's register prefetch holds one tile per program). Rows past N read
-    as zeros."""
+    as zeros. HEAD_START: the PDL wait inside the loop, as in gemv_bytes._gemv_bytes_tma_kernel."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8
     GROUPS: tl.constexpr = BLOCK_W // W
     row0 = pid * BLOCK_N
     offs = tl.arange(0, GROUPS)[:, None] * W + tl.arange(0, W)[None, :]
     kx = (8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]: columns of a tile
-    if USE_PDL:  # x comes from the kernel before; the pipeline's first loads come after this wait
+    if USE_PDL and not HEAD_START:  # x comes from the kernel before; the pipeline's first loads wait too
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
     for k0 in tl.range(0, Kp, BLOCK_W * 8, num_stages=STAGES):
         wt = tl.reshape(w_desc.load([row0, k0 // 8]), [BLOCK_N, GROUPS, W])
         sz = tl.reshape(sz_desc.load([row0, 2 * (k0 // G)]), [BLOCK_N, GROUPS, 2])
-        kk = k0 + kx
+        k_x = k0
+        if USE_PDL and HEAD_START:  # (see _gemv_bytes_tma_kernel)
+            k_x = _after_wait(k0, BLOCK_W * 8)
+        kk = k_x + kx
         xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         if DP4A:
             acc = _int4_tile_dp4a(acc, wt, xt, sz, GROUPS, W, ASM)
@@ -245,6 +249,8 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
 DP4A = True  # the TMA kernel in integer arithmetic (_int4_tile_dp4a; benchmarks switch it)
+# The TMA kernel requests its first weight tiles before the PDL wait (HEAD_START; benchmarks switch it)
+HEAD_START = True
 # As PINNED_WORDS, for the TMA kernel in integer arithmetic (DP4A; scripts/sweep_tma.py, H100, 2026-11-27,
 # the sweep's "int4 dp4a" rows; the autotuner's picks were up to 26% slower, and the float arithmetic's
 # best ones cost the dp4a kernel 10% end to end): (BLOCK_N, BLOCK_W, num_warps, STAGES)
@@ -303,7 +309,8 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         if config is not None:
             _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
         dp4a = (DP4A if dp4a is None else dp4a) and x.dtype != torch.float32  # fp32 inputs keep their bits
-        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args, flags | dict(ASM=not INTERPRETED, DP4A=dp4a), config)
+        launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args,
+                    flags | dict(ASM=not INTERPRETED, DP4A=dp4a, HEAD_START=HEAD_START), config)
     elif WORDS if words is None else words:
         assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
         w = packed.view(torch.int32)  # [N, Kp / 8]
