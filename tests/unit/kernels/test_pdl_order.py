@@ -1,0 +1,83 @@
+"""The TMA GEMVs under programmatic dependent launch (HEAD_START): weight tiles may be requested
+before the PDL wait, inputs never. Checked on the kernels compiled for Hopper (PTX, no GPU needed),
+in a fresh process, since the test session runs Triton interpreted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+COMPILE = r"""
+import json, re, sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.backends.nvidia import compiler  # noqa: F401
+except Exception as e:  # no CUDA backend in this Triton
+    print(json.dumps({"skip": repr(e)})); sys.exit(0)
+from fastllm.kernels.gemv_bytes import _gemv_bytes_tma_kernel
+from fastllm.kernels.gemv_int4 import _gemv_int4_tma_kernel
+
+
+def ptx(fn, sig, cons, warps):
+    sig = dict(sig, **{k: "constexpr" for k in cons})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in ("N", "K", "Kp")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1)).asm["ptx"]
+
+
+out = {}
+for head in (False, True):
+    int8 = ptx(_gemv_bytes_tma_kernel, {"x_ptr": "*bf16", "w_desc": "tensordesc<i32[8, 64]>", "b_ptr": "*bf16",
+                                        "y_ptr": "*bf16", "scale_ptr": "*fp32", "N": "i32", "K": "i32"},
+               dict(HAS_BIAS=False, SILU_MUL=False, FP8=False, ASM=True, BLOCK_N=8, BLOCK_K=256, STAGES=3,
+                    USE_PDL=True, HEAD_START=head), 1)
+    int4 = ptx(_gemv_int4_tma_kernel, {"x_ptr": "*bf16", "w_desc": "tensordesc<i32[32, 64]>",
+                                       "sz_desc": "tensordesc<fp32[32, 8]>", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                                       "N": "i32", "K": "i32", "Kp": "i32"},
+               dict(G=128, HAS_BIAS=False, ASM=True, BLOCK_N=32, BLOCK_W=64, STAGES=3, USE_PDL=True, DP4A=True,
+                    HEAD_START=head), 2)
+    for name, text in (("int8", int8), ("int4", int4)):
+        kinds = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("griddepcontrol.wait"):
+                kinds.append("wait")
+            elif "cp.async.bulk.tensor" in line:
+                kinds.append("tma")
+            elif re.search(r"\bcp\.async\.c[ag]\b|\bld\.global\b", line):
+                kinds.append("load")
+        out[f"{name} head={head}"] = kinds
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def order():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(f"Triton cannot compile for CUDA here: {out['skip']}")
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["int8", "int4"])
+def test_head_start_requests_weights_before_the_wait_and_inputs_after_it(order, kernel):
+    kinds = order[f"{kernel} head=True"]
+    first_wait = kinds.index("wait")
+    assert "tma" in kinds[:first_wait]  # a weight tile is on its way before the kernel waits
+    assert "load" in kinds and "load" not in kinds[:first_wait]  # no other global read before it
+
+
+@pytest.mark.parametrize("kernel", ["int8", "int4"])
+def test_without_head_start_every_load_follows_the_wait(order, kernel):
+    kinds = order[f"{kernel} head=False"]
+    assert kinds[0] == "wait" and {"tma", "load"} <= set(kinds)
