@@ -13,8 +13,8 @@ GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
-float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs' weight loads after their PDL
-wait, not before; suffixes combine; e2e only).
+float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
+weight loads after their PDL wait, not before; suffixes combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """

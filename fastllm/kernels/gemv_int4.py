@@ -249,7 +249,9 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
 DP4A = True  # the TMA kernel in integer arithmetic (_int4_tile_dp4a; benchmarks switch it)
-# The TMA kernel requests its first weight tiles before the PDL wait (HEAD_START; benchmarks switch it)
+# The TMA kernel requests its first weight tiles before the PDL wait, while the kernel before still
+# runs (HEAD_START; benchmarks switch it). H100, Llama-2-7B int4 step (scripts/quant_gpu.py, two calls,
+# 2026-11-27): 421.9 and 417.0 tok/s against 397.3 and 401.8 without, bf16 201.3 / 201.7.
 HEAD_START = True
 # As PINNED_WORDS, for the TMA kernel in integer arithmetic (DP4A; scripts/sweep_tma.py, H100, 2026-11-27,
 # the sweep's "int4 dp4a" rows; the autotuner's picks were up to 26% slower, and the float arithmetic's
