@@ -36,7 +36,8 @@ def timed(kind: str, N: int, K: int, layer: str) -> None:
     it = iter(range(10 ** 9))
     t = graph_time(lambda: fn(next(it)))
     rows.append(dict(layer=layer, kind=kind, N=N, K=K, MB=nbytes / 1e6, us=t * 1e6, TBps=nbytes / t / 1e12))
-    line = f"{layer:8s} {kind:5s} [{N:5d}, {K:5d}] {nbytes / 1e6:6.1f} MB {t * 1e6:6.1f} us {nbytes / t / 1e12:.2f} TB/s"
+    line = (f"{layer:8s} {kind:5s} [{N:5d}, {K:5d}] {nbytes / 1e6:6.1f} MB {t * 1e6:6.1f} us "
+            f"{nbytes / t / 1e12:.2f} TB/s")
     lines.append(line)
     print(line, flush=True)
     torch.cuda.empty_cache()

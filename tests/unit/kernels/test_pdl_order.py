@@ -27,7 +27,8 @@ from fastllm.kernels.gemv_int4 import _gemv_int4_tma_kernel
 
 def ptx(fn, sig, cons, warps):
     sig = dict(sig, **{k: "constexpr" for k in cons})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in ("N", "K", "Kp")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if sig[n].startswith("*") or n in ("N", "K", "Kp")}
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1)).asm["ptx"]
 
