@@ -107,10 +107,10 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "STAGES": st}, num_war
 # read 2-8% faster per layer (scripts/sweep_tma.py), yet the Llama-2-7B int8 step was slower with it
 # in two calls (301.4 and 302.3 against 320.2 and 318.9 tok/s, 2026-11-27); not yet understood.
 TMA = False
-# The TMA kernel requests its first weight tiles before the PDL wait (HEAD_START; benchmarks switch it).
-# H100, Llama-2-7B int8 step, one call (2026-11-27): TMA 310.9 tok/s with it, 298.5 without; the word
-# kernel 319.2, so TMA stays off.
-HEAD_START = True
+# The TMA kernel requests weight tiles before the PDL wait (HEAD_START, as gemv_int4.HEAD_START).
+# H100, Llama-2-7B int8 step, one call (2026-11-27): TMA 310.9 tok/s with 1, 298.5 with 0; the word
+# kernel 319.2, so TMA stays off. 2: not yet measured.
+HEAD_START = 1
 # The TMA kernel's best configuration per card and shape (N, K, fp8), from scripts/sweep_tma.py
 # (chained under PDL, eight weight copies rotated, as a decode step runs them; H100, 2026-11-27):
 # the autotuner, timing each configuration alone, picked ones up to 47% slower there (qkv int8:

@@ -145,13 +145,13 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
 def _gemv_bytes_tma_kernel(x_ptr, w_desc, b_ptr, y_ptr, scale_ptr, N, K,
                            HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                           USE_PDL: tl.constexpr, HEAD_START: tl.constexpr = False):
+                           USE_PDL: tl.constexpr, HEAD_START: tl.constexpr = 0):
     """_gemv_bytes_kernel (without the norm) with the weight words brought in by TMA: w_desc over
     int32 [N, K / 4], block [BLOCK_N, BLOCK_K / 4]. Triton pipelines the loop STAGES deep in shared
     memory, so the bytes in flight do not cost registers. Rows and columns past the weight read as
-    zeros. HEAD_START (under PDL): the wait moves into the loop, into the inputs' addresses
-    (_after_wait), so the tiles of the pipeline's prologue are requested before it, while the
-    kernel before still runs."""
+    zeros. HEAD_START (under PDL, 1 or 2): the wait moves into the loop, into the inputs' addresses
+    (_after_wait, of that depth), so weight tiles are requested before it, while the kernel
+    before still runs."""
     pid = tl.program_id(0)
     BW: tl.constexpr = BLOCK_K // 4
     row0 = pid * BLOCK_N
@@ -164,7 +164,7 @@ def _gemv_bytes_tma_kernel(x_ptr, w_desc, b_ptr, y_ptr, scale_ptr, N, K,
         w = w_desc.load([row0, k // 4])
         k_x = k
         if USE_PDL and HEAD_START:
-            k_x = _after_wait(k, BLOCK_K)
+            k_x = _after_wait(k, BLOCK_K, w, HEAD_START)
         cols = 4 * (k_x // 4 + tl.arange(0, BW))[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
         x = _input(x_ptr, x_ptr, cols, cols < K, K, False, SILU_MUL)
         acc, xs = _bytes_tile(acc, xs, w, x, BW, FP8, ASM)

@@ -50,10 +50,17 @@ def _weight_f32(w, VIA_BITS: tl.constexpr):
 
 
 @triton.jit
-def _after_wait(k, STEP: tl.constexpr):
+def _after_wait(k, STEP: tl.constexpr, tile, DEPTH: tl.constexpr):
     """k (a multiple of STEP), returned by an instruction after the PDL wait: inputs addressed
     through it are read only once the kernel before has completed, while loads that do not use it
-    (the weights, which Triton's pipeline requests ahead of the loop) may start earlier. Returned
-    as a multiple of STEP, so Triton still knows the addresses' alignment (and vectorizes)."""
+    may start earlier. Returned as a multiple of STEP, so Triton still knows the addresses'
+    alignment (and vectorizes). DEPTH 1: the wait depends on k alone, and Triton's pipeline issues
+    it right after the first weight tile's request. DEPTH 2: it also depends on `tile` (the weight
+    tile just arrived, reduced to one value), so it comes in the pipeline's consuming stage, after
+    the requests of the whole prologue."""
+    if DEPTH == 2:
+        dep = tl.max(tile, axis=None).to(tl.int32, bitcast=True)
+    else:
+        dep = k
     return tl.inline_asm_elementwise("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
-                                     "=r,r", [k // STEP], dtype=tl.int32, is_pure=True, pack=1) * STEP
+                                     "=r,r,r", [k // STEP, dep], dtype=tl.int32, is_pure=True, pack=1) * STEP

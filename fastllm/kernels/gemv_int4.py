@@ -164,7 +164,7 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
 def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = False):
+                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = 0):
     """The word kernel's arithmetic (DP4A: _int4_tile_dp4a's) with the weights and (scale, zero)
     pairs brought in by TMA: w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]),
     sz_desc over the pairs (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]).
@@ -186,7 +186,7 @@ def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
         sz = tl.reshape(sz_desc.load([row0, 2 * (k0 // G)]), [BLOCK_N, GROUPS, 2])
         k_x = k0
         if USE_PDL and HEAD_START:  # (see _gemv_bytes_tma_kernel)
-            k_x = _after_wait(k0, BLOCK_W * 8)
+            k_x = _after_wait(k0, BLOCK_W * 8, wt, HEAD_START)
         kk = k_x + kx
         xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         if DP4A:
@@ -249,10 +249,11 @@ TMA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": bw, "STAGES": st}, num_wa
                                     (64, 32, 4, 4), (32, 32, 2, 4), (128, 32, 8, 3)]]
 TMA = True  # on Hopper and later, pairs-stored weights go through the TMA kernel (benchmarks switch it)
 DP4A = True  # the TMA kernel in integer arithmetic (_int4_tile_dp4a; benchmarks switch it)
-# The TMA kernel requests its first weight tiles before the PDL wait, while the kernel before still
-# runs (HEAD_START; benchmarks switch it). H100, Llama-2-7B int4 step (scripts/quant_gpu.py, two calls,
-# 2026-11-27): 421.9 and 417.0 tok/s against 397.3 and 401.8 without, bf16 201.3 / 201.7.
-HEAD_START = True
+# The TMA kernel requests weight tiles before the PDL wait, while the kernel before still runs
+# (HEAD_START: 0 no, 1 the first tile, 2 the pipeline's whole prologue; see gemv_common._after_wait;
+# benchmarks switch it). H100, Llama-2-7B int4 step (scripts/quant_gpu.py, two calls, 2026-11-27):
+# 1 gave 421.9 and 417.0 tok/s against 397.3 and 401.8 with 0, bf16 201.3 / 201.7. 2: not yet measured.
+HEAD_START = 1
 # As PINNED_WORDS, for the TMA kernel in integer arithmetic (DP4A; scripts/sweep_tma.py, H100, 2026-11-27,
 # the sweep's "int4 dp4a" rows; the autotuner's picks were up to 26% slower, and the float arithmetic's
 # best ones cost the dp4a kernel 10% end to end): (BLOCK_N, BLOCK_W, num_warps, STAGES)

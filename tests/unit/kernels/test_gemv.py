@@ -214,3 +214,23 @@ def test_word_gemv_takes_tma_only_without_a_norm_and_on_hopper(gemv, monkeypatch
     gemv.gemv(x, q, scale=scale, tma=True)
     gemv.gemv(x, q, scale=scale, tma=True, norm_weight=torch.ones(64, dtype=torch.bfloat16))
     assert calls == [gemv._gemv_bytes_kernel, gemv._gemv_bytes_tma_kernel, gemv._gemv_bytes_kernel]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch runs on CUDA only")
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("N, K, cfg", [(33, 512, 3), (130, 1100, 8), (64, 4096, 9)])
+def test_tma_head_start_depths_match_float64(gemv, monkeypatch, depth, kind, N, K, cfg):
+    """Each HEAD_START depth (weights requested before the PDL wait, inputs after it), launched
+    right after the kernel that writes the inputs."""
+    probe = torch.empty(1, device=DEV)
+    if not gemv.pdl(probe) or not gemv.tma_supported(probe):
+        pytest.skip("this card has no programmatic dependent launch or no TMA")
+    monkeypatch.setattr(gemv, "HEAD_START", depth)
+    q, scale, b = _rows_layer(kind, N, K, torch.bfloat16)
+    x0 = torch.randn(1, K, dtype=torch.bfloat16, device=DEV)
+    x = x0 * 2  # written by the kernel just before the GEMV
+    out = gemv.gemv(x, q, b, scale=scale, config=gemv.TMA_CONFIGS[cfg], tma=True)
+    ref = _rows_ref(x0 * 2, q, scale, b)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[torch.bfloat16], err

@@ -144,3 +144,30 @@ def test_int4_gemv_through_tma_by_default_only_where_the_card_has_it(g4, monkeyp
     g4.gemv_int4(x, packed, scales, zeros, 32, pairs=pairs, tma=True)
     g4.gemv_int4(torch.zeros(1, 128), packed, scales, zeros, 32, pairs=pairs, tma=True, silu_mul=True)
     assert calls == [g4._gemv_int4_words_kernel, g4._gemv_int4_tma_kernel, g4._gemv_int4_words_kernel]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch runs on CUDA only")
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("dp4a", [False, True])
+@pytest.mark.parametrize("N, K, cfg", [(45, 300, 0), (64, 4096, 2), (130, 1000, 4)])
+def test_int4_tma_head_start_depths_match_float64(g4, monkeypatch, depth, dp4a, N, K, cfg):
+    """Each HEAD_START depth of the TMA GEMV (weights requested before the PDL wait, inputs after
+    it), launched right after the kernel that writes its input."""
+    from fastllm.kernels.launch import pdl, tma_supported
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    probe = torch.empty(1, device=DEV)
+    if not pdl(probe) or not tma_supported(probe):
+        pytest.skip("this card has no programmatic dependent launch or no TMA")
+    monkeypatch.setattr(g4, "HEAD_START", depth)
+    w = torch.randn(N, K, device=DEV)
+    packed, scales, zeros = quantize_int4(w, 128)
+    pairs = pack_scales(scales, zeros)
+    ng = scales.shape[1]
+    scales, zeros = pairs[:, :ng, 0], pairs[:, :ng, 1]
+    x0 = torch.randn(1, K, device=DEV).to(torch.bfloat16)
+    x = x0 * 2  # written by the kernel just before the GEMV
+    out = g4.gemv_int4(x, packed, scales, zeros, 128, config=g4.TMA_CONFIGS[cfg], pairs=pairs, tma=True, dp4a=dp4a)
+    ref = (x0 * 2).double() @ dequantize_int4(packed, scales, zeros, K).double().T
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err

@@ -34,7 +34,7 @@ def ptx(fn, sig, cons, warps):
 
 
 out = {}
-for head in (False, True):
+for head in (0, 1, 2):
     int8 = ptx(_gemv_bytes_tma_kernel, {"x_ptr": "*bf16", "w_desc": "tensordesc<i32[8, 64]>", "b_ptr": "*bf16",
                                         "y_ptr": "*bf16", "scale_ptr": "*fp32", "N": "i32", "K": "i32"},
                dict(HAS_BIAS=False, SILU_MUL=False, FP8=False, ASM=True, BLOCK_N=8, BLOCK_K=256, STAGES=3,
@@ -70,15 +70,22 @@ def order():
     return out
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("kernel", ["int8", "int4"])
-def test_head_start_requests_weights_before_the_wait_and_inputs_after_it(order, kernel):
-    kinds = order[f"{kernel} head=True"]
+def test_head_start_requests_weights_before_the_wait_and_inputs_after_it(order, kernel, depth):
+    kinds = order[f"{kernel} head={depth}"]
     first_wait = kinds.index("wait")
     assert "tma" in kinds[:first_wait]  # a weight tile is on its way before the kernel waits
     assert "load" in kinds and "load" not in kinds[:first_wait]  # no other global read before it
 
 
 @pytest.mark.parametrize("kernel", ["int8", "int4"])
+def test_depth_two_requests_more_before_the_wait(order, kernel):
+    before = {d: order[f"{kernel} head={d}"].index("wait") for d in (1, 2)}
+    assert before[2] > before[1]
+
+
+@pytest.mark.parametrize("kernel", ["int8", "int4"])
 def test_without_head_start_every_load_follows_the_wait(order, kernel):
-    kinds = order[f"{kernel} head=False"]
+    kinds = order[f"{kernel} head=0"]
     assert kinds[0] == "wait" and {"tma", "load"} <= set(kinds)
