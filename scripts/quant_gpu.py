@@ -14,8 +14,8 @@ int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without T
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
-weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; suffixes
-combine; e2e only).
+weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
+the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; suffixes combine; e2e only).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -151,12 +151,13 @@ if "--skip-e2e" not in sys.argv:
                 # "-nohead": the TMA GEMVs wait for the kernel before ahead of their first weight tiles;
                 # "-head2": they request the pipeline's whole prologue first
                 GV.HEAD_START = GV4.HEAD_START = 0 if "-nohead" in q else 2 if "-head2" in q else 1
+                GV.AHEAD = 2 if "-ahead2" in q else 1  # "-ahead2": the word GEMVs hold two tiles ahead
                 if "-tma" in q:
                     GV.TMA = GV4.TMA = True
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead", "-head2")
+                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead", "-head2", "-ahead2")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

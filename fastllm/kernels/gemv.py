@@ -91,6 +91,9 @@ WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
+# Weight tiles the word kernel holds ahead of the one in use (1 or 2; _gemv_bytes_kernel's AHEAD):
+# 2 not yet measured on a GPU (scripts/quant_gpu.py "-ahead2").
+AHEAD = 1
 
 def _tma_block(nargs: dict) -> None:
     """Autotuner pre-hook of the TMA kernel: the descriptor's block follows the configuration."""
@@ -191,7 +194,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile
                 config = triton.Config({"BLOCK_N": config.kwargs["BLOCK_N"], "BLOCK_K": config.kwargs["BLOCK_K"]},
                                        num_warps=config.num_warps, num_stages=1)
-            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X), config)
+            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X, AHEAD=AHEAD), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
     lead = x.shape[:-1]
