@@ -225,7 +225,7 @@ def test_tma_head_start_depths_match_float64(gemv, monkeypatch, depth, kind, N, 
     """Each HEAD_START depth (weights requested before the PDL wait, inputs after it), launched
     right after the kernel that writes the inputs."""
     probe = torch.empty(1, device=DEV)
-    if not gemv.pdl(probe) or not gemv.tma_supported(probe):
+    if not gemv.pdl(probe)["USE_PDL"] or not gemv.tma_supported(probe):
         pytest.skip("this card has no programmatic dependent launch or no TMA")
     monkeypatch.setattr(gemv, "HEAD_START", depth)
     q, scale, b = _rows_layer(kind, N, K, torch.bfloat16)

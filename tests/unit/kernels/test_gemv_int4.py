@@ -157,7 +157,7 @@ def test_int4_tma_head_start_depths_match_float64(g4, monkeypatch, depth, dp4a, 
     from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 
     probe = torch.empty(1, device=DEV)
-    if not pdl(probe) or not tma_supported(probe):
+    if not pdl(probe)["USE_PDL"] or not tma_supported(probe):
         pytest.skip("this card has no programmatic dependent launch or no TMA")
     monkeypatch.setattr(g4, "HEAD_START", depth)
     w = torch.randn(N, K, device=DEV)
