@@ -15,7 +15,8 @@ register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / 
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
-the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; suffixes combine; e2e only).
+the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store in their own
+kernel, not inside decode attention; suffixes combine; e2e only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -118,6 +119,7 @@ if "--skip-e2e" not in sys.argv:
                 "gemv_int4_tma": GV4._tuned_tma}
 
     from fastllm.kernels import gemv as GV, gemv_int4 as GV4
+    from fastllm.stages.attention.paged import PagedAttention
 
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
@@ -137,7 +139,10 @@ if "--skip-e2e" not in sys.argv:
             for t in tuners().values():  # each run autotunes afresh: --retune=N shows how much the picks move it
                 t.cache.clear()
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
-            if q != "bf16":
+            PagedAttention.fuse_rope_decode = "-noattn" not in q  # "-noattn": RoPE and KV store in their own kernel
+            if q.startswith("bf16-"):
+                opts["quantizer"] = "none"
+            elif q != "bf16":
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
@@ -157,7 +162,8 @@ if "--skip-e2e" not in sys.argv:
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead", "-head2", "-ahead2")
+                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead", "-head2", "-ahead2",
+                            "-noattn")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

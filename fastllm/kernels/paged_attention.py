@@ -7,7 +7,8 @@ its slot id is block * block_size + row.
 - store_kv: write new K/V rows into their slots (slot -1 is skipped: CUDA-graph padding);
   rope_store_kv: RoPE of q (in place) and k, and the store of k and v, in one launch (both in
   fastllm.kernels.kv_store, reached through this module too).
-- paged_decode: one query per sequence, two-stage split-K (flash-decoding), graph-safe.
+- paged_decode: one query per sequence, two-stage split-K (flash-decoding), graph-safe;
+  paged_decode_rope: the same with rope_store_kv's work inside (decode steps of the model).
 - paged_prefill: varlen causal attention of new tokens against the cache (chunked prefill,
   prefix-cache hits and decode rows in one launch).
 - reference_attention: float64 torch reference of the same semantics (tests, slow CPU path).
@@ -142,6 +143,141 @@ def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
 
 
 @_jit
+def _kv_halves(k_cache_ptr, v_cache_ptr, table_ptr, n0, key_end, head_off, stride_cb, stride_cr, offs_j, mask_j,
+               HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Keys n0 .. n0+BLOCK_N (those < key_end) of one kv head, each head vector as its two halves
+    # (rotate-half RoPE pairs element j with j + HALF): positions, k_lo, k_hi, v_lo, v_hi [N, HALF].
+    pos = n0 + tl.arange(0, BLOCK_N)
+    mask_n = pos < key_end
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    rows = block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cr + head_off
+    ptrs = rows[:, None] + offs_j[None, :]
+    m = mask_n[:, None] & mask_j[None, :]
+    k_lo = tl.load(k_cache_ptr + ptrs, mask=m, other=0.0)
+    k_hi = tl.load(k_cache_ptr + ptrs + HALF, mask=m, other=0.0)
+    v_lo = tl.load(v_cache_ptr + ptrs, mask=m, other=0.0)
+    v_hi = tl.load(v_cache_ptr + ptrs + HALF, mask=m, other=0.0)
+    return pos, k_lo, k_hi, v_lo, v_hi
+
+
+@_jit
+def _attend_halves(acc_lo, acc_hi, l_i, m_i, q_lo, q_hi, pos, k_lo, k_hi, v_lo, v_hi, kn_lo, kn_hi, vn_lo, vn_hi,
+                   last, key_end, qk_scale, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # One online-softmax step of _attend_tile's, over halves; the key at position `last` (this
+    # step's token, not yet in the cache when the tile was read) is taken from kn / vn instead.
+    new = (pos == last)[:, None]
+    k_lo = tl.where(new, kn_lo[None, :], k_lo)
+    k_hi = tl.where(new, kn_hi[None, :], k_hi)
+    v_lo = tl.where(new, vn_lo[None, :], v_lo)
+    v_hi = tl.where(new, vn_hi[None, :], v_hi)
+    if UPCAST_DOT:
+        q_lo, q_hi, k_lo, k_hi = q_lo.to(tl.float32), q_hi.to(tl.float32), k_lo.to(tl.float32), k_hi.to(tl.float32)
+        v_lo, v_hi = v_lo.to(tl.float32), v_hi.to(tl.float32)
+    s = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)
+    s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=DOT_PRECISION)  # [G, N]
+    s = tl.where((pos < key_end)[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # a tile with no key (an empty split) leaves m at -inf: exponents against 0 keep it all zero
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p = p.to(v_lo.dtype)
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(p, v_lo, input_precision=DOT_PRECISION)
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(p, v_hi, input_precision=DOT_PRECISION)
+    return acc_lo, acc_hi, l_i, m_new
+
+
+@_jit
+def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, slot_ptr,
+                              pos_ptr, inv_freq_ptr, rope_scale, scratch_ptr, qk_scale, num_splits,
+                              stride_qb, stride_qh, stride_vb, stride_vh, stride_cb, stride_cr, stride_ch, stride_bt,
+                              stride_sb, stride_sh, stride_ss,
+                              NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    # Grid (B, KVH, num_splits), as _decode_split_kernel, for q and this step's k, v straight from
+    # the projection (k not yet rotated, neither stored): RoPE of the group's q heads and of k in
+    # registers; the split holding the new key stores it (rotated) and v to the cache. The new
+    # key's cache row is read with the first tile before the PDL wait and replaced in registers.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    # The step's metadata and the cache's older rows are written before the step's first kernel
+    # (every earlier kernel waited for it): read before the wait, so their latency overlaps the
+    # kernel before.
+    seq_len = tl.load(seq_lens_ptr + b)
+    per_split = (seq_len + num_splits - 1) // num_splits
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    last = seq_len - 1
+    offs_j = tl.arange(0, BLOCK_HALF)
+    mask_j = offs_j < HALF
+    freq = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + offs_j, mask=mask_j, other=0.0)
+    cos = tl.cos(freq) * rope_scale
+    sin = tl.sin(freq) * rope_scale
+    table_ptr = block_tables_ptr + b.to(tl.int64) * stride_bt
+    head_off = kvh * stride_ch
+    pos, k_lo, k_hi, v_lo, v_hi = _kv_halves(k_cache_ptr, v_cache_ptr, table_ptr, start, end, head_off, stride_cb,
+                                             stride_cr, offs_j, mask_j, HALF, BLOCK_SIZE, BLOCK_N)
+    if USE_PDL:  # q, k and v come from the kernel before (see fastllm.kernels.launch)
+        tl.extra.cuda.gdc_wait()
+
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    row = qk_ptr + b.to(tl.int64) * stride_qb
+    gm = mask_g[:, None] & mask_j[None, :]
+    src = row + heads[:, None] * stride_qh + offs_j[None, :]
+    x1 = tl.load(src, mask=gm, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=gm, other=0.0).to(tl.float32)
+    # rounded to the input dtype, as a rotation in place would leave q
+    q_lo = (x1 * cos[None, :] - x2 * sin[None, :]).to(qk_ptr.dtype.element_ty)
+    q_hi = (x2 * cos[None, :] + x1 * sin[None, :]).to(qk_ptr.dtype.element_ty)
+    ksrc = row + (NUM_HEADS + kvh) * stride_qh + offs_j
+    x1 = tl.load(ksrc, mask=mask_j, other=0.0).to(tl.float32)
+    x2 = tl.load(ksrc + HALF, mask=mask_j, other=0.0).to(tl.float32)
+    kn_lo = (x1 * cos - x2 * sin).to(k_cache_ptr.dtype.element_ty)
+    kn_hi = (x2 * cos + x1 * sin).to(k_cache_ptr.dtype.element_ty)
+    vsrc = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh + offs_j
+    vn_lo = tl.load(vsrc, mask=mask_j, other=0.0).to(v_cache_ptr.dtype.element_ty)
+    vn_hi = tl.load(vsrc + HALF, mask=mask_j, other=0.0).to(v_cache_ptr.dtype.element_ty)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    if (start <= last) & (last < end) & (slot >= 0):  # this split holds the new key (slot -1: graph padding)
+        dst = slot * stride_cr + head_off + offs_j  # a slot is block * block_size + row
+        tl.store(k_cache_ptr + dst, kn_lo, mask=mask_j)
+        tl.store(k_cache_ptr + dst + HALF, kn_hi, mask=mask_j)
+        tl.store(v_cache_ptr + dst, vn_lo, mask=mask_j)
+        tl.store(v_cache_ptr + dst + HALF, vn_hi, mask=mask_j)
+
+    acc_lo = tl.zeros([BLOCK_G, BLOCK_HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_G, BLOCK_HALF], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    acc_lo, acc_hi, l_i, m_i = _attend_halves(acc_lo, acc_hi, l_i, m_i, q_lo, q_hi, pos, k_lo, k_hi, v_lo, v_hi,
+                                              kn_lo, kn_hi, vn_lo, vn_hi, last, end, qk_scale, DOT_PRECISION,
+                                              UPCAST_DOT)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+        pos, k_lo, k_hi, v_lo, v_hi = _kv_halves(k_cache_ptr, v_cache_ptr, table_ptr, n0, end, head_off, stride_cb,
+                                                 stride_cr, offs_j, mask_j, HALF, BLOCK_SIZE, BLOCK_N)
+        acc_lo, acc_hi, l_i, m_i = _attend_halves(acc_lo, acc_hi, l_i, m_i, q_lo, q_hi, pos, k_lo, k_hi, v_lo,
+                                                  v_hi, kn_lo, kn_hi, vn_lo, vn_hi, last, end, qk_scale,
+                                                  DOT_PRECISION, UPCAST_DOT)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+    nonempty = l_i > 0.0
+    inv = 1.0 / tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    dst = scratch_ptr + b.to(tl.int64) * stride_sb + heads * stride_sh + split * stride_ss  # [G]
+    tl.store(dst[:, None] + offs_j[None, :], acc_lo * inv[:, None], mask=gm)
+    tl.store(dst[:, None] + offs_j[None, :] + HALF, acc_hi * inv[:, None], mask=gm)
+    tl.store(dst + HEAD_DIM, lse, mask=mask_g)
+
+
+@_jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr,
                     qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_cb, stride_cr, stride_ch, stride_bt,
@@ -254,6 +390,47 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_merge_kernel[(batch, h)](
         scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, **pdl(q))
+
+
+def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                      positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, scale: float,
+                      out: torch.Tensor, num_splits: int = 8, scratch: torch.Tensor | None = None) -> None:
+    """rope_store_kv then paged_decode, in the launches of paged_decode alone (one query per sequence).
+
+    qk [B, H + KVH, D] holds q then k, not yet rotated, and v [B, KVH, D] (views of one projection
+    are fine); RoPE as rope_store_kv's (positions [B], inv_freq [D/2], rope_scale); the rotated k
+    and v go to the cache rows slot_mapping [B] (-1 skipped), and seq_lens [B] counts them. qk is
+    left as it was. out [B, H, D]. Graph-safe, as paged_decode.
+    """
+    block_size, kvh, d = _check_cache(k_cache, v_cache)
+    batch, h = qk.shape[0], qk.shape[1] - kvh
+    if (qk.dim() != 3 or qk.shape[2] != d or h <= 0 or h % kvh or v.shape != (batch, kvh, d)
+            or out.shape != (batch, h, d) or qk.stride(-1) != 1 or v.stride(-1) != 1 or out.stride(-1) != 1):
+        raise ValueError(f"qk must be [B, H + {kvh}, {d}] with H a multiple of {kvh}, v [B, {kvh}, {d}] and out "
+                         f"[B, H, {d}], each with unit stride in the last dim; got {tuple(qk.shape)}, "
+                         f"{tuple(v.shape)} and {tuple(out.shape)}")
+    if d % 2:
+        raise ValueError(f"rotate-half RoPE needs an even head_dim, got {d}")
+    if scratch is None:
+        scratch = decode_scratch(batch, h, d, num_splits, qk.device)
+    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits, d + 1):
+        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits}, {d + 1}], got "
+                         f"{scratch.dtype} {tuple(scratch.shape)}")
+    if batch == 0:
+        return
+    group = h // kvh
+    _decode_rope_split_kernel[(batch, kvh, num_splits)](
+        qk, v, k_cache, v_cache, block_tables, seq_lens, slot_mapping, positions, inv_freq, rope_scale, scratch,
+        scale * LOG2E, num_splits, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        scratch.stride(0), scratch.stride(1), scratch.stride(2),
+        NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16),
+        BLOCK_HALF=max(triton.next_power_of_2(d // 2), 16), BLOCK_N=DECODE_BLOCK_N, **_dot_args(qk.dtype),
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(qk))
+    _decode_merge_kernel[(batch, h)](
+        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d), **pdl(qk))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

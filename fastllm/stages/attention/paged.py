@@ -218,15 +218,26 @@ class PagedAttention:
         else:
             meta.key_slots = slots[valid]
 
+    # Decode steps on CUDA: RoPE and the KV store inside the attention kernel (paged_decode_rope),
+    # one launch fewer per layer and the cache read before the PDL wait; benchmarks switch it off.
+    fuse_rope_decode = True
+
     def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta) -> torch.Tensor:
         """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
-        rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope)."""
+        rotates q in place and stores the rotated k with v (rope: fastllm.models.llama.Rope), or, in
+        decode steps, the attention kernel does both on the way."""
         H = self.spec.num_heads
         # a subclass with its own forward() (plugins/fastllm-flash-attn) attends its own way
         if self._kernels is None or type(self).forward is not PagedAttention.forward:
             qk = rope(qk)
             return self.forward(layer, qk[:, :H], qk[:, H:], v, meta)
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
+        if meta.decode_only and self.fuse_rope_decode:
+            out = qk.new_empty(qk.shape[0], H, qk.shape[2])
+            self._kernels.paged_decode_rope(qk, v, kc, vc, meta.block_tables, meta.seq_lens, meta.slot_mapping,
+                                            rope.positions, rope.inv_freq, rope.scaling, self.spec.scale, out,
+                                            meta.num_splits, meta.decode_scratch)
+            return out
         self._kernels.rope_store_kv(qk, v, kc, vc, meta.slot_mapping, rope.positions, rope.inv_freq, rope.scaling, H)
         return self._attend(qk[:, :H], kc, vc, meta)
 

@@ -136,6 +136,60 @@ def test_paged_decode(heads, kv_heads, head_dim, block_size, dtype):
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype", [
+    (6, 2, 64, 16, torch.float32), (6, 2, 64, 4, torch.bfloat16), (4, 4, 80, 16, torch.bfloat16),
+    (20, 1, 64, 16, torch.bfloat16)])
+def test_paged_decode_rope_equals_rope_store_then_decode(heads, kv_heads, head_dim, block_size, dtype, num_splits):
+    from fastllm.models.llama import apply_rotary
+
+    # Sequence lengths after this step: 40 keys cross a 32-key tile with one split; the last row is
+    # CUDA-graph padding (0 keys, slot -1). The new keys' cache rows hold stale random values.
+    lens = [1, 5, 17, 40, 0]
+    c = make_case(heads, kv_heads, head_dim, block_size, dtype, lens, [1] * len(lens), seed=3)
+    B, H, D = len(lens), heads, head_dim
+    qkv = torch.randn(B, H + 2 * kv_heads, D, device=DEVICE).to(dtype)  # one fused projection's output
+    qk, v = qkv[:, :H + kv_heads], qkv[:, H + kv_heads:]
+    qk_before = qk.clone()
+    tables = c["block_tables"].long()
+    slots = torch.tensor([int(tables[b, (L - 1) // block_size]) * block_size + (L - 1) % block_size if L else -1
+                          for b, L in enumerate(lens)], device=DEVICE)
+    positions = torch.tensor([max(L - 1, 0) for L in lens], device=DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device=DEVICE).float() / D))
+    # reference: the model's torch rotary in float64, the rotated k and v stored, float64 attention
+    freqs = (positions[:, None].float() * inv_freq[None, :]).double()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    rotated = apply_rotary(qk.double(), 0.9 * emb.cos(), 0.9 * emb.sin()).to(dtype)
+    k_want, v_want = c["k_cache"].clone(), c["v_cache"].clone()
+    stored = slots >= 0
+    k_want.flatten(0, 1)[slots[stored]] = rotated[stored, H:]
+    v_want.flatten(0, 1)[slots[stored]] = v[stored]
+    ref = pa.reference_attention(rotated[:, :H], k_want, v_want, c["block_tables"], c["cu_seqlens_q"],
+                                 c["seq_lens"], c["scale"])
+
+    out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEVICE)
+    scratch = pa.decode_scratch(B + 2, H, D, num_splits, DEVICE).fill_(float("nan"))
+    pa.paged_decode_rope(qk, v, c["k_cache"], c["v_cache"], c["block_tables"], c["seq_lens"], slots, positions,
+                         inv_freq, 0.9, c["scale"], out, num_splits=num_splits, scratch=scratch)
+    assert_close(out, ref, dtype)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+    assert torch.equal(qk, qk_before), "paged_decode_rope changed its qk input"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(c["k_cache"].double(), k_want.double(), **tol)  # new rows rotated, the rest kept
+    assert torch.equal(c["v_cache"], v_want)
+
+
+def test_paged_decode_rope_rejects_odd_shapes():
+    c = make_case(4, 2, 64, 16, torch.float32, [3], [1])
+    qk = torch.zeros(1, 6, 64, device=DEVICE)
+    args = (c["k_cache"], c["v_cache"], c["block_tables"], c["seq_lens"], torch.zeros(1, dtype=torch.long,
+            device=DEVICE), torch.zeros(1, device=DEVICE), torch.ones(32, device=DEVICE), 1.0, 0.125)
+    with pytest.raises(ValueError, match="qk must be"):  # v with the wrong head count
+        pa.paged_decode_rope(qk, torch.zeros(1, 4, 64, device=DEVICE), *args, torch.empty(1, 4, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="qk must be"):  # out with the kv heads too
+        pa.paged_decode_rope(qk, torch.zeros(1, 2, 64, device=DEVICE), *args, torch.empty(1, 6, 64, device=DEVICE))
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_paged_decode_preallocated_scratch(num_splits):
     c = make_case(6, 2, 64, 16, torch.float32, [40, 0, 7], [1, 1, 1])

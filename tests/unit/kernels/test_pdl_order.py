@@ -1,6 +1,7 @@
-"""The TMA GEMVs under programmatic dependent launch (HEAD_START): weight tiles may be requested
-before the PDL wait, inputs never. Checked on the kernels compiled for Hopper (PTX, no GPU needed),
-in a fresh process, since the test session runs Triton interpreted."""
+"""Kernels under programmatic dependent launch, compiled for Hopper (PTX, no GPU needed), in a
+fresh process, since the test session runs Triton interpreted: the TMA GEMVs (HEAD_START) request
+weight tiles before the PDL wait, inputs never; the fused RoPE-and-decode attention kernel reads its
+first tile of cached keys and values before the wait."""
 from __future__ import annotations
 
 import json
@@ -23,14 +24,31 @@ except Exception as e:  # no CUDA backend in this Triton
     print(json.dumps({"skip": repr(e)})); sys.exit(0)
 from fastllm.kernels.gemv_bytes import _gemv_bytes_tma_kernel
 from fastllm.kernels.gemv_int4 import _gemv_int4_tma_kernel
+from fastllm.kernels.paged_attention import _decode_rope_split_kernel
 
 
-def ptx(fn, sig, cons, warps):
+def ptx(fn, sig, cons, warps, stages=1):
     sig = dict(sig, **{k: "constexpr" for k in cons})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
-             if sig[n].startswith("*") or n in ("N", "K", "Kp")}
+             if sig[n].startswith("*") or n in ("N", "K", "Kp") or n.startswith("stride")}
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1)).asm["ptx"]
+    opts = dict(num_warps=warps, num_stages=stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+
+
+def kinds_of(text):
+    kinds = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("griddepcontrol.wait"):
+            kinds.append("wait")
+        elif "cp.async.bulk.tensor" in line:
+            kinds.append("tma")
+        elif re.search(r"\bld\.global\.v4\b", line):
+            kinds.append("load16")  # a 16-byte vector load
+        elif re.search(r"\bcp\.async\.c[ag]\b|\bld\.global\b", line):
+            kinds.append("load")
+    return kinds
 
 
 out = {}
@@ -45,16 +63,17 @@ for head in (0, 1, 2):
                dict(G=128, HAS_BIAS=False, ASM=True, BLOCK_N=32, BLOCK_W=64, STAGES=3, USE_PDL=True, DP4A=True,
                     HEAD_START=head), 2)
     for name, text in (("int8", int8), ("int4", int4)):
-        kinds = []
-        for line in text.splitlines():
-            line = line.strip()
-            if line.startswith("griddepcontrol.wait"):
-                kinds.append("wait")
-            elif "cp.async.bulk.tensor" in line:
-                kinds.append("tma")
-            elif re.search(r"\bcp\.async\.c[ag]\b|\bld\.global\b", line):
-                kinds.append("load")
-        out[f"{name} head={head}"] = kinds
+        out[f"{name} head={head}"] = [k.replace("load16", "load") for k in kinds_of(text)]
+strides = ["stride_qb", "stride_qh", "stride_vb", "stride_vh", "stride_cb", "stride_cr", "stride_ch", "stride_bt",
+           "stride_sb", "stride_sh", "stride_ss"]
+attn = ptx(_decode_rope_split_kernel,
+           {"qk_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+            "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "slot_ptr": "*i64", "pos_ptr": "*i64",
+            "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "qk_scale": "fp32",
+            "num_splits": "i32", **{n: "i32" for n in strides}},
+           dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=16, BLOCK_HALF=64, BLOCK_N=32,
+                DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True), 4, 2)
+out["decode_rope"] = kinds_of(attn)
 print(json.dumps(out))
 """
 
@@ -89,3 +108,13 @@ def test_depth_two_requests_more_before_the_wait(order, kernel):
 def test_without_head_start_every_load_follows_the_wait(order, kernel):
     kinds = order[f"{kernel} head=0"]
     assert kinds[0] == "wait" and {"tma", "load"} <= set(kinds)
+
+
+def test_fused_decode_attention_reads_the_cache_before_the_wait(order):
+    # Llama-2-7B heads (128 dims, bf16), 32 keys a tile, 4 warps: k and v halves of 32 keys are
+    # 4 x 4 KiB, 2 x 16 bytes per thread each. All eight 16-byte reads of the cache come before
+    # the wait; q and this step's k and v (from the kernel before) after it.
+    kinds = order["decode_rope"]
+    first_wait = kinds.index("wait")
+    assert kinds[:first_wait].count("load16") >= 8
+    assert {"load", "load16"} & set(kinds[first_wait + 1:])

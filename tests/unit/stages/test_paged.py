@@ -69,8 +69,10 @@ def _interpreted_kernels(monkeypatch):
     return kernels
 
 
-def test_kernel_path_passes_in_the_triton_interpreter(monkeypatch):
-    # What runs on CUDA (store_kv, rope_store_kv, paged_decode, paged_prefill with this backend's metadata)
+@pytest.mark.parametrize("fuse_rope_decode", [True, False])
+def test_kernel_path_passes_in_the_triton_interpreter(monkeypatch, fuse_rope_decode):
+    # What runs on CUDA (store_kv, rope_store_kv, paged_decode or paged_decode_rope, paged_prefill
+    # with this backend's metadata)
     kernels = _interpreted_kernels(monkeypatch)
 
     class OnKernels(PagedAttention):
@@ -78,6 +80,7 @@ def test_kernel_path_passes_in_the_triton_interpreter(monkeypatch):
             super().setup(spec)
             self._kernels = kernels
 
+    monkeypatch.setattr(PagedAttention, "fuse_rope_decode", fuse_rope_decode)
     check_attention(OnKernels(block_size=8))
 
 
