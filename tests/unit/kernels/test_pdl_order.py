@@ -71,7 +71,7 @@ attn = ptx(_decode_rope_split_kernel,
             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "slot_ptr": "*i64", "pos_ptr": "*i64",
             "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "qk_scale": "fp32",
             "num_splits": "i32", **{n: "i32" for n in strides}},
-           dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=16, BLOCK_HALF=64, BLOCK_N=32,
+           dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_R=1, BLOCK_G=16, BLOCK_HALF=64, BLOCK_N=32,
                 DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True), 4, 2)
 out["decode_rope"] = kinds_of(attn)
 print(json.dumps(out))
