@@ -348,12 +348,13 @@ def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device | str 
     batch size). On an H200 (Llama shapes, 256 and 2048 keys) it was within ~10% of the best of 1..32."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = -(-4 * sms // (batch * num_kv_heads))
-    if SPLITS_ROUND_DOWN:  # at most four programs per SM (benchmarks)
-        return min(32, max(1, triton.next_power_of_2(want + 1) // 2))
-    return min(32, triton.next_power_of_2(want))
+    if SPLITS_ROUND_DOWN:  # at most four programs per SM
+        return min(MAX_SPLITS, max(1, triton.next_power_of_2(want + 1) // 2))
+    return min(MAX_SPLITS, triton.next_power_of_2(want))
 
 
-SPLITS_ROUND_DOWN = False
+SPLITS_ROUND_DOWN = True
+MAX_SPLITS = 32
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
