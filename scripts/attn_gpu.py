@@ -5,8 +5,9 @@ rope_store_kv + paged_decode (the previous path), on one GPU, in one process.
    (32 / 8), batch 1-256, 256-8,192 keys per sequence, each path with its split count rounded
    down (the default) and up (the previous default); every fused result checked against the
    previous path's.
-2. `fastllm bench latency` at batch 1 with a 2,048-token prompt, both paths (--skip-latency).
-3. `fastllm bench throughput` (1,000 requests, Llama-3-8B shape), both paths (--skip-throughput).
+2. `fastllm bench latency` at batch 1 with a 2,048-token prompt (--skip-latency), and
+3. `fastllm bench throughput` (1,000 requests, Llama-3-8B shape; --skip-throughput), each with the
+   default (fused where decode attention splits keys), unfused, and fused in every decode step.
 
 Usage: python scripts/attn_gpu.py OUTDIR [--skip-kernels] [--skip-latency] [--skip-throughput] [--repeats=N]
 Prints a table last; JSON in OUTDIR.
@@ -107,7 +108,7 @@ if "--skip-kernels" not in sys.argv:
 
 def both(label, call):
     res = {}
-    for fused, rnd in ((True, "down"), (False, "up")):
+    for fused, rnd in ((True, "down"), (False, "up"), ("always", "down")):
         PagedAttention.fuse_rope_decode = fused
         pa.SPLITS_ROUND_DOWN = rnd == "down"
         r = call()
@@ -116,7 +117,7 @@ def both(label, call):
         dump()
         row = r["rows"][0]
         value = row.get("output_tok_s") or row.get("tok_s")
-        line = f"{label} fused={fused!s:5} splits rounded {rnd:4}: {value:9.1f} tok/s  {row}"
+        line = f"{label} fused={fused!s:6} splits rounded {rnd:4}: {value:9.1f} tok/s  {row}"
         lines.append(line[:200])
         print(line, flush=True)
         torch.cuda.empty_cache()

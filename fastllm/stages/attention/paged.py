@@ -218,9 +218,13 @@ class PagedAttention:
         else:
             meta.key_slots = slots[valid]
 
-    # Decode steps on CUDA: RoPE and the KV store inside the attention kernel (paged_decode_rope),
-    # one launch fewer per layer and the cache read before the PDL wait; benchmarks switch it off.
-    fuse_rope_decode = True
+    # Decode steps on CUDA with keys split over several programs (batches too small to fill the GPU
+    # otherwise): RoPE and the KV store inside the attention kernel (paged_decode_rope), one launch
+    # fewer per layer and the cache read before the PDL wait. Larger batches keep rope_store_kv and
+    # paged_decode, whose kernel needs half the registers: on an H100 the fused kernel was 2-4%
+    # slower from 64 sequences of 2,048 keys (scripts/attn_gpu.py). Benchmarks switch it off
+    # (False) or on for every decode step ("always").
+    fuse_rope_decode: bool | str = True
 
     def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta) -> torch.Tensor:
         """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
@@ -232,7 +236,7 @@ class PagedAttention:
             qk = rope(qk)
             return self.forward(layer, qk[:, :H], qk[:, H:], v, meta)
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
-        if meta.decode_only and self.fuse_rope_decode:
+        if meta.decode_only and self.fuse_rope_decode and (meta.num_splits > 1 or self.fuse_rope_decode == "always"):
             out = qk.new_empty(qk.shape[0], H, qk.shape[2])
             self._kernels.paged_decode_rope(qk, v, kc, vc, meta.block_tables, meta.seq_lens, meta.slot_mapping,
                                             rope.positions, rope.inv_freq, rope.scaling, self.spec.scale, out,
