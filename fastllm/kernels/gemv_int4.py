@@ -164,13 +164,15 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
 def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = 0):
+                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = 0, SILU_MUL: tl.constexpr = False):
     """The word kernel's arithmetic (DP4A: _int4_tile_dp4a's) with the weights and (scale, zero)
     pairs brought in by TMA: w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]),
     sz_desc over the pairs (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]).
     Triton pipelines the loop STAGES deep in shared memory, so the bytes in flight do not cost
     registers (the word kernel's register prefetch holds one tile per program). Rows past N read
-    as zeros. HEAD_START: the PDL wait inside the loop, as in gemv_bytes._gemv_bytes_tma_kernel."""
+    as zeros. HEAD_START: the PDL wait inside the loop, as in gemv_bytes._gemv_bytes_tma_kernel.
+    SILU_MUL: x_ptr holds [gate, up] (2 K), and the input is silu(gate) * up, rounded to x's dtype
+    as the separate kernel rounds it (each program computes it for the columns it reads)."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8
     GROUPS: tl.constexpr = BLOCK_W // W
@@ -188,7 +190,12 @@ def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
         if USE_PDL and HEAD_START:  # (see _gemv_bytes_tma_kernel)
             k_x = _after_wait(k0, BLOCK_W * 8, wt, HEAD_START)
         kk = k_x + kx
-        xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        if SILU_MUL:
+            gate = xt.to(tl.float32)
+            up = tl.load(x_ptr + K + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xt = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+        xt = xt.to(tl.float32)
         if DP4A:
             acc = _int4_tile_dp4a(acc, wt, xt, sz, GROUPS, W, ASM)
         else:
@@ -272,7 +279,7 @@ def _pinned_tma(device: torch.device, N: int, Kp: int, G: int) -> triton.Config 
 _tuned = autotune(CONFIGS, key=["N", "Kp", "G"])(_gemv_int4_kernel)
 _tuned_words = autotune(WORD_CONFIGS, key=["N", "Kp", "G"],
                                prune_configs_by={"early_config_prune": _prune_words})(_gemv_int4_words_kernel)
-_tuned_tma = autotune(TMA_CONFIGS, key=["N", "Kp", "G"],
+_tuned_tma = autotune(TMA_CONFIGS, key=["N", "Kp", "G", "SILU_MUL"],
                              prune_configs_by={"early_config_prune": _prune_tma})(_gemv_int4_tma_kernel)
 INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no inline PTX there
 
@@ -284,8 +291,8 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
     words: the word kernel (default: the module's WORDS); config: one of its configurations;
     pairs: the same scales and zeros interleaved (fastllm.stages.quantizers.int4.pack_scales), which
-    the word kernel reads in 16-byte loads; silu_mul (word kernel): x is [gate, up] ([1, 2K]) and
-    the layer's input is silu(gate) * up. tma: with pairs and without silu_mul, the TMA kernel
+    the word kernel reads in 16-byte loads; silu_mul (word and TMA kernels): x is [gate, up]
+    ([1, 2K]) and the layer's input is silu(gate) * up. tma: with pairs, the TMA kernel
     (default: the module's TMA, on CUDA devices of compute capability 9.0 and later); dp4a: the TMA
     kernel in integer arithmetic, for 16-bit inputs (default: the module's DP4A)."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
@@ -303,7 +310,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         assert pairs.shape == (N, ng + ng % 2, 2) and pairs.is_contiguous() and pairs.dtype == torch.float32
     if tma is None:  # (a pinned configuration of another kernel has no STAGES)
         tma = TMA and tma_supported(x) and words is None and (config is None or "STAGES" in config.kwargs)
-    if tma and pairs is not None and not silu_mul:
+    if tma and pairs is not None:
         assert packed.stride(0) % 16 == 0 and packed.data_ptr() % 16 == 0
         w_desc = TensorDescriptor.from_tensor(packed.view(torch.int32), [1, 4])  # blocks: set per configuration
         sz_desc = TensorDescriptor.from_tensor(pairs.view(N, -1), [1, 4])
@@ -313,7 +320,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
             _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
         dp4a = (DP4A if dp4a is None else dp4a) and x.dtype != torch.float32  # fp32 inputs keep their bits
         launch_rows(_tuned_tma, _gemv_int4_tma_kernel, N, args,
-                    flags | dict(ASM=not INTERPRETED, DP4A=dp4a, HEAD_START=HEAD_START), config)
+                    flags | dict(ASM=not INTERPRETED, DP4A=dp4a, HEAD_START=HEAD_START, SILU_MUL=silu_mul), config)
     elif WORDS if words is None else words:
         assert packed.stride(0) % 4 == 0 and packed.data_ptr() % 16 == 0
         w = packed.view(torch.int32)  # [N, Kp / 8]

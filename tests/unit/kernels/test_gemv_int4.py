@@ -96,9 +96,10 @@ def test_int4_gemv_reads_scales_stored_group_major(g4, words):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K, G, cfg", [(45, 300, 32, 0), (70, 1000, 128, 5), (33, 11008 // 4, 64, 9)])
-def test_int4_words_gemv_takes_silu_and_mul(g4, dtype, N, K, G, cfg):
-    """silu_mul: the input [gate, up] becomes silu(gate) * up inside the word kernel, rounded to
-    x's dtype as the separate kernel rounds it."""
+@pytest.mark.parametrize("kernel", ["words", "tma", "tma-dp4a"])
+def test_int4_gemv_takes_silu_and_mul(g4, dtype, N, K, G, cfg, kernel):
+    """silu_mul: the input [gate, up] becomes silu(gate) * up inside the word kernel or the TMA
+    kernel (in float or integer arithmetic), rounded to x's dtype as the separate kernel rounds it."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 
     packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), G)
@@ -107,8 +108,14 @@ def test_int4_words_gemv_takes_silu_and_mul(g4, dtype, N, K, G, cfg):
     gate, up = gate_up.double().split(K, dim=-1)
     x = (gate * torch.sigmoid(gate) * up).to(dtype).double()
     ref = x @ dequantize_int4(packed, scales, zeros, K).double().T
+    tma = kernel.startswith("tma")
+    # the TMA configurations hold at least two groups a tile
+    config = g4.TMA_CONFIGS[cfg % 4] if tma else g4.WORD_CONFIGS[cfg]
+    if tma and g4._prune_tma([config], dict(G=G)) != [config]:
+        config = g4._prune_tma(g4.TMA_CONFIGS, dict(G=G))[0]
     out = g4.gemv_int4(gate_up, packed, pairs[:, :scales.shape[1], 0], pairs[:, :scales.shape[1], 1], G,
-                       config=g4.WORD_CONFIGS[cfg], words=True, pairs=pairs, silu_mul=True)
+                       config=config, words=None if tma else True, pairs=pairs, silu_mul=True, tma=tma,
+                       dp4a=kernel == "tma-dp4a")
     assert out.shape == (1, N) and out.dtype == dtype
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
@@ -129,7 +136,7 @@ def test_pinned_word_configurations_are_valid_for_their_shapes(g4):
 
 def test_int4_gemv_through_tma_by_default_only_where_the_card_has_it(g4, monkeypatch):
     """Without a GPU of compute capability 9.0+, the default path is the word kernel; the TMA
-    kernel needs the interleaved pairs and takes no SiLU fusion."""
+    kernel needs the interleaved pairs."""
     from fastllm.kernels import launch
 
     x = torch.zeros(1, 64)
@@ -143,7 +150,9 @@ def test_int4_gemv_through_tma_by_default_only_where_the_card_has_it(g4, monkeyp
     g4.gemv_int4(x, packed, scales, zeros, 32, pairs=pairs)
     g4.gemv_int4(x, packed, scales, zeros, 32, pairs=pairs, tma=True)
     g4.gemv_int4(torch.zeros(1, 128), packed, scales, zeros, 32, pairs=pairs, tma=True, silu_mul=True)
-    assert calls == [g4._gemv_int4_words_kernel, g4._gemv_int4_tma_kernel, g4._gemv_int4_words_kernel]
+    g4.gemv_int4(torch.zeros(1, 128), packed, scales, zeros, 32, tma=True, silu_mul=True)  # no pairs
+    assert calls == [g4._gemv_int4_words_kernel, g4._gemv_int4_tma_kernel, g4._gemv_int4_tma_kernel,
+                     g4._gemv_int4_words_kernel]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch runs on CUDA only")
