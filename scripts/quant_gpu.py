@@ -16,8 +16,7 @@ int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -no
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store in their own
-kernel, not inside decode attention; -upsplits: decode attention's split count rounded up, not down; -splitsN: at most N splits; -nomerge: decode attention's
-splits merged by a kernel of their own, not by the last program of each kv head; suffixes combine; e2e only; bf16-SUFFIX rows are bf16 with the suffix).
+kernel, not inside decode attention; -upsplits: decode attention's split count rounded up, not down; -splitsN: at most N splits; suffixes combine; e2e only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -142,7 +141,6 @@ if "--skip-e2e" not in sys.argv:
                 t.cache.clear()
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             PagedAttention.fuse_rope_decode = "-noattn" not in q  # "-noattn": RoPE and KV store in their own kernel
-            PagedAttention.merge_in_kernel = "-nomerge" not in q  # "-nomerge": the splits merged by their own kernel
             PAK.SPLITS_ROUND_DOWN = "-upsplits" not in q  # "-upsplits": decode attention's splits rounded up
             # "-splitsN": at most N splits
             PAK.MAX_SPLITS = next((int(x[6:]) for x in q.split("-") if x.startswith("splits")), 32)
@@ -169,7 +167,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead", "-head2", "-ahead2",
-                            "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nomerge")
+                            "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4")
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

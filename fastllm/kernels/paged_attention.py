@@ -191,12 +191,11 @@ def _rotate(ptr, offs, cols, partner, mask, cos, sin):
 def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, slot_ptr,
                               pos_ptr, inv_freq_ptr, rope_scale, scratch_ptr, qk_scale, num_splits,
                               stride_qb, stride_qh, stride_vb, stride_vh, stride_cb, stride_cr, stride_ch, stride_bt,
-                              stride_sb, stride_sh, stride_ss, counter_ptr, out_ptr, stride_ob, stride_oh,
+                              stride_sb, stride_sh, stride_ss,
                               NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-                              BLOCK_HALF: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                              UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr, MERGE: tl.constexpr = False,
-                              BLOCK_S: tl.constexpr = 1):
+                              BLOCK_HALF: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                              USE_PDL: tl.constexpr):
     # Grid (B, KVH, num_splits), as _decode_split_kernel, for q and this step's k, v straight from
     # the projection (k not yet rotated, neither stored): RoPE of the group's q heads and of k in
     # registers; the split holding the new key stores it (rotated) and v to the cache. The new
@@ -273,26 +272,6 @@ def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tab
     dst = scratch_ptr + b.to(tl.int64) * stride_sb + heads * stride_sh + split * stride_ss  # [G]
     tl.store(dst[:, None] + cols[None, :], o, mask=gm)
     tl.store(dst + HEAD_DIM, lse, mask=mask_g)
-    if MERGE:  # the last of the kv head's splits to finish merges them (a ticket, as split-K GEMMs do)
-        tl.debug_barrier()  # every thread's partial results are written before the ticket is taken
-        counter = counter_ptr + b * tl.num_programs(1) + kvh
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            tl.store(counter, 0)  # ready for the next launch (every split has taken its ticket)
-            offs_s = tl.arange(0, BLOCK_S)
-            mask_s = offs_s < num_splits
-            for g in range(GROUP):
-                base = scratch_ptr + b.to(tl.int64) * stride_sb + (kvh * GROUP + g) * stride_sh + offs_s * stride_ss
-                # through L2 (.cg): other programs wrote these during this kernel
-                lse_s = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-                m = tl.max(lse_s, axis=0)
-                w = tl.exp2(lse_s - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
-                denom = tl.sum(w, axis=0)
-                o_s = tl.load(base[:, None] + cols[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0,
-                              cache_modifier=".cg")
-                merged = tl.sum(w[:, None] * o_s, axis=0) / tl.where(denom > 0.0, denom, 1.0)
-                tl.store(out_ptr + b.to(tl.int64) * stride_ob + (kvh * GROUP + g) * stride_oh + cols,
-                         merged.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
 @_jit
@@ -420,16 +399,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
                       positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, scale: float,
-                      out: torch.Tensor, num_splits: int = 8, scratch: torch.Tensor | None = None,
-                      counters: torch.Tensor | None = None) -> None:
+                      out: torch.Tensor, num_splits: int = 8, scratch: torch.Tensor | None = None) -> None:
     """rope_store_kv then paged_decode, in the launches of paged_decode alone (one query per sequence).
 
     qk [B, H + KVH, D] holds q then k, not yet rotated, and v [B, KVH, D] (views of one projection
     are fine); RoPE as rope_store_kv's (positions [B], inv_freq [D/2], rope_scale); the rotated k
     and v go to the cache rows slot_mapping [B] (-1 skipped), and seq_lens [B] counts them. qk is
-    left as it was. out [B, H, D]. Graph-safe, as paged_decode. counters (decode_counters): the
-    splits are merged by the last program of each kv head to finish, in the same launch, instead
-    of by a second kernel.
+    left as it was. out [B, H, D]. Graph-safe, as paged_decode.
     """
     block_size, kvh, d = _check_cache(k_cache, v_cache)
     batch, h = qk.shape[0], qk.shape[1] - kvh
@@ -448,30 +424,18 @@ def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     if batch == 0:
         return
     group = h // kvh
-    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < batch * kvh):
-        raise ValueError(f"counters must be int32 with >= {batch * kvh} elements (decode_counters), got "
-                         f"{counters.dtype} {tuple(counters.shape)}")
-    merge = counters is not None
     _decode_rope_split_kernel[(batch, kvh, num_splits)](
         qk, v, k_cache, v_cache, block_tables, seq_lens, slot_mapping, positions, inv_freq, rope_scale, scratch,
         scale * LOG2E, num_splits, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scratch.stride(0), scratch.stride(1), scratch.stride(2), counters if merge else seq_lens, out, out.stride(0),
-        out.stride(1), MERGE=merge, BLOCK_S=triton.next_power_of_2(num_splits),
+        scratch.stride(0), scratch.stride(1), scratch.stride(2),
         NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_R=triton.next_power_of_2(group),
         BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_HALF=max(triton.next_power_of_2(d // 2), 16), BLOCK_N=DECODE_BLOCK_N, **_dot_args(qk.dtype),
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(qk))
-    if not merge:
-        _decode_merge_kernel[(batch, h)](
-            scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0),
-            out.stride(1), HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d),
-            **pdl(qk))
-
-
-def decode_counters(batch: int, num_kv_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """int32 zeros [batch * num_kv_heads]: paged_decode_rope's merge tickets (each launch leaves them zero)."""
-    return torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=device)
+    _decode_merge_kernel[(batch, h)](
+        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d), **pdl(qk))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -47,7 +47,6 @@ class PagedMeta:
     # by all layers (a CUDA-graph runner swaps in a slice of a static one)
     decode_scratch: torch.Tensor | None = None
     num_splits: int = 8  # split-K partitions of paged_decode for this batch size
-    decode_counters: torch.Tensor | None = None  # int32 [B * KVH]: paged_decode_rope's merge tickets
 
 
 class PagedAttention:
@@ -186,29 +185,28 @@ class PagedAttention:
             B = len(tables)
             if B not in self._scratch:  # reused step after step: paged_decode leaves it ready
                 self._scratch[B] = self._splits_and_scratch(B)
-            meta.num_splits, meta.decode_scratch, meta.decode_counters = self._scratch[B]
+            meta.num_splits, meta.decode_scratch = self._scratch[B]
         return meta
 
-    def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def _splits_and_scratch(self, batch: int) -> tuple[int, torch.Tensor]:
         s = self.spec
         splits = self._splits.get(batch)
         if splits is None:  # (the kernels also run interpreted on the CPU in tests: 8 splits there)
             splits = (self._kernels.decode_num_splits(batch, s.num_kv_heads, s.device)
                       if s.device.type == "cuda" else 8)
             self._splits[batch] = splits
-        return (splits, self._kernels.decode_scratch(batch, s.num_heads, s.head_dim, splits, s.device),
-                self._kernels.decode_counters(batch, s.num_kv_heads, s.device))
+        return splits, self._kernels.decode_scratch(batch, s.num_heads, s.head_dim, splits, s.device)
 
     def decode_meta(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     cu_seqlens_q: torch.Tensor) -> PagedMeta:
         """Decode metadata over a CUDA-graph runner's static buffers (rows padded with seq_len 0);
         its scratch lives as long as the graph that captures it."""
         B = seq_lens.shape[0]
-        splits, scratch, counters = self._splits_and_scratch(B)
+        splits, scratch = self._splits_and_scratch(B)
         return PagedMeta(slot_mapping, block_tables, seq_lens, cu_seqlens_q, query_lens=[1] * B,
                          context_lens=[0] * B, decode_only=True, max_query_len=1,
                          max_seq_len=block_tables.shape[1] * self.block_size, decode_scratch=scratch,
-                         num_splits=splits, decode_counters=counters)
+                         num_splits=splits)
 
     def _plan_cpu(self, meta: PagedMeta) -> None:
         bs, S = self.block_size, meta.max_seq_len
@@ -227,8 +225,6 @@ class PagedAttention:
     # slower from 64 sequences of 2,048 keys (scripts/attn_gpu.py). Benchmarks switch it off
     # (False) or on for every decode step ("always").
     fuse_rope_decode: bool | str = True
-    # and there the last program of each kv head merges the splits (no merge kernel)
-    merge_in_kernel = True
 
     def forward_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, rope, meta: PagedMeta) -> torch.Tensor:
         """forward() of q = qk[:, :H] and k = qk[:, H:] not yet rotated: on CUDA one kernel
@@ -244,8 +240,7 @@ class PagedAttention:
             out = qk.new_empty(qk.shape[0], H, qk.shape[2])
             self._kernels.paged_decode_rope(qk, v, kc, vc, meta.block_tables, meta.seq_lens, meta.slot_mapping,
                                             rope.positions, rope.inv_freq, rope.scaling, self.spec.scale, out,
-                                            meta.num_splits, meta.decode_scratch,
-                                            meta.decode_counters if self.merge_in_kernel else None)
+                                            meta.num_splits, meta.decode_scratch)
             return out
         self._kernels.rope_store_kv(qk, v, kc, vc, meta.slot_mapping, rope.positions, rope.inv_freq, rope.scaling, H)
         return self._attend(qk[:, :H], kc, vc, meta)

@@ -136,14 +136,11 @@ def test_paged_decode(heads, kv_heads, head_dim, block_size, dtype):
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
 
 
-@pytest.mark.parametrize("merge", ["kernel", "ticket"])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype", [
     (6, 2, 64, 16, torch.float32), (6, 2, 64, 4, torch.bfloat16), (4, 4, 80, 16, torch.bfloat16),
     (20, 1, 64, 16, torch.bfloat16)])
-def test_paged_decode_rope_equals_rope_store_then_decode(heads, kv_heads, head_dim, block_size, dtype, num_splits,
-                                                        merge):
-    # merge: the splits merged by the merge kernel, or by the last program of each kv head (counters)
+def test_paged_decode_rope_equals_rope_store_then_decode(heads, kv_heads, head_dim, block_size, dtype, num_splits):
     from fastllm.models.llama import apply_rotary
 
     # Sequence lengths after this step: 40 keys cross a 32-key tile with one split; the last row is
@@ -172,12 +169,9 @@ def test_paged_decode_rope_equals_rope_store_then_decode(heads, kv_heads, head_d
 
     out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEVICE)
     scratch = pa.decode_scratch(B + 2, H, D, num_splits, DEVICE).fill_(float("nan"))
-    counters = pa.decode_counters(B, kv_heads, DEVICE) if merge == "ticket" else None
     pa.paged_decode_rope(qk, v, c["k_cache"], c["v_cache"], c["block_tables"], c["seq_lens"], slots, positions,
-                         inv_freq, 0.9, c["scale"], out, num_splits=num_splits, scratch=scratch, counters=counters)
+                         inv_freq, 0.9, c["scale"], out, num_splits=num_splits, scratch=scratch)
     assert_close(out, ref, dtype)
-    if counters is not None:  # left ready for the next launch
-        assert torch.equal(counters, torch.zeros_like(counters))
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
     assert torch.equal(qk, qk_before), "paged_decode_rope changed its qk input"
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)

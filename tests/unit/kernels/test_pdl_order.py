@@ -66,21 +66,14 @@ for head in (0, 1, 2):
         out[f"{name} head={head}"] = [k.replace("load16", "load") for k in kinds_of(text)]
 strides = ["stride_qb", "stride_qh", "stride_vb", "stride_vh", "stride_cb", "stride_cr", "stride_ch", "stride_bt",
            "stride_sb", "stride_sh", "stride_ss"]
-sig_attn = {"qk_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+attn = ptx(_decode_rope_split_kernel,
+           {"qk_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "slot_ptr": "*i64", "pos_ptr": "*i64",
             "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "qk_scale": "fp32",
-            "num_splits": "i32", **{n: "i32" for n in strides}, "counter_ptr": "*i32", "out_ptr": "*bf16",
-            "stride_ob": "i32", "stride_oh": "i32"}
-attn = ptx(_decode_rope_split_kernel, sig_attn,
+            "num_splits": "i32", **{n: "i32" for n in strides}},
            dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_R=1, BLOCK_G=16, BLOCK_HALF=64, BLOCK_N=32,
-                DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True, MERGE=True, BLOCK_S=16), 4, 2)
+                DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True), 4, 2)
 out["decode_rope"] = kinds_of(attn)
-# the merge ticket: a CTA barrier, then one acquire-release atomic at GPU scope
-lines = [line.strip() for line in attn.splitlines()]
-atom = [i for i, line in enumerate(lines) if re.search(r"\batom\.", line)]
-out["ticket"] = {"atoms": [lines[i] for i in atom],
-                 "barrier_before": bool(atom) and any(line.startswith("bar.sync") or line.startswith("barrier.sync")
-                                                      for line in lines[:atom[0]])}
 print(json.dumps(out))
 """
 
@@ -125,10 +118,3 @@ def test_fused_decode_attention_reads_the_cache_before_the_wait(order):
     first_wait = kinds.index("wait")
     assert kinds[:first_wait].count("load16") >= 8
     assert {"load", "load16"} & set(kinds[first_wait + 1:])
-
-
-def test_fused_decode_attention_takes_its_merge_ticket_after_a_barrier(order):
-    # the partial results every thread stored are ordered before the release of the ticket
-    ticket = order["ticket"]
-    assert len(ticket["atoms"]) == 1 and ".acq_rel" in ticket["atoms"][0] and ".gpu" in ticket["atoms"][0]
-    assert ticket["barrier_before"]
