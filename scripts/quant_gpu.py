@@ -15,8 +15,10 @@ register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / 
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
-the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store in their own
-kernel, not inside decode attention; -upsplits: decode attention's split count rounded up, not down; -splitsN: at most N splits; suffixes combine; e2e only; bf16-SUFFIX rows are bf16 with the suffix).
+the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
+in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
+up, not down; -splitsN: at most N splits; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
+with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -166,8 +168,9 @@ if "--skip-e2e" not in sys.argv:
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
-                name, suffixes = q, ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead", "-head2", "-ahead2",
-                            "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4")
+                suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4")
+                name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
                 opts["quantizer"] = {"name": "int8", "activations": "dynamic"} if name == "int8-w8a8" else {"name": name}

@@ -194,8 +194,8 @@ def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tab
                               stride_sb, stride_sh, stride_ss,
                               NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-                              BLOCK_HALF: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                              USE_PDL: tl.constexpr):
+                              BLOCK_HALF: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr):
     # Grid (B, KVH, num_splits), as _decode_split_kernel, for q and this step's k, v straight from
     # the projection (k not yet rotated, neither stored): RoPE of the group's q heads and of k in
     # registers; the split holding the new key stores it (rotated) and v to the cache. The new
