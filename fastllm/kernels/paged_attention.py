@@ -360,6 +360,25 @@ SPLITS_ROUND_DOWN = True
 MAX_SPLITS = 32
 
 
+def _checked_scratch(scratch: torch.Tensor | None, batch: int, h: int, d: int, num_splits: int,
+                     device: torch.device) -> torch.Tensor:
+    """The decode kernels' scratch: the caller's, checked, or a new one."""
+    if scratch is None:
+        return decode_scratch(batch, h, d, num_splits, device)
+    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits, d + 1):
+        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits}, {d + 1}], got "
+                         f"{scratch.dtype} {tuple(scratch.shape)}")
+    return scratch
+
+
+def _merge_splits(scratch: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+    """The decode kernels' second launch: out [B, H, D] from the splits' partial results."""
+    batch, h, d = out.shape
+    _decode_merge_kernel[(batch, h)](
+        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d), **pdl(out))
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor, num_splits: int = 8,
                  scratch: torch.Tensor | None = None) -> None:
@@ -375,11 +394,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if q.shape[1:] != (h, d) or h % kvh or out.shape != q.shape or q.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError(f"q and out must be [B, H, {d}] with H a multiple of {kvh} and unit stride in the last "
                          f"dim, got {tuple(q.shape)} and {tuple(out.shape)}")
-    if scratch is None:
-        scratch = decode_scratch(batch, h, d, num_splits, q.device)
-    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits, d + 1):
-        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits}, {d + 1}], got "
-                         f"{scratch.dtype} {tuple(scratch.shape)}")
+    scratch = _checked_scratch(scratch, batch, h, d, num_splits, q.device)
     if batch == 0:
         return
     group = h // kvh
@@ -394,9 +409,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_N=DECODE_BLOCK_N, **_dot_args(q.dtype),
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(q))
-    _decode_merge_kernel[(batch, h)](
-        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, **pdl(q))
+    _merge_splits(scratch, out, num_splits)
 
 
 def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -419,11 +432,7 @@ def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
                          f"{tuple(v.shape)} and {tuple(out.shape)}")
     if d % 2:
         raise ValueError(f"rotate-half RoPE needs an even head_dim, got {d}")
-    if scratch is None:
-        scratch = decode_scratch(batch, h, d, num_splits, qk.device)
-    if scratch.dtype != torch.float32 or scratch.shape[0] < batch or scratch.shape[1:] != (h, num_splits, d + 1):
-        raise ValueError(f"scratch must be fp32 [>={batch}, {h}, {num_splits}, {d + 1}], got "
-                         f"{scratch.dtype} {tuple(scratch.shape)}")
+    scratch = _checked_scratch(scratch, batch, h, d, num_splits, qk.device)
     if batch == 0:
         return
     group = h // kvh
@@ -436,9 +445,7 @@ def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
         BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_HALF=max(triton.next_power_of_2(d // 2), 16), BLOCK_N=DECODE_BLOCK_N, **_dot_args(qk.dtype),
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(qk))
-    _decode_merge_kernel[(batch, h)](
-        scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d), **pdl(qk))
+    _merge_splits(scratch, out, num_splits)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
