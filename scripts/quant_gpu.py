@@ -12,7 +12,8 @@ Usage: python scripts/quant_gpu.py OUTDIR [--skip-layers] [--skip-e2e] [--batche
 GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int4's down_proj;
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
-int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON; -nodp4a: the int4 TMA GEMVs in
+int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON (of the layers
+--pin-shapes=o,down names, where given); -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
@@ -127,10 +128,14 @@ if "--skip-e2e" not in sys.argv:
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
+    # --pin-shapes=o,down: only those layers take the sweep's best
+    PIN_SHAPES = [n for a in sys.argv if a.startswith("--pin-shapes=") for n in a.split("=")[1].split(",")]
     for a in sys.argv:
         if a.startswith("--pin-int4="):
             sweep = json.loads(Path(a.split("=", 1)[1]).read_text())
             for r in sweep["results"]:
+                if PIN_SHAPES and r["shape"] not in PIN_SHAPES:
+                    continue
                 best = min((t, k) for k, t in r["us"].items() if k.startswith("int4 dp4a "))[1]
                 cfg = dict(kv.split(": ") for kv in best.removeprefix("int4 dp4a ").split(", "))
                 PIN4[(sweep["device"], r["N"], r["K"], 128)] = (int(cfg["BLOCK_N"]), int(cfg["BLOCK_W"]),

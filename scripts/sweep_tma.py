@@ -1,7 +1,8 @@
 """The batch-1 word GEMVs with TMA-pipelined weights (every configuration of gemv.TMA_CONFIGS and
 gemv_int4.TMA_CONFIGS) against the register-prefetch word kernels (autotuned), int8, fp8 and int4
 g128 on the Llama-2-7B shapes: eight weight copies rotated, graph-timed, PDL on.
-Usage: python scripts/sweep_tma.py OUTDIR [--int4-only]; int4 also in integer arithmetic ("dp4a"). Prints a table last; JSON in OUTDIR."""
+Usage: python scripts/sweep_tma.py OUTDIR [--int4-only] [--dp4a-only]; int4 also in integer arithmetic
+("dp4a"; --dp4a-only: int4 in it alone). Prints a table last; JSON in OUTDIR."""
 import json
 import sys
 
@@ -53,9 +54,10 @@ for name, (N, K) in SHAPES.items():
     res["int4 words"] = rot(lambda i: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], tma=False))
     res["int4 tma autotuned"] = rot(lambda i: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], tma=True))
     for cfg in G4._prune_tma(G4.TMA_CONFIGS, dict(G=128)):
-        assert err_of(G4.gemv_int4(x, *q4[0], 128, pairs=pairs[0], config=cfg, tma=True), ref4) < 2e-2, str(cfg)
-        res[f"int4 tma {cfg}"] = rot(lambda i, cfg=cfg: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], config=cfg,
-                                                                     tma=True, dp4a=False))
+        if "--dp4a-only" not in sys.argv:
+            assert err_of(G4.gemv_int4(x, *q4[0], 128, pairs=pairs[0], config=cfg, tma=True), ref4) < 2e-2, str(cfg)
+            res[f"int4 tma {cfg}"] = rot(lambda i, cfg=cfg: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], config=cfg,
+                                                                         tma=True, dp4a=False))
         assert err_of(G4.gemv_int4(x, *q4[0], 128, pairs=pairs[0], config=cfg, tma=True, dp4a=True), ref4) < 2e-2
         res[f"int4 dp4a {cfg}"] = rot(lambda i, cfg=cfg: G4.gemv_int4(x, *q4[i], 128, pairs=pairs[i], config=cfg,
                                                                       tma=True, dp4a=True))
@@ -63,7 +65,8 @@ for name, (N, K) in SHAPES.items():
     (out_dir / "sweep_tma.json").write_text(json.dumps(report, indent=1))
     for kind in ("int4",) if "--int4-only" in sys.argv else ("int8", "fp8", "int4"):
         nbytes = N * K // 2 + N * K // 128 * 8 if kind == "int4" else N * K
-        best = min((t, k) for k, t in res.items() if k.startswith(kind + " tma ") and "autotuned" not in k)
+        best = min(((t, k) for k, t in res.items() if k.startswith(kind + " tma ") and "autotuned" not in k),
+                   default=(float("nan"), " tma -"))
         words, auto = res[f"{kind} words"], res[f"{kind} tma autotuned"]
         line = (f"{name:8s} {kind}: words {words:6.1f} us ({nbytes / words / 1e6:.2f} TB/s); tma autotuned {auto:6.1f}; "
                 f"tma best {best[0]:6.1f} ({nbytes / best[0] / 1e6:.2f} TB/s) [{best[1].split(' tma ')[1]}]")
