@@ -180,3 +180,42 @@ def test_int4_tma_head_start_depths_match_float64(g4, monkeypatch, depth, dp4a, 
     ref = (x0 * 2).double() @ dequantize_int4(packed, scales, zeros, K).double().T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("N, K, G, splits, bias", [(45, 300, 32, 2, True), (130, 1000, 64, 3, False),
+                                                   (16, 4096, 128, 5, True)])
+def test_int4_split_k_partials_sum_to_float64(g4, N, K, G, splits, bias):
+    """gemv_int4_partials: the TMA kernel's columns split over programs, fp32 partial sums [S, N]
+    (the bias in the first) whose sum is the product; S is clamped to the column tiles, and one
+    split is no split (None)."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, device=DEV), G)
+    pairs = pack_scales(scales, zeros)
+    x = torch.randn(1, K, device=DEV).to(torch.bfloat16)
+    b = torch.randn(N, device=DEV).to(torch.bfloat16) if bias else None
+    cfg = triton_config(g4, 16, G // 4)  # two groups per tile
+    tiles = -(-packed.shape[1] * 2 // (cfg.kwargs["BLOCK_W"] * 8))
+    per = -(-tiles // min(splits, tiles))  # column tiles per split
+    parts = g4.gemv_int4_partials(x, packed, pairs, G, b, splits=splits, config=cfg)
+    assert parts.dtype == torch.float32 and parts.shape == (-(-tiles // per), N)
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, K).double().T + (b.double() if bias else 0)
+    err = ((parts.double().sum(0) - ref[0]).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+    unsplit = g4.gemv_int4(x, packed, scales, zeros, G, b, config=cfg, pairs=pairs, tma=True)
+    torch.testing.assert_close(parts.sum(0).to(torch.bfloat16), unsplit[0], rtol=2e-2, atol=2e-2)
+    assert g4.gemv_int4_partials(x, packed, pairs, G, b, splits=1, config=cfg) is None
+
+
+def triton_config(g4, block_n, block_w, warps=1, stages=2):
+    import triton
+
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_W": block_w, "STAGES": stages}, num_warps=warps, num_stages=1,
+                         pre_hook=g4._tma_blocks)
+
+
+def test_split_count_fills_the_card_and_stops_at_the_tiles(g4):
+    assert g4.split_count(row_programs=128, tiles=11, sms=132) == 4  # down_proj's 32-row blocks
+    assert g4.split_count(row_programs=256, tiles=4, sms=132) == 2  # o_proj's 16-row blocks
+    assert g4.split_count(row_programs=384, tiles=8, sms=132) == 1  # qkv_proj fills the card alone
+    assert g4.split_count(row_programs=8, tiles=3, sms=132) == 3
