@@ -13,39 +13,16 @@ import triton.language as tl
 from .launch import pdl
 
 
-class PartialSums:
-    """A linear layer's output at one token left as fp32 partial sums over column splits,
-    `parts` [S, N] (split-K GEMV, fastllm.kernels.gemv_int4.gemv_int4_partials), for the RMSNorm
-    after it (`rms_norm`) to add up: its sum, rounded to `dtype`, is the layer's output [1, N]."""
-
-    def __init__(self, parts: torch.Tensor, dtype: torch.dtype):
-        self.parts, self.dtype = parts, dtype
-        self.shape = torch.Size((1, parts.shape[1]))
-        self.device = parts.device
-
-    def sum(self) -> torch.Tensor:
-        """The layer's output [1, N], as the unsplit layer rounds it."""
-        return self.parts.sum(0, keepdim=True).to(self.dtype)
-
-
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps, parts,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr, PARTS: tl.constexpr = False):
-    """PARTS: x is fp32 partial sums [parts, N] of one row (stride_x apart), added up and rounded to
-    out's dtype first."""
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    if PARTS:
-        x = tl.zeros((BLOCK,), dtype=tl.float32)
-        for j in range(parts):
-            x += tl.load(x_ptr + j * stride_x + cols, mask=mask, other=0.0)
-        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         x = (x + r).to(res_ptr.dtype.element_ty)  # the residual stream keeps the model dtype
@@ -58,22 +35,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor | PartialSums, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """weight * normalize(x [+ residual]); with a residual, it is updated in place to x + residual.
-    x may be a PartialSums (one row), added up first."""
-    if isinstance(x, PartialSums):
-        x2, rows, parts, dtype = x.parts, 1, x.parts.shape[0], x.dtype
-        assert x2.is_contiguous() and (residual is None or residual.numel() == x2.shape[1])
-    else:
-        x2 = x.reshape(-1, x.shape[-1])
-        rows, parts, dtype = x2.shape[0], 1, x.dtype
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * normalize(x [+ residual]); with a residual, it is updated in place to x + residual."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(x2)
     N = x2.shape[-1]
-    out = torch.empty(rows, N, dtype=dtype, device=x2.device)
-    res = residual.reshape(-1, N) if residual is not None else out
-    _rms_norm_kernel[(rows,)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps, parts,
-                              HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
-                              PARTS=isinstance(x, PartialSums), **pdl(x2))
+    res = residual.reshape(-1, N) if residual is not None else x2
+    _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps,
+                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
+                                     **pdl(x2))
     return out.view(x.shape)
 
 

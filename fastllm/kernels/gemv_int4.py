@@ -161,11 +161,10 @@ def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, Kp, 
 
 
 @triton.jit
-def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp, split_cols,
+def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_W: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = 0, SILU_MUL: tl.constexpr = False,
-                          SPLIT: tl.constexpr = False):
+                          DP4A: tl.constexpr = False, HEAD_START: tl.constexpr = 0, SILU_MUL: tl.constexpr = False):
     """The word kernel's arithmetic (DP4A: _int4_tile_dp4a's) with the weights and (scale, zero)
     pairs brought in by TMA: w_desc over the words (int32 [N, Kp / 8], block [BLOCK_N, BLOCK_W]),
     sz_desc over the pairs (fp32 [N, 2 * groups rounded up to even], block [BLOCK_N, 2 * GROUPS]).
@@ -173,26 +172,18 @@ def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp, split_
     registers (the word kernel's register prefetch holds one tile per program). Rows past N read
     as zeros. HEAD_START: the PDL wait inside the loop, as in gemv_bytes._gemv_bytes_tma_kernel.
     SILU_MUL: x_ptr holds [gate, up] (2 K), and the input is silu(gate) * up, rounded to x's dtype
-    as the separate kernel rounds it (each program computes it for the columns it reads).
-    SPLIT (split-K): program (i, j) reads columns [j split_cols, (j + 1) split_cols) (split_cols a
-    multiple of the tile's) and writes its fp32 partial sums to y_ptr + j N (the bias in j = 0's);
-    the kernel that reads y adds them up (see fastllm.kernels.fused.PartialSums)."""
+    as the separate kernel rounds it (each program computes it for the columns it reads)."""
     pid = tl.program_id(0)
     W: tl.constexpr = G // 8
     GROUPS: tl.constexpr = BLOCK_W // W
     row0 = pid * BLOCK_N
-    k_begin = 0
-    k_end = Kp
-    if SPLIT:
-        k_begin = tl.program_id(1) * split_cols
-        k_end = tl.minimum(k_begin + split_cols, Kp)
     offs = tl.arange(0, GROUPS)[:, None] * W + tl.arange(0, W)[None, :]
     kx = (8 * offs)[:, :, None] + tl.arange(0, 8)[None, None, :]  # [GROUPS, W, 8]: columns of a tile
     if USE_PDL and not HEAD_START:  # x comes from the kernel before; the pipeline's first loads wait too
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, GROUPS, W), dtype=tl.float32)
-    for k0 in tl.range(k_begin, k_end, BLOCK_W * 8, num_stages=STAGES):
+    for k0 in tl.range(0, Kp, BLOCK_W * 8, num_stages=STAGES):
         wt = tl.reshape(w_desc.load([row0, k0 // 8]), [BLOCK_N, GROUPS, W])
         sz = tl.reshape(sz_desc.load([row0, 2 * (k0 // G)]), [BLOCK_N, GROUPS, 2])
         k_x = k0
@@ -212,15 +203,9 @@ def _gemv_int4_tma_kernel(x_ptr, w_desc, sz_desc, b_ptr, y_ptr, N, K, Kp, split_
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    if SPLIT:
-        if HAS_BIAS:
-            if tl.program_id(1) == 0:
-                y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + tl.program_id(1) * N + rows, y, mask=row_ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _prune_words(configs, named_args, **kwargs):
@@ -329,7 +314,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         assert packed.stride(0) % 16 == 0 and packed.data_ptr() % 16 == 0
         w_desc = TensorDescriptor.from_tensor(packed.view(torch.int32), [1, 4])  # blocks: set per configuration
         sz_desc = TensorDescriptor.from_tensor(pairs.view(N, -1), [1, 4])
-        args = (xv, w_desc, sz_desc, b, y, N, K, Kp, Kp)
+        args = (xv, w_desc, sz_desc, b, y, N, K, Kp)
         config = config or _pinned_tma(x.device, N, Kp, group_size)
         if config is not None:
             _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
@@ -351,61 +336,3 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         args = (xv, packed, scales, zeros, b, y, N, K, Kp, packed.stride(0), *scales.stride())
         launch_rows(_tuned, _gemv_int4_kernel, N, args, flags, config)
     return y.view(*x.shape[:-1], N)
-
-
-# Split-K for the layers whose rows give too few programs to keep every SM's loads in flight (the
-# Llama-2-7B o_proj and down_proj: 4,096 rows, 128-256 programs on 132 SMs): each row block's
-# columns are spread over this many programs per SM in all, and the kernel that reads the
-# output sums their partials (fastllm.kernels.fused.PartialSums). Int4Linear.forward_partial
-# uses it where SPLIT_K is on.
-SPLIT_K = True
-SPLIT_PROGRAMS_PER_SM = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def split_count(row_programs: int, tiles: int, sms: int) -> int:
-    """Programs per row block that split its columns: enough for SPLIT_PROGRAMS_PER_SM programs per
-    SM in all, at most one per column tile, and 1 where the rows alone fill the card."""
-    return max(1, min(tiles, SPLIT_PROGRAMS_PER_SM * sms // max(row_programs, 1)))
-
-
-def gemv_int4_partials(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,
-                       bias: torch.Tensor | None = None, splits: int | None = None,
-                       config: triton.Config | None = None) -> torch.Tensor | None:
-    """The TMA GEMV (see gemv_int4) with its columns split over programs: fp32 partial sums [S, N]
-    whose sum over S is x [1, K] times the weight (+ bias), for a kernel after it to add up. None
-    where it does not apply: no TMA on x's device, no pinned configuration for the shape (config
-    overrides), or one program per row block (S = 1). splits: the count (default: split_count's
-    for x's device)."""
-    N, Kp = packed.shape[0], packed.shape[1] * 2
-    K = x.shape[-1]
-    if not (TMA and (tma_supported(x) or INTERPRETED) and x.dtype != torch.float32):
-        return None
-    config = config or _pinned_tma(x.device, N, Kp, group_size)
-    if config is None:
-        return None
-    bn, bw = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_W"]
-    tiles = triton.cdiv(Kp, bw * 8)
-    if splits is None:
-        splits = split_count(triton.cdiv(N, bn), tiles, _sm_count(x.device))
-    per = triton.cdiv(tiles, max(1, min(splits, tiles)))  # column tiles per split
-    splits = triton.cdiv(tiles, per)
-    if splits == 1:
-        return None
-    assert K <= Kp and Kp % group_size == 0 and group_size % 32 == 0 and x.numel() == K
-    ng = Kp // group_size
-    assert pairs.shape == (N, ng + ng % 2, 2) and pairs.is_contiguous() and pairs.dtype == torch.float32
-    assert packed.stride(1) == 1 and packed.stride(0) % 16 == 0 and packed.data_ptr() % 16 == 0
-    w_desc = TensorDescriptor.from_tensor(packed.view(torch.int32), [1, 4])
-    sz_desc = TensorDescriptor.from_tensor(pairs.view(N, -1), [1, 4])
-    _tma_blocks(dict(w_desc=w_desc, sz_desc=sz_desc, G=group_size, **config.kwargs))
-    y = torch.empty(splits, N, dtype=torch.float32, device=x.device)
-    _gemv_int4_tma_kernel[(triton.cdiv(N, bn), splits)](
-        x.reshape(-1).contiguous(), w_desc, sz_desc, bias if bias is not None else y, y, N, K, Kp, per * bw * 8,
-        G=group_size, HAS_BIAS=bias is not None, ASM=not INTERPRETED, DP4A=DP4A, HEAD_START=HEAD_START,
-        SPLIT=True, **config.kwargs, **pdl(x), num_warps=config.num_warps, num_stages=config.num_stages)
-    return y

@@ -48,11 +48,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with a residual: (norm(x + residual), x + residual) in one pass. x may be a
-        layer's output left as partial sums (see linear_into_norm)."""
-        fused = fused_ops(x.parts if hasattr(x, "parts") else x)
-        if fused is None and hasattr(x, "parts"):
-            x = x.sum()
+        """norm(x); with a residual: (norm(x + residual), x + residual) in one pass."""
+        fused = fused_ops(x)
         if fused is not None:
             if residual is None:
                 return fused.rms_norm(x, self.weight, self.eps)
@@ -151,9 +148,8 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
         return self.attend(self.qkv_proj(x), rope, ctx)
 
-    def attend(self, qkv: torch.Tensor, rope, ctx: ForwardContext, into_norm: bool = False) -> torch.Tensor:
-        """o_proj(attention(q, k, v)) from the fused projection qkv [T, (H + 2*KVH) * D].
-        into_norm: the caller passes the result straight to an RMSNorm (see linear_into_norm)."""
+    def attend(self, qkv: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
+        """o_proj(attention(q, k, v)) from the fused projection qkv [T, (H + 2*KVH) * D]."""
         T, H = qkv.shape[0], self.num_heads
         qkv = qkv.view(T, -1, self.head_dim)  # [T, H + 2*KVH, D]
         # q and k heads are adjacent: one rotary pass covers both
@@ -164,17 +160,7 @@ class LlamaAttention(nn.Module):
         else:
             qk = rope(qk)
             o = ctx.attention.forward(self.layer_idx, qk[:, :H], qk[:, H:], v, ctx.meta)  # [T, H, D]
-        return linear_into_norm(self.o_proj, o.reshape(T, self.q_size)) if into_norm else self.o_proj(
-            o.reshape(T, self.q_size))
-
-
-def linear_into_norm(linear: nn.Module, x: torch.Tensor):
-    """linear(x) for an RMSNorm (RMSNorm.forward) to read next: where the layer can leave its
-    output as partial sums for the norm to add up (`forward_partial`, the int4 split-K GEMV at one
-    token), those; else the output."""
-    partial = getattr(linear, "forward_partial", None)
-    out = partial(x) if partial is not None else None
-    return out if out is not None else linear(x)
+        return self.o_proj(o.reshape(T, self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -191,20 +177,17 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up_proj(x))
 
-    def down(self, gate_up: torch.Tensor, into_norm: bool = False) -> torch.Tensor:
-        """down_proj(silu(gate) * up) from gate_up [T, 2 * inter]. into_norm: the caller passes the
-        result straight to an RMSNorm (see linear_into_norm)."""
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up) from gate_up [T, 2 * inter]."""
         fused_down = getattr(self.down_proj, "forward_silu_mul", None)  # one kernel at batch 1 (DecodeLinear)
         out = fused_down(gate_up) if fused_down is not None else None
         if out is not None:
             return out
         fused = fused_ops(gate_up)
         if fused is not None:
-            x = fused.silu_and_mul(gate_up)
-        else:
-            gate, up = gate_up.split(self.inter, dim=-1)
-            x = F.silu(gate) * up
-        return linear_into_norm(self.down_proj, x) if into_norm else self.down_proj(x)
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -223,19 +206,17 @@ class LlamaDecoderLayer(nn.Module):
         attn = self.self_attn
         qkv, residual = normed_linear(attn.qkv_proj, self.input_layernorm, h, residual)
         gate_up, residual = normed_linear(self.mlp.gate_up_proj, self.post_attention_layernorm,
-                                          attn.attend(qkv, rope, ctx, into_norm=True), residual)
-        return self.mlp.down(gate_up, into_norm=True), residual
+                                          attn.attend(qkv, rope, ctx), residual)
+        return self.mlp.down(gate_up), residual
 
 
 def normed_linear(linear: nn.Module, norm: RMSNorm, h: torch.Tensor, residual: torch.Tensor | None):
     """(linear(norm(h + residual)), h + residual); one kernel where the linear can fuse the norm
     (DecodeLinear at batch 1), else the fused RMSNorm and then the linear."""
     fused = getattr(linear, "forward_normed", None)
-    out = fused(h, residual, norm.weight, norm.eps) if fused is not None and not hasattr(h, "parts") else None
+    out = fused(h, residual, norm.weight, norm.eps) if fused is not None else None
     if out is not None:
         return out
-    if residual is None and hasattr(h, "parts"):  # h becomes the residual stream: a tensor
-        h = h.sum()
     x, residual = (norm(h), h) if residual is None else norm(h, residual)
     return linear(x), residual
 

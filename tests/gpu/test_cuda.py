@@ -89,38 +89,3 @@ def test_batch_one_decode_through_the_fused_gemv_matches_cublas(tiny_dir, monkey
             runs[name] = eng.generate(prompt, sp)[0].token_ids
             assert isinstance(eng.runner.model.model.layers[0].mlp.down_proj, DecodeLinear)
     assert runs["default"] == runs["cublas"]
-
-
-def test_int4_split_k_into_the_fused_rms_norm(monkeypatch):
-    """On CUDA, o_proj and down_proj of an int4 model at one token leave partial sums over column
-    splits (TMA kernel under PDL) that the fused RMSNorm after them adds up: token by token the
-    logits agree with the unsplit TMA GEMV's."""
-    import triton
-
-    from fastllm.kernels import gemv_int4
-    from fastllm.kernels.launch import tma_supported
-    from fastllm.stages.base import LoadContext
-    from fastllm.stages.quantizers.int4 import Int4Quantizer
-    from fastllm.testing import model_logits, tiny_llama
-
-    if not tma_supported(torch.empty(1, device="cuda")):
-        pytest.skip("no TMA on this card")
-    ctx = LoadContext(torch.device("cuda"), torch.bfloat16)
-    model = tiny_llama(ctx, seed=3)
-    Int4Quantizer(group_size=32).apply(model, ctx)
-    cfg = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8, "STAGES": 2}, num_warps=1, num_stages=1,
-                        pre_hook=gemv_int4._tma_blocks)  # tiles of 64 columns: 2 in o_proj, 4 in down_proj
-    real = gemv_int4.gemv_int4
-    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=cfg, tma=True, **k))
-    monkeypatch.setattr(gemv_int4, "_pinned_tma", lambda *a: cfg)
-    monkeypatch.setattr(gemv_int4, "_sm_count", lambda device: 64)
-    prompts = [[3, 17, 42, 9, 5]]
-    monkeypatch.setattr(gemv_int4, "SPLIT_K", False)
-    unsplit = model_logits(model, prompts, steps=5, dtype=torch.bfloat16)[0]
-    monkeypatch.setattr(gemv_int4, "SPLIT_K", True)
-    parts = gemv_int4.gemv_int4_partials(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16),
-                                         model.model.layers[0].mlp.down_proj.packed,
-                                         model.model.layers[0].mlp.down_proj.scales_zeros, 32)
-    assert parts is not None and parts.shape == (4, 128)
-    split = model_logits(model, prompts, steps=5, dtype=torch.bfloat16)[0]
-    torch.testing.assert_close(split, unsplit, rtol=2e-2, atol=5e-2)

@@ -172,22 +172,6 @@ class Int4Linear(nn.Module):
         return gemv_int4.gemv_int4(gate_up, self.packed, self.scales, self.zeros, self.group_size, self.bias,
                                    pairs=self.scales_zeros, silu_mul=True)
 
-    def forward_partial(self, x: torch.Tensor):
-        """At one token, where the split-K GEMV applies (gemv_int4.SPLIT_K, gemv_int4_partials: TMA,
-        a pinned configuration, rows too few to fill the card): the output as fp32 partial sums
-        (fastllm.kernels.fused.PartialSums) for the RMSNorm after the layer to add up; else None."""
-        from ...kernels import gemv_int4
-
-        if not (gemv_int4.SPLIT_K and x.dim() == 2 and x.shape[0] == 1 and x.device.type in self.devices):
-            return None
-        flat = x * self.inv_input_scale if self.inv_input_scale is not None else x
-        parts = gemv_int4.gemv_int4_partials(flat, self.packed, self.scales_zeros, self.group_size, self.bias)
-        if parts is None:
-            return None
-        from ...kernels.fused import PartialSums
-
-        return PartialSums(parts, x.dtype)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
 

@@ -38,25 +38,6 @@ def test_rms_norm_with_and_without_residual(fused, dtype, T, N):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("S, N", [(2, 64), (5, 576)])
-def test_rms_norm_adds_up_partial_sums_first(fused, dtype, S, N):
-    """A layer's output left as fp32 partial sums (split-K): the norm adds them up, rounds to the
-    layer's dtype, then adds the residual, as it would with the summed output."""
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    parts = torch.randn(S, N, device=DEV)
-    x = parts.sum(0, keepdim=True).to(dtype)
-    w = (1 + 0.3 * torch.randn(N)).to(dtype).to(DEV)
-    res = torch.randn(1, N, dtype=dtype, device=DEV)
-    want_res = x + res
-    out = fused.rms_norm(fused.PartialSums(parts, dtype), w, 1e-6, residual=res)
-    assert out.shape == (1, N) and out.dtype == dtype
-    torch.testing.assert_close(res, want_res, rtol=tol, atol=tol)
-    torch.testing.assert_close(out, ref_norm(want_res, w, 1e-6), rtol=tol, atol=tol)
-    torch.testing.assert_close(fused.rms_norm(fused.PartialSums(parts, dtype), w, 1e-6), ref_norm(x, w, 1e-6),
-                               rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_in_place_on_a_strided_view(fused, dtype):
     from fastllm.models.llama import apply_rotary
 

@@ -59,9 +59,9 @@ for head in (0, 1, 2):
                     USE_PDL=True, HEAD_START=head), 1)
     int4 = ptx(_gemv_int4_tma_kernel, {"x_ptr": "*bf16", "w_desc": "tensordesc<i32[32, 64]>",
                                        "sz_desc": "tensordesc<fp32[32, 8]>", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                                       "N": "i32", "K": "i32", "Kp": "i32", "split_cols": "i32"},
+                                       "N": "i32", "K": "i32", "Kp": "i32"},
                dict(G=128, HAS_BIAS=False, ASM=True, BLOCK_N=32, BLOCK_W=64, STAGES=3, USE_PDL=True, DP4A=True,
-                    HEAD_START=head, SILU_MUL=False, SPLIT=False), 2)
+                    HEAD_START=head, SILU_MUL=False), 2)
     for name, text in (("int8", int8), ("int4", int4)):
         out[f"{name} head={head}"] = [k.replace("load16", "load") for k in kinds_of(text)]
 strides = ["stride_qb", "stride_qh", "stride_vb", "stride_vh", "stride_cb", "stride_cr", "stride_ch", "stride_bt",

@@ -241,44 +241,6 @@ def test_many_tokens_through_a_dense_weight(monkeypatch, kind):
     assert len(calls) == 1  # five tokens: the GEMM
 
 
-def test_int4_split_k_outputs_go_into_the_next_rms_norm(monkeypatch):
-    """At one token, o_proj and down_proj of an int4 model leave their outputs as partial sums
-    over column splits (gemv_int4_partials) for the RMSNorm after them to add up; token by token
-    the logits agree with the unsplit path's, and the split path is the one taken."""
-    pytest.importorskip("triton")
-    import triton
-
-    from fastllm.kernels import gemv_int4
-    from fastllm.testing import model_logits, tiny_llama
-
-    ctx = LoadContext(torch.device("cpu"), torch.bfloat16)
-    model = tiny_llama(ctx, seed=3, num_hidden_layers=1)
-    Int4Quantizer(group_size=32).apply(model, ctx)
-    monkeypatch.setattr(Int4Linear, "devices", ("cuda", "cpu"))  # Triton's interpreter on the CPU
-    cfg = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8, "STAGES": 2}, num_warps=1, num_stages=1,
-                        pre_hook=gemv_int4._tma_blocks)  # tiles of 64 columns: 2 in o_proj, 4 in down_proj
-    real = gemv_int4.gemv_int4  # unsplit, the same kernel: only the order of the sums differs
-    monkeypatch.setattr(gemv_int4, "gemv_int4", lambda *a, **k: real(*a, config=cfg, tma=True, **k))
-    monkeypatch.setattr(gemv_int4, "_pinned_tma", lambda *a: cfg)
-    monkeypatch.setattr(gemv_int4, "_sm_count", lambda device: 64)
-    splits, partials = [], gemv_int4.gemv_int4_partials
-
-    def spy(*a, **k):
-        out = partials(*a, **k)
-        splits.append(None if out is None else out.shape[0])
-        return out
-
-    monkeypatch.setattr(gemv_int4, "gemv_int4_partials", spy)
-    prompts = [[3, 17]]
-    monkeypatch.setattr(gemv_int4, "SPLIT_K", False)
-    unsplit = model_logits(model, prompts, steps=2, dtype=torch.bfloat16)[0]
-    assert splits == []
-    monkeypatch.setattr(gemv_int4, "SPLIT_K", True)
-    split = model_logits(model, prompts, steps=2, dtype=torch.bfloat16)[0]
-    assert splits == [2, 4] * 2  # o_proj, down_proj; two one-token steps
-    torch.testing.assert_close(split, unsplit, rtol=2e-2, atol=5e-2)  # a few bf16 steps apart
-
-
 @pytest.mark.parametrize("K, G", [(300, 128), (256, 64)])  # 3 groups (padded to 4), 4 groups
 def test_int4_linear_stores_scales_and_zeros_interleaved_and_reads_the_old_layout(K, G):
     from fastllm.stages.quantizers.int4 import pack_scales
