@@ -5,23 +5,19 @@ arithmetic (gemv_int4._gemv_int4_tma_kernel, DP4A) per configuration, and a tens
 multiplies by tl.dot against the input in one column of a [K, 16] operand. Prints, per loop,
 instructions per weight per thread and the commonest opcodes.
 Usage: python scripts/sass_int4.py [BLOCK_N,BLOCK_W,num_warps,STAGES ...]"""
-import collections
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fastllm.kernels.gemv_int4 import _gemv_int4_tma_kernel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sass_common import compile_sm90, loops, opcodes  # noqa: E402
+
 if {"-h", "--help"} & set(sys.argv[1:]):
     sys.exit(print(__doc__))
-TOOL = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 
 
 @triton.jit
@@ -65,34 +61,16 @@ def _gemv_int4_mma_prototype(x_ptr, w_desc, sz_ptr, y_ptr, N, K, Kp, stride_sz, 
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def loops(fn, sig, cons, warps):
-    """[(instructions, opcode counts)] of each loop (a backward branch and its target) in the SASS."""
-    sig = dict(sig, **{k: "constexpr" for k in cons})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
-             if sig[n].startswith("*") or n in ("N", "K", "Kp") or n.startswith("stride")}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([TOOL, "-sass", f.name], capture_output=True, text=True).stdout
-        regs = re.search(r"REG:(\d+)", subprocess.run([TOOL, "-res-usage", f.name], capture_output=True,
-                                                      text=True).stdout).group(1)
-    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+(.*?);", sass)]
-    found = []
-    for a, i in ins:
-        t = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", i)
-        if t and int(t.group(1), 16) < a:
-            body = [x for b, x in ins if int(t.group(1), 16) <= b <= a]
-            if len(body) > 10:
-                found.append((len(body), collections.Counter(
-                    re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body).most_common(10)))
-    return regs, found
+def counted(fn, sig, cons, warps):
+    """Registers, and per loop of more than 10 instructions: its length and commonest opcodes."""
+    sass, regs = compile_sm90(fn, dict(sig, **{k: "constexpr" for k in cons}), cons, ("N", "K", "Kp", "stride_sz"),
+                              warps, 1)
+    return regs, [(len(body), opcodes(body).most_common(10)) for body in loops(sass) if len(body) > 10]
 
 
 configs = [tuple(int(v) for v in a.split(",")) for a in sys.argv[1:]] or [(32, 64, 2, 3), (32, 128, 4, 3), (16, 128, 2, 3)]
 for bn, bw, w, st in configs:
-    regs, found = loops(_gemv_int4_tma_kernel,
+    regs, found = counted(_gemv_int4_tma_kernel,
                         {"x_ptr": "*bf16", "w_desc": f"tensordesc<i32[{bn}, {bw}]>",
                          "sz_desc": f"tensordesc<fp32[{bn}, {2 * bw * 8 // 128}]>", "b_ptr": "*bf16", "y_ptr": "*bf16",
                          "N": "i32", "K": "i32", "Kp": "i32"},
@@ -102,7 +80,7 @@ for bn, bw, w, st in configs:
         print(f"tma dp4a ({bn}, {bw}, {w}, {st}): {regs} registers, loop {n} instructions, "
               f"{n / (bn * bw * 8 / (32 * w)):.2f} per weight per thread: {ops}")
 for bn, w in [(16, 1), (32, 1), (64, 1)]:
-    regs, found = loops(_gemv_int4_mma_prototype,
+    regs, found = counted(_gemv_int4_mma_prototype,
                         {"x_ptr": "*bf16", "w_desc": f"tensordesc<u8[{bn}, 64]>", "sz_ptr": "*fp32", "y_ptr": "*bf16",
                          "N": "i32", "K": "i32", "Kp": "i32", "stride_sz": "i32"},
                         dict(G=128, BLOCK_N=bn, STAGES=4), w)

@@ -16,56 +16,26 @@ Usage: python scripts/sass_qgemm.py [BLOCK_M,BLOCK_N,BLOCK_K,warps,stages ...]
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fastllm.kernels import qgemm as Q
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qgemm_layout import _permuted_kernel  # noqa: E402 (the prototype, timed on a GPU there)
+from sass_common import compile_sm90, loops, opcodes  # noqa: E402
 
 if {"-h", "--help"} & set(sys.argv[1:]):
     sys.exit(print(__doc__))
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, aligned: tuple, num_warps: int, num_stages: int) -> tuple:
-    """(SASS text, registers) of fn for sm_90a; `aligned`: integer arguments known divisible by 16."""
-    names = list(signature)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n].startswith("*") or n in aligned}
-    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", res)
-    return sass, int(regs.group(1)) if regs else -1
-
-
 def main_loop(sass: str) -> list[str]:
     """The instructions of the backward branch's body that holds the most HGMMAs."""
-    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+(.*?);", sass)]
-    best: list[str] = []
-    for a, i in ins:
-        t = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", i)
-        if t and int(t.group(1), 16) < a:
-            body = [j for b, j in ins if int(t.group(1), 16) <= b <= a]
-            if sum("HGMMA" in j for j in body) > sum("HGMMA" in j for j in best):
-                best = body
-    return best
+    return max(loops(sass), key=lambda body: sum("HGMMA" in j for j in body), default=[])
 
 
 def describe(name: str, sass: str, regs: int) -> str:
     body = main_loop(sass)
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body)
+    ops = opcodes(body)
     lds = collections.Counter(m for i in body for m in re.findall(r"\bLDS(?:\.\w+)?", i))
     return (f"{name:44s} {len(body):4d} instructions/warp/K step, {regs:3d} registers, HGMMA {ops['HGMMA']}, "
             f"loads from shared memory {dict(lds)}; top: {ops.most_common(6)}")
