@@ -1,0 +1,216 @@
+"""Does a persistent kernel beat a chain of GEMV launches at batch 1? The four int8 GEMVs of a
+Llama-2-7B decoder layer (qkv -> o -> gate_up -> down, each output's first K values feeding the
+next, no attention or norms), 32 layers of distinct weights, timed as CUDA graphs:
+
+- `launches`: 4 x 32 launches of fastllm's int8 word GEMV (autotuned, PDL on): the decode step's
+  present structure;
+- `per-layer`: one persistent kernel per layer (one program per SM), the stages separated by a
+  grid barrier, each program requesting its first weight tile of the next stage before it waits;
+- `one kernel`: the same for all 32 layers in one launch;
+- `bf16`: the bf16 GEMV chain on the same shapes, for the ratio.
+
+Usage: python scripts/chain_gpu.py OUTDIR [--layers=32]; prints a table last, JSON in OUTDIR.
+"""
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
+from fastllm.kernels import gemv as G
+from fastllm.kernels.gemv_bytes import INT8_OFFSET, _bytes_tile
+from fastllm.stages.quantizers.int8 import quantize_int8
+
+
+@triton.jit
+def _grid_sync(bar_ptr, P, LIMIT: tl.constexpr):
+    """Sense-reversing grid barrier: bar_ptr[0] counts arrivals, bar_ptr[1] is the generation.
+    Every program of the grid must be resident. Gives up after LIMIT polls (sets bar_ptr[2])."""
+    tl.debug_barrier()  # every thread's stores of this stage precede the release below
+    gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == P - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
+    else:
+        n = 0
+        while (tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu") == gen) & (n < LIMIT):
+            n += 1
+        if n >= LIMIT:
+            tl.atomic_xchg(bar_ptr + 2, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _first_tile(w_ptr, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's first weight tile of a stage (int32 words [BLOCK_N, BLOCK_K / 4])."""
+    BW: tl.constexpr = BLOCK_K // 4
+    KW: tl.constexpr = K // 4
+    NB: tl.constexpr = N // BLOCK_N
+    b0 = pid * NB // P
+    rows = b0 * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BW)
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * KW + c[None, :], mask=(c < KW)[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """y[rows] = (q[rows] @ x) * s[rows] for this program's contiguous share of the row blocks;
+    w: its first tile, already requested. Each tile is requested one iteration ahead."""
+    BW: tl.constexpr = BLOCK_K // 4
+    KW: tl.constexpr = K // 4
+    NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    NB: tl.constexpr = N // BLOCK_N
+    b0 = pid * NB // P
+    total = ((pid + 1) * NB // P - b0) * NK
+    c = tl.arange(0, BW)
+    r = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    xs = tl.zeros((BW,), dtype=tl.float32)
+    for t in range(total):
+        t1 = tl.minimum(t + 1, total - 1)
+        rows1 = (b0 + t1 // NK) * BLOCK_N + r
+        c1 = (t1 % NK) * BW + c
+        w_next = tl.load(w_ptr + rows1.to(tl.int64)[:, None] * KW + c1[None, :], mask=(c1 < KW)[None, :], other=0,
+                         eviction_policy="evict_first")
+        kt = t % NK
+        cols = 4 * (kt * BW + c)[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc, xs = _bytes_tile(acc, xs, w, x, BW, False, ASM)
+        if kt == NK - 1:
+            rows = (b0 + t // NK) * BLOCK_N + r
+            y = tl.sum(acc - INT8_OFFSET * xs[None, :], axis=1) * tl.load(s_ptr + rows)
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
+            acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+            xs = tl.zeros((BW,), dtype=tl.float32)
+        w = w_next
+
+
+@triton.jit(do_not_specialize=["layer0", "n_layers"])
+def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer0, n_layers,
+                  QN: tl.constexpr, ON: tl.constexpr, GN: tl.constexpr, DN: tl.constexpr,
+                  H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_KD: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr, LIMIT: tl.constexpr):
+    """n_layers layers from layer0: y0 = qkv(y3), y1 = o(y0[:H]), y2 = gate_up(y1), y3 = down(y2[:I]).
+    Weights [L, N, K] int8 viewed as int32 words, scales [L, N]."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    w = _first_tile(wq + layer0 * (QN * H // 4), pid, P, QN, H, BLOCK_N, BLOCK_K)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    for layer in range(layer0, layer0 + n_layers):
+        li = layer  # word offsets stay below 2^31 for 7B-sized layers
+        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM)
+        w1 = _first_tile(wo + li * (ON * H // 4), pid, P, ON, H, BLOCK_N, BLOCK_K)
+        _grid_sync(bar_ptr, P, LIMIT)
+        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, w1, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM)
+        w2 = _first_tile(wg + li * (GN * H // 4), pid, P, GN, H, BLOCK_N, BLOCK_K)
+        _grid_sync(bar_ptr, P, LIMIT)
+        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, w2, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM)
+        w3 = _first_tile(wd + li * (DN * I // 4), pid, P, DN, I, BLOCK_N, BLOCK_KD)
+        _grid_sync(bar_ptr, P, LIMIT)
+        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, w3, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM)
+        nxt = tl.minimum(layer + 1, layer0 + n_layers - 1)
+        w = _first_tile(wq + nxt * (QN * H // 4), pid, P, QN, H, BLOCK_N, BLOCK_K)
+        if layer + 1 < layer0 + n_layers:
+            _grid_sync(bar_ptr, P, LIMIT)
+
+
+def main() -> None:
+    out_dir = script_out_dir(__doc__)
+    L = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--layers=")), 32)
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    shapes = LLAMA2_7B_LINEARS
+    H, I = shapes["o"][1], shapes["down"][1]
+    qs = {}
+    for name, (N, K) in shapes.items():
+        q = torch.empty(L, N, K, dtype=torch.int8, device=dev)
+        s = torch.empty(L, N, dtype=torch.float32, device=dev)
+        for i in range(L):
+            q[i], s[i] = quantize_int8(torch.randn(N, K, device=dev, dtype=torch.bfloat16))
+        qs[name] = (q, s * (1.0 / K ** 0.5) * (1.0 if name != "o" else 1.0))
+    ys = [torch.zeros(shapes[n][0], dtype=torch.bfloat16, device=dev) for n in shapes]
+    x_in = torch.randn(H, dtype=torch.bfloat16, device=dev)
+    bar = torch.zeros(4, dtype=torch.int32, device=dev)
+    order = list(shapes)
+
+    def launches(n_layers=L):
+        y = x_in.view(1, H)
+        for i in range(n_layers):
+            for name in order:
+                q, s = qs[name]
+                K = q.shape[2]
+                y = G.gemv(y[..., :K], q[i], scale=s[i])
+        return y.view(-1)
+
+    def persistent(layer0, n_layers, cfg):
+        bn, bk, bkd, warps, per_sm = cfg
+        _chain_kernel[(sms * per_sm,)](
+            *ys, qs["qkv"][0].view(torch.int32), qs["qkv"][1], qs["o"][0].view(torch.int32), qs["o"][1],
+            qs["gate_up"][0].view(torch.int32), qs["gate_up"][1], qs["down"][0].view(torch.int32), qs["down"][1],
+            bar, layer0, n_layers, QN=shapes["qkv"][0], ON=shapes["o"][0], GN=shapes["gate_up"][0],
+            DN=shapes["down"][0], H=H, I=I, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KD=bkd, ASM=True, USE_PDL=True,
+            LIMIT=1 << 18, num_warps=warps, num_stages=1, launch_pdl=True)
+
+    def run_per_layer(cfg):
+        ys[3][:H].copy_(x_in)
+        for i in range(L):
+            persistent(i, 1, cfg)
+        return ys[3].clone()
+
+    def run_one(cfg):
+        ys[3][:H].copy_(x_in)
+        persistent(0, L, cfg)
+        return ys[3].clone()
+
+    ref = launches().double()
+    results, lines = [], []
+
+    def row(kind, t, err):
+        nbytes = sum(q.numel() for q, _ in qs.values())
+        results.append(dict(kind=kind, us_per_layer=t * 1e6 / L, TBps=nbytes / t / 1e12, rel_err=err))
+        lines.append(f"{kind:40s} {t * 1e6 / L:7.2f} us/layer {nbytes / t / 1e12:5.2f} TB/s  err {err:.1e}")
+        print(lines[-1], flush=True)
+
+    row("launches (int8 word GEMV, PDL)", graph_time(launches, iters=1, replays=20), 0.0)
+    configs = [(8, 4096, 1024, 8, 1), (4, 4096, 1024, 8, 1), (8, 2048, 1024, 8, 1), (8, 4096, 1024, 16, 1),
+               (4, 2048, 512, 4, 2), (8, 1024, 1024, 4, 2), (16, 1024, 512, 8, 1)]
+    for cfg in configs:
+        for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one)):
+            bar.zero_()
+            out = fn(cfg).double()
+            torch.cuda.synchronize()
+            if bar[2].item():
+                print(f"{kind} {cfg}: barrier gave up", flush=True)
+                bar.zero_()
+                continue
+            err = ((out - ref).norm() / ref.norm()).item()
+            t = graph_time(lambda: fn(cfg), iters=1, replays=20)
+            row(f"{kind} {cfg}", t, err)
+    del qs
+    torch.cuda.empty_cache()
+    wb = {n: torch.randn(L, N, K, dtype=torch.bfloat16, device=dev) / K ** 0.5 for n, (N, K) in shapes.items()}
+
+    def bf16():
+        y = x_in.view(1, H)
+        for i in range(L):
+            for name in order:
+                y = G.gemv(y[..., :wb[name].shape[2]], wb[name][i])
+        return y
+
+    t = graph_time(bf16, iters=1, replays=20)
+    results.append(dict(kind="bf16 launches", us_per_layer=t * 1e6 / L))
+    lines.append(f"{'bf16 launches (bf16 GEMV, PDL)':40s} {t * 1e6 / L:7.2f} us/layer")
+    (out_dir / "chain.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": L,
+                                                    "results": results}, indent=1))
+    print("\n==== summary ====\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
