@@ -172,8 +172,9 @@ def main() -> None:
     ref = launches().double()
     results, lines = [], []
 
+    nbytes = sum(q.numel() for q, _ in qs.values())
+
     def row(kind, t, err):
-        nbytes = sum(q.numel() for q, _ in qs.values())
         results.append(dict(kind=kind, us_per_layer=t * 1e6 / L, TBps=nbytes / t / 1e12, rel_err=err))
         lines.append(f"{kind:40s} {t * 1e6 / L:7.2f} us/layer {nbytes / t / 1e12:5.2f} TB/s  err {err:.1e}")
         print(lines[-1], flush=True)
@@ -193,7 +194,7 @@ def main() -> None:
             err = ((out - ref).norm() / ref.norm()).item()
             t = graph_time(lambda: fn(cfg), iters=1, replays=20)
             row(f"{kind} {cfg}", t, err)
-    del qs
+    qs.clear()
     torch.cuda.empty_cache()
     wb = {n: torch.randn(L, N, K, dtype=torch.bfloat16, device=dev) / K ** 0.5 for n, (N, K) in shapes.items()}
 
