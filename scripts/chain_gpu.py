@@ -44,25 +44,28 @@ def _grid_sync(bar_ptr, P, LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _first_tile(w_ptr, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's first weight tile of a stage (int32 words [BLOCK_N, BLOCK_K / 4])."""
+def _tile(w_ptr, pid, P, t, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile t (row block t // NK, column tile t % NK) of this program's share of a stage's weight
+    (int32 words [BLOCK_N, BLOCK_K / 4]); t past the share reads its last tile again."""
     BW: tl.constexpr = BLOCK_K // 4
     KW: tl.constexpr = K // 4
+    NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     NB: tl.constexpr = N // BLOCK_N
     b0 = pid * NB // P
-    rows = b0 * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = tl.arange(0, BW)
+    t = tl.minimum(t, ((pid + 1) * NB // P - b0) * NK - 1)
+    rows = (b0 + t // NK) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = (t % NK) * BW + tl.arange(0, BW)
     return tl.load(w_ptr + rows.to(tl.int64)[:, None] * KW + c[None, :], mask=(c < KW)[None, :], other=0,
                    eviction_policy="evict_first")
 
 
 @triton.jit
-def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, w1, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr):
     """y[rows] = (q[rows] @ x) * s[rows] for this program's contiguous share of the row blocks;
-    w: its first tile, already requested. Each tile is requested one iteration ahead."""
+    w (and w1 for AHEAD = 2): its first tiles, already requested. Each tile is requested AHEAD
+    iterations before its use."""
     BW: tl.constexpr = BLOCK_K // 4
-    KW: tl.constexpr = K // 4
     NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     NB: tl.constexpr = N // BLOCK_N
     b0 = pid * NB // P
@@ -72,11 +75,7 @@ def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, pid, P, N: tl.constexpr, K: tl.constex
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     xs = tl.zeros((BW,), dtype=tl.float32)
     for t in range(total):
-        t1 = tl.minimum(t + 1, total - 1)
-        rows1 = (b0 + t1 // NK) * BLOCK_N + r
-        c1 = (t1 % NK) * BW + c
-        w_next = tl.load(w_ptr + rows1.to(tl.int64)[:, None] * KW + c1[None, :], mask=(c1 < KW)[None, :], other=0,
-                         eviction_policy="evict_first")
+        w_next = _tile(w_ptr, pid, P, t + AHEAD, N, K, BLOCK_N, BLOCK_K)
         kt = t % NK
         cols = 4 * (kt * BW + c)[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -87,36 +86,46 @@ def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, pid, P, N: tl.constexpr, K: tl.constex
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
             acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
             xs = tl.zeros((BW,), dtype=tl.float32)
-        w = w_next
+        if AHEAD == 2:
+            w = w1
+            w1 = w_next
+        else:
+            w = w_next
 
 
 @triton.jit(do_not_specialize=["layer0", "n_layers"])
 def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer0, n_layers,
                   QN: tl.constexpr, ON: tl.constexpr, GN: tl.constexpr, DN: tl.constexpr,
                   H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_KD: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr, LIMIT: tl.constexpr):
+                  BLOCK_KD: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr, LIMIT: tl.constexpr,
+                  AHEAD: tl.constexpr = 1):
     """n_layers layers from layer0: y0 = qkv(y3), y1 = o(y0[:H]), y2 = gate_up(y1), y3 = down(y2[:I]).
     Weights [L, N, K] int8 viewed as int32 words, scales [L, N]."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
-    w = _first_tile(wq + layer0 * (QN * H // 4), pid, P, QN, H, BLOCK_N, BLOCK_K)
+    w = _tile(wq + layer0 * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K)
+    w_1 = _tile(wq + layer0 * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for layer in range(layer0, layer0 + n_layers):
         li = layer  # word offsets stay below 2^31 for 7B-sized layers
-        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM)
-        w1 = _first_tile(wo + li * (ON * H // 4), pid, P, ON, H, BLOCK_N, BLOCK_K)
+        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, w_1, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
+        a = _tile(wo + li * (ON * H // 4), pid, P, 0, ON, H, BLOCK_N, BLOCK_K)
+        b = _tile(wo + li * (ON * H // 4), pid, P, AHEAD - 1, ON, H, BLOCK_N, BLOCK_K)
         _grid_sync(bar_ptr, P, LIMIT)
-        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, w1, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM)
-        w2 = _first_tile(wg + li * (GN * H // 4), pid, P, GN, H, BLOCK_N, BLOCK_K)
+        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, a, b, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
+        a = _tile(wg + li * (GN * H // 4), pid, P, 0, GN, H, BLOCK_N, BLOCK_K)
+        b = _tile(wg + li * (GN * H // 4), pid, P, AHEAD - 1, GN, H, BLOCK_N, BLOCK_K)
         _grid_sync(bar_ptr, P, LIMIT)
-        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, w2, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM)
-        w3 = _first_tile(wd + li * (DN * I // 4), pid, P, DN, I, BLOCK_N, BLOCK_KD)
+        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, a, b, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
+        a = _tile(wd + li * (DN * I // 4), pid, P, 0, DN, I, BLOCK_N, BLOCK_KD)
+        b = _tile(wd + li * (DN * I // 4), pid, P, AHEAD - 1, DN, I, BLOCK_N, BLOCK_KD)
         _grid_sync(bar_ptr, P, LIMIT)
-        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, w3, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM)
+        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, a, b, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM, AHEAD)
         nxt = tl.minimum(layer + 1, layer0 + n_layers - 1)
-        w = _first_tile(wq + nxt * (QN * H // 4), pid, P, QN, H, BLOCK_N, BLOCK_K)
+        w = _tile(wq + nxt * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K)
+        w_1 = _tile(wq + nxt * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K)
         if layer + 1 < layer0 + n_layers:
             _grid_sync(bar_ptr, P, LIMIT)
 
@@ -150,13 +159,13 @@ def main() -> None:
         return y.view(-1)
 
     def persistent(layer0, n_layers, cfg):
-        bn, bk, bkd, warps, per_sm = cfg
+        bn, bk, bkd, warps, per_sm, ahead = cfg
         _chain_kernel[(sms * per_sm,)](
             *ys, qs["qkv"][0].view(torch.int32), qs["qkv"][1], qs["o"][0].view(torch.int32), qs["o"][1],
             qs["gate_up"][0].view(torch.int32), qs["gate_up"][1], qs["down"][0].view(torch.int32), qs["down"][1],
             bar, layer0, n_layers, QN=shapes["qkv"][0], ON=shapes["o"][0], GN=shapes["gate_up"][0],
             DN=shapes["down"][0], H=H, I=I, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KD=bkd, ASM=True, USE_PDL=True,
-            LIMIT=1 << 18, num_warps=warps, num_stages=1, launch_pdl=True)
+            LIMIT=1 << 18, AHEAD=ahead, num_warps=warps, num_stages=1, launch_pdl=True)
 
     def run_per_layer(cfg):
         ys[3][:H].copy_(x_in)
@@ -180,8 +189,10 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     row("launches (int8 word GEMV, PDL)", graph_time(launches, iters=1, replays=20), 0.0)
-    configs = [(8, 4096, 1024, 8, 1), (4, 4096, 1024, 8, 1), (8, 2048, 1024, 8, 1), (8, 4096, 1024, 16, 1),
-               (4, 2048, 512, 4, 2), (8, 1024, 1024, 4, 2), (16, 1024, 512, 8, 1)]
+    # (BLOCK_N, BLOCK_K, down's BLOCK_K, warps, programs per SM, tiles ahead)
+    configs = [(8, 1024, 1024, 4, 2, 1), (8, 1024, 1024, 4, 3, 1), (8, 1024, 1024, 4, 4, 1), (8, 1024, 1024, 4, 2, 2),
+               (4, 1024, 1024, 4, 4, 1), (8, 512, 512, 4, 4, 1), (8, 1024, 1024, 8, 2, 2), (16, 512, 512, 4, 4, 1),
+               (4, 1024, 1024, 4, 3, 2), (8, 512, 512, 4, 3, 2), (8, 512, 512, 4, 6, 1), (8, 512, 512, 4, 8, 1)]
     for cfg in configs:
         for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one)):
             bar.zero_()
