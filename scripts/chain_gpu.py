@@ -25,9 +25,13 @@ from fastllm.stages.quantizers.int8 import quantize_int8
 
 
 @triton.jit
-def _grid_sync(bar_ptr, P, LIMIT: tl.constexpr):
+def _grid_sync(bar_ptr, P, LIMIT: tl.constexpr, SYNC: tl.constexpr):
     """Sense-reversing grid barrier: bar_ptr[0] counts arrivals, bar_ptr[1] is the generation.
-    Every program of the grid must be resident. Gives up after LIMIT polls (sets bar_ptr[2])."""
+    Every program of the grid must be resident. Gives up after LIMIT polls (sets bar_ptr[2]).
+    SYNC 1: polls by atomics; 2: by volatile loads, then one acquiring atomic; 0: no barrier at
+    all (wrong results: times the stream alone)."""
+    if SYNC == 0:
+        return
     tl.debug_barrier()  # every thread's stores of this stage precede the release below
     gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
     arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
@@ -36,8 +40,13 @@ def _grid_sync(bar_ptr, P, LIMIT: tl.constexpr):
         tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
     else:
         n = 0
-        while (tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu") == gen) & (n < LIMIT):
-            n += 1
+        if SYNC == 1:
+            while (tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu") == gen) & (n < LIMIT):
+                n += 1
+        else:
+            while (tl.load(bar_ptr + 1, volatile=True) == gen) & (n < LIMIT):
+                n += 1
+            tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
         if n >= LIMIT:
             tl.atomic_xchg(bar_ptr + 2, 1, sem="relaxed", scope="gpu")
     tl.debug_barrier()
@@ -98,7 +107,7 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
                   QN: tl.constexpr, ON: tl.constexpr, GN: tl.constexpr, DN: tl.constexpr,
                   H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_KD: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr, LIMIT: tl.constexpr,
-                  AHEAD: tl.constexpr = 1):
+                  AHEAD: tl.constexpr = 1, SYNC: tl.constexpr = 1):
     """n_layers layers from layer0: y0 = qkv(y3), y1 = o(y0[:H]), y2 = gate_up(y1), y3 = down(y2[:I]).
     Weights [L, N, K] int8 viewed as int32 words, scales [L, N]."""
     pid = tl.program_id(0)
@@ -113,21 +122,21 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
         _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, w_1, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
         a = _tile(wo + li * (ON * H // 4), pid, P, 0, ON, H, BLOCK_N, BLOCK_K)
         b = _tile(wo + li * (ON * H // 4), pid, P, AHEAD - 1, ON, H, BLOCK_N, BLOCK_K)
-        _grid_sync(bar_ptr, P, LIMIT)
+        _grid_sync(bar_ptr, P, LIMIT, SYNC)
         _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, a, b, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
         a = _tile(wg + li * (GN * H // 4), pid, P, 0, GN, H, BLOCK_N, BLOCK_K)
         b = _tile(wg + li * (GN * H // 4), pid, P, AHEAD - 1, GN, H, BLOCK_N, BLOCK_K)
-        _grid_sync(bar_ptr, P, LIMIT)
+        _grid_sync(bar_ptr, P, LIMIT, SYNC)
         _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, a, b, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
         a = _tile(wd + li * (DN * I // 4), pid, P, 0, DN, I, BLOCK_N, BLOCK_KD)
         b = _tile(wd + li * (DN * I // 4), pid, P, AHEAD - 1, DN, I, BLOCK_N, BLOCK_KD)
-        _grid_sync(bar_ptr, P, LIMIT)
+        _grid_sync(bar_ptr, P, LIMIT, SYNC)
         _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, a, b, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM, AHEAD)
         nxt = tl.minimum(layer + 1, layer0 + n_layers - 1)
         w = _tile(wq + nxt * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K)
         w_1 = _tile(wq + nxt * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K)
         if layer + 1 < layer0 + n_layers:
-            _grid_sync(bar_ptr, P, LIMIT)
+            _grid_sync(bar_ptr, P, LIMIT, SYNC)
 
 
 def main() -> None:
@@ -159,13 +168,13 @@ def main() -> None:
         return y.view(-1)
 
     def persistent(layer0, n_layers, cfg):
-        bn, bk, bkd, warps, per_sm, ahead = cfg
+        bn, bk, bkd, warps, per_sm, ahead, sync = cfg
         _chain_kernel[(sms * per_sm,)](
             *ys, qs["qkv"][0].view(torch.int32), qs["qkv"][1], qs["o"][0].view(torch.int32), qs["o"][1],
             qs["gate_up"][0].view(torch.int32), qs["gate_up"][1], qs["down"][0].view(torch.int32), qs["down"][1],
             bar, layer0, n_layers, QN=shapes["qkv"][0], ON=shapes["o"][0], GN=shapes["gate_up"][0],
             DN=shapes["down"][0], H=H, I=I, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KD=bkd, ASM=True, USE_PDL=True,
-            LIMIT=1 << 18, AHEAD=ahead, num_warps=warps, num_stages=1, launch_pdl=True)
+            LIMIT=1 << 18, AHEAD=ahead, SYNC=sync, num_warps=warps, num_stages=1, launch_pdl=True)
 
     def run_per_layer(cfg):
         ys[3][:H].copy_(x_in)
@@ -189,10 +198,10 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     row("launches (int8 word GEMV, PDL)", graph_time(launches, iters=1, replays=20), 0.0)
-    # (BLOCK_N, BLOCK_K, down's BLOCK_K, warps, programs per SM, tiles ahead)
-    configs = [(8, 1024, 1024, 4, 4, 1), (8, 1024, 1024, 4, 2, 2),
-               (4, 1024, 1024, 4, 4, 1), (8, 512, 512, 4, 4, 1), (8, 1024, 1024, 8, 2, 2), (16, 512, 512, 4, 4, 1),
-               (4, 1024, 1024, 4, 3, 2), (8, 512, 512, 4, 3, 2), (8, 512, 512, 4, 6, 1), (8, 512, 512, 4, 8, 1)]
+    # (BLOCK_N, BLOCK_K, down's BLOCK_K, warps, programs per SM, tiles ahead, barrier: see _grid_sync)
+    configs = [(16, 512, 512, 4, 4, 1, 1), (16, 512, 512, 4, 4, 1, 2), (16, 512, 512, 4, 4, 1, 0),
+               (8, 1024, 1024, 4, 3, 1, 1), (8, 1024, 1024, 4, 3, 1, 2), (8, 1024, 1024, 4, 3, 1, 0),
+               (8, 512, 512, 4, 6, 1, 2), (8, 512, 512, 4, 6, 1, 0)]
     for cfg in configs:
         for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one)):
             bar.zero_()
@@ -203,6 +212,7 @@ def main() -> None:
                 bar.zero_()
                 continue
             err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 5e-2 or cfg[6] == 0, (kind, cfg, err)
             t = graph_time(lambda: fn(cfg), iters=1, replays=20)
             row(f"{kind} {cfg}", t, err)
     qs.clear()
