@@ -9,7 +9,7 @@ next, no attention or norms), 32 layers of distinct weights, timed as CUDA graph
 - `one kernel`: the same for all 32 layers in one launch;
 - `bf16`: the bf16 GEMV chain on the same shapes, for the ratio.
 
-Usage: python scripts/chain_gpu.py OUTDIR [--layers=32]; prints a table last, JSON in OUTDIR.
+Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream]; prints a table last, JSON in OUTDIR.
 """
 import json
 import sys
@@ -199,11 +199,15 @@ def main() -> None:
 
     row("launches (int8 word GEMV, PDL)", graph_time(launches, iters=1, replays=20), 0.0)
     # (BLOCK_N, BLOCK_K, down's BLOCK_K, warps, programs per SM, tiles ahead, barrier: see _grid_sync)
-    configs = [(16, 512, 512, 4, 4, 1, 1), (16, 512, 512, 4, 4, 1, 2), (16, 512, 512, 4, 4, 1, 0),
-               (8, 1024, 1024, 4, 3, 1, 1), (8, 1024, 1024, 4, 3, 1, 2), (8, 1024, 1024, 4, 3, 1, 0),
-               (8, 512, 512, 4, 6, 1, 2), (8, 512, 512, 4, 6, 1, 0)]
+    configs = [(16, 512, 512, 4, 4, 1, 1)]
+    if "--stream" in sys.argv:  # no barriers, one kernel: what the persistent stream reads at
+        configs = [(b, k, kd, w, p, a, 0) for b, k, kd, w, p, a in [
+            (16, 512, 512, 4, 4, 1), (16, 512, 512, 4, 4, 2), (8, 512, 512, 4, 6, 1), (8, 512, 512, 4, 6, 2),
+            (8, 512, 512, 4, 8, 1), (4, 1024, 1024, 4, 6, 1), (4, 1024, 1024, 4, 6, 2), (4, 2048, 1024, 4, 4, 1),
+            (4, 2048, 1024, 8, 2, 2), (2, 4096, 1024, 4, 4, 1), (2, 4096, 1024, 4, 4, 2), (4, 4096, 1024, 8, 2, 1),
+            (8, 256, 256, 2, 8, 2), (16, 256, 256, 4, 6, 2), (32, 256, 256, 4, 4, 2), (8, 1024, 1024, 8, 3, 2)]]
     for cfg in configs:
-        for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one)):
+        for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one))[cfg[6] == 0:]:
             bar.zero_()
             out = fn(cfg).double()
             torch.cuda.synchronize()
@@ -215,6 +219,9 @@ def main() -> None:
             assert err < 5e-2 or cfg[6] == 0, (kind, cfg, err)
             t = graph_time(lambda: fn(cfg), iters=1, replays=20)
             row(f"{kind} {cfg}", t, err)
+    words = [q.view(torch.int32) for q, _ in qs.values()]
+    t = graph_time(lambda: [w.sum() for w in words], iters=1, replays=20)
+    row("read ceiling (torch.sum of the int8 weights)", t, 0.0)
     qs.clear()
     torch.cuda.empty_cache()
     wb = {n: torch.randn(L, N, K, dtype=torch.bfloat16, device=dev) / K ** 0.5 for n, (N, K) in shapes.items()}
