@@ -70,10 +70,11 @@ def _tile(w_ptr, pid, P, t, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, w1, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr):
+           BLOCK_K: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr, XLOAD: tl.constexpr):
     """y[rows] = (q[rows] @ x) * s[rows] for this program's contiguous share of the row blocks;
     w (and w1 for AHEAD = 2): its first tiles, already requested. Each tile is requested AHEAD
-    iterations before its use."""
+    iterations before its use. XLOAD=False: every input is 1 (wrong results; times the weight
+    stream without the input loads)."""
     BW: tl.constexpr = BLOCK_K // 4
     NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     NB: tl.constexpr = N // BLOCK_N
@@ -87,7 +88,10 @@ def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, w1, pid, P, N: tl.constexpr, K: tl.con
         w_next = _tile(w_ptr, pid, P, t + AHEAD, N, K, BLOCK_N, BLOCK_K)
         kt = t % NK
         cols = 4 * (kt * BW + c)[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if XLOAD:
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+        else:
+            x = tl.full([BW, 4], 1.0, tl.float32)
         acc, xs = _bytes_tile(acc, xs, w, x, BW, False, ASM)
         if kt == NK - 1:
             rows = (b0 + t // NK) * BLOCK_N + r
@@ -107,7 +111,7 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
                   QN: tl.constexpr, ON: tl.constexpr, GN: tl.constexpr, DN: tl.constexpr,
                   H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_KD: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr, LIMIT: tl.constexpr,
-                  AHEAD: tl.constexpr = 1, SYNC: tl.constexpr = 1):
+                  AHEAD: tl.constexpr = 1, SYNC: tl.constexpr = 1, XLOAD: tl.constexpr = True):
     """n_layers layers from layer0: y0 = qkv(y3), y1 = o(y0[:H]), y2 = gate_up(y1), y3 = down(y2[:I]).
     Weights [L, N, K] int8 viewed as int32 words, scales [L, N]."""
     pid = tl.program_id(0)
@@ -119,19 +123,19 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
         tl.extra.cuda.gdc_launch_dependents()
     for layer in range(layer0, layer0 + n_layers):
         li = layer  # word offsets stay below 2^31 for 7B-sized layers
-        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, w_1, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
+        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, w_1, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD)
         a = _tile(wo + li * (ON * H // 4), pid, P, 0, ON, H, BLOCK_N, BLOCK_K)
         b = _tile(wo + li * (ON * H // 4), pid, P, AHEAD - 1, ON, H, BLOCK_N, BLOCK_K)
         _grid_sync(bar_ptr, P, LIMIT, SYNC)
-        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, a, b, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
+        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, a, b, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD)
         a = _tile(wg + li * (GN * H // 4), pid, P, 0, GN, H, BLOCK_N, BLOCK_K)
         b = _tile(wg + li * (GN * H // 4), pid, P, AHEAD - 1, GN, H, BLOCK_N, BLOCK_K)
         _grid_sync(bar_ptr, P, LIMIT, SYNC)
-        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, a, b, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM, AHEAD)
+        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, a, b, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD)
         a = _tile(wd + li * (DN * I // 4), pid, P, 0, DN, I, BLOCK_N, BLOCK_KD)
         b = _tile(wd + li * (DN * I // 4), pid, P, AHEAD - 1, DN, I, BLOCK_N, BLOCK_KD)
         _grid_sync(bar_ptr, P, LIMIT, SYNC)
-        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, a, b, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM, AHEAD)
+        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, a, b, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM, AHEAD, XLOAD)
         nxt = tl.minimum(layer + 1, layer0 + n_layers - 1)
         w = _tile(wq + nxt * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K)
         w_1 = _tile(wq + nxt * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K)
@@ -168,13 +172,13 @@ def main() -> None:
         return y.view(-1)
 
     def persistent(layer0, n_layers, cfg):
-        bn, bk, bkd, warps, per_sm, ahead, sync = cfg
+        bn, bk, bkd, warps, per_sm, ahead, sync = cfg[:7]
         _chain_kernel[(sms * per_sm,)](
             *ys, qs["qkv"][0].view(torch.int32), qs["qkv"][1], qs["o"][0].view(torch.int32), qs["o"][1],
             qs["gate_up"][0].view(torch.int32), qs["gate_up"][1], qs["down"][0].view(torch.int32), qs["down"][1],
             bar, layer0, n_layers, QN=shapes["qkv"][0], ON=shapes["o"][0], GN=shapes["gate_up"][0],
             DN=shapes["down"][0], H=H, I=I, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KD=bkd, ASM=True, USE_PDL=True,
-            LIMIT=1 << 18, AHEAD=ahead, SYNC=sync, num_warps=warps, num_stages=1, launch_pdl=True)
+            LIMIT=1 << 18, AHEAD=ahead, SYNC=sync, XLOAD=cfg[7] if len(cfg) > 7 else True, num_warps=warps, num_stages=1, launch_pdl=True)
 
     def run_per_layer(cfg):
         ys[3][:H].copy_(x_in)
@@ -200,12 +204,10 @@ def main() -> None:
     row("launches (int8 word GEMV, PDL)", graph_time(launches, iters=1, replays=20), 0.0)
     # (BLOCK_N, BLOCK_K, down's BLOCK_K, warps, programs per SM, tiles ahead, barrier: see _grid_sync)
     configs = [(16, 512, 512, 4, 4, 1, 1)]
-    if "--stream" in sys.argv:  # no barriers, one kernel: what the persistent stream reads at
-        configs = [(b, k, kd, w, p, a, 0) for b, k, kd, w, p, a in [
-            (16, 512, 512, 4, 4, 1), (16, 512, 512, 4, 4, 2), (8, 512, 512, 4, 6, 1), (8, 512, 512, 4, 6, 2),
-            (8, 512, 512, 4, 8, 1), (4, 1024, 1024, 4, 6, 1), (4, 1024, 1024, 4, 6, 2), (4, 2048, 1024, 4, 4, 1),
-            (4, 2048, 1024, 8, 2, 2), (2, 4096, 1024, 4, 4, 1), (2, 4096, 1024, 4, 4, 2), (4, 4096, 1024, 8, 2, 1),
-            (8, 256, 256, 2, 8, 2), (16, 256, 256, 4, 6, 2), (32, 256, 256, 4, 4, 2), (8, 1024, 1024, 8, 3, 2)]]
+    if "--stream" in sys.argv:  # no barriers, one kernel: what the persistent stream reads at (x: inputs loaded)
+        configs = [(b, k, kd, w, p, a, 0, x) for b, k, kd, w, p, a in [
+            (8, 512, 512, 4, 6, 1), (4, 1024, 1024, 4, 6, 2), (16, 512, 512, 4, 4, 1), (4, 4096, 1024, 8, 2, 1)]
+            for x in (True, False)]
     for cfg in configs:
         for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one))[cfg[6] == 0:]:
             bar.zero_()
@@ -219,9 +221,6 @@ def main() -> None:
             assert err < 5e-2 or cfg[6] == 0, (kind, cfg, err)
             t = graph_time(lambda: fn(cfg), iters=1, replays=20)
             row(f"{kind} {cfg}", t, err)
-    words = [q.view(torch.int32) for q, _ in qs.values()]
-    t = graph_time(lambda: [w.sum() for w in words], iters=1, replays=20)
-    row("read ceiling (torch.sum of the int8 weights)", t, 0.0)
     qs.clear()
     torch.cuda.empty_cache()
     wb = {n: torch.randn(L, N, K, dtype=torch.bfloat16, device=dev) / K ** 0.5 for n, (N, K) in shapes.items()}
