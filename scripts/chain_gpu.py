@@ -9,7 +9,11 @@ next, no attention or norms), 32 layers of distinct weights, timed as CUDA graph
 - `one kernel`: the same for all 32 layers in one launch;
 - `bf16`: the bf16 GEMV chain on the same shapes, for the ratio.
 
-Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream]; prints a table last, JSON in OUTDIR.
+--launched: only launch chains, of every batch-1 GEMV format (int8 / fp8 word and TMA kernels, int4's
+default, bf16), to compare the formats' GEMVs without the rest of the step.
+
+Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream | --launched]; prints a table last,
+JSON in OUTDIR.
 """
 import json
 import sys
@@ -143,9 +147,59 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
             _grid_sync(bar_ptr, P, LIMIT, SYNC)
 
 
+def launched(out_dir, L: int) -> None:
+    from fastllm.kernels import gemv_int4 as G4
+    from fastllm.stages.quantizers.fp8 import quantize_fp8
+    from fastllm.stages.quantizers.int4 import pack_scales, quantize_int4
+
+    dev = torch.device("cuda")
+    shapes = LLAMA2_7B_LINEARS
+    H = shapes["o"][1]
+    x_in = torch.randn(1, H, dtype=torch.bfloat16, device=dev)
+    results, lines = [], []
+
+    def chain(make, call, kind, nbytes):
+        ws = {n: [make(torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5) for _ in range(L)]
+              for n, (N, K) in shapes.items()}
+
+        def fn():
+            y = x_in
+            for i in range(L):
+                for n, (N, K) in shapes.items():
+                    y = call(y[..., :K], ws[n][i])
+            return y
+        out = fn().double()
+        assert torch.isfinite(out).all(), kind
+        t = graph_time(fn, iters=1, replays=20)
+        total = L * sum(nbytes(N, K) for N, K in shapes.values())
+        results.append(dict(kind=kind, us_per_layer=t * 1e6 / L, TBps=total / t / 1e12))
+        lines.append(f"{kind:40s} {t * 1e6 / L:7.2f} us/layer {total / t / 1e12:5.2f} TB/s")
+        print(lines[-1], flush=True)
+        ws.clear()
+        torch.cuda.empty_cache()
+
+    one = lambda N, K: N * K  # noqa: E731
+    for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
+        for tma in (False, True):
+            chain(quant, lambda x, q, tma=tma: G.gemv(x, q[0], scale=q[1], tma=tma),
+                  f"{fmt} {'TMA' if tma else 'word'} GEMV", one)
+
+    def q4(w):
+        p, s, z = quantize_int4(w, 128)
+        return p, s, z, pack_scales(s, z)
+    chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3]), "int4 g128 (default GEMV)",
+          lambda N, K: N * K // 2 + N * (K // 128) * 8)
+    chain(lambda w: w, lambda x, w: G.gemv(x, w), "bf16 GEMV", lambda N, K: 2 * N * K)
+    (out_dir / "chain_launched.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": L,
+                                                             "results": results}, indent=1))
+    print("\n==== summary ====\n" + "\n".join(lines))
+
+
 def main() -> None:
     out_dir = script_out_dir(__doc__)
     L = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--layers=")), 32)
+    if "--launched" in sys.argv:
+        return launched(out_dir, L)
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     shapes = LLAMA2_7B_LINEARS
