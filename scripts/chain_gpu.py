@@ -180,9 +180,10 @@ def launched(out_dir, L: int) -> None:
 
     one = lambda N, K: N * K  # noqa: E731
     for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
-        for tma in (False, True):
-            chain(quant, lambda x, q, tma=tma: G.gemv(x, q[0], scale=q[1], tma=tma),
-                  f"{fmt} {'TMA' if tma else 'word'} GEMV", one)
+        for kind in ("word", "word, planes", "TMA"):
+            G.PLANES = kind == "word, planes"
+            chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma), f"{fmt} {kind} GEMV", one)
+        G.PLANES = False
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)
