@@ -180,10 +180,8 @@ def launched(out_dir, L: int) -> None:
 
     one = lambda N, K: N * K  # noqa: E731
     for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
-        for kind in ("word", "word, planes", "TMA"):
-            G.PLANES = kind == "word, planes"
+        for kind in ("word", "TMA"):
             chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma), f"{fmt} {kind} GEMV", one)
-        G.PLANES = False
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)

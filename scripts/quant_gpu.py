@@ -16,8 +16,7 @@ int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON (of 
 --pin-shapes=o,down names, where given); -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
-the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -planes: their inputs as planes of
-8-byte loads (gemv.PLANES and PLANES_SILU; -xplanes: PLANES alone); -noattn: RoPE and the KV store
+the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
 up, not down; -splitsN: at most N splits; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
 with the suffix).
@@ -126,7 +125,7 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.stages.attention.paged import PagedAttention
     from fastllm.kernels import paged_attention as PAK
 
-    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "PLANES": (GV.PLANES, GV.PLANES_SILU)}
+    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -169,17 +168,13 @@ if "--skip-e2e" not in sys.argv:
                 # "-head2": they request the pipeline's whole prologue first
                 GV.HEAD_START = GV4.HEAD_START = 0 if "-nohead" in q else 2 if "-head2" in q else 1
                 GV.AHEAD = 2 if "-ahead2" in q else 1  # "-ahead2": the word GEMVs hold two tiles ahead
-                # "-planes": the word GEMVs' inputs as planes (gemv.PLANES and PLANES_SILU); "-xplanes": PLANES only
-                GV.PLANES, GV.PLANES_SILU = ("-planes" in q or "-xplanes" in q) or DEFAULTS["PLANES"][0], \
-                    "-planes" in q or DEFAULTS["PLANES"][1]
                 if "-tma" in q:
                     GV.TMA = GV4.TMA = True
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-planes",
-                            "-xplanes")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

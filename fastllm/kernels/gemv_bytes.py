@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemv_common import _after_wait, _input, _input_of, _input_planes, _input_raw
+from .gemv_common import _after_wait, _input, _input_of, _input_raw
 
 # _bytes_f32's int8 values carry this offset (q + INT8_OFFSET); the GEMV subtracts INT8_OFFSET * sum(x).
 INT8_OFFSET = tl.constexpr(32896.0)
@@ -76,33 +76,18 @@ def _bytes_tile(acc, xs, w, x, BW: tl.constexpr, FP8: tl.constexpr, ASM: tl.cons
 
 
 @triton.jit
-def _bytes_tile_planes(acc, xs, w, x0, x1, x2, x3, FP8: tl.constexpr, ASM: tl.constexpr):
-    """_bytes_tile with the inputs as four planes [BW] (_input_planes), in the same arithmetic; xs
-    is [1, BW] here, so that the planes, like the tile, stay in the weight tile's layout."""
-    v0, v1, v2, v3 = _bytes_f32(w, FP8, ASM)
-    acc = tl.fma(v0, x0[None, :], acc)
-    acc = tl.fma(v1, x1[None, :], acc)
-    acc = tl.fma(v2, x2[None, :], acc)
-    acc = tl.fma(v3, x3[None, :], acc)
-    if not FP8:
-        xs += ((x0 + x1) + (x2 + x3))[None, :]
-    return acc, xs
-
-
-@triton.jit
 def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                        FP8: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-                       PREFETCH_X: tl.constexpr = False, AHEAD: tl.constexpr = 1, PLANES: tl.constexpr = False):
+                       PREFETCH_X: tl.constexpr = False, AHEAD: tl.constexpr = 1):
     """_gemv_kernel for row-scaled int8 / fp8 weights, read as int32 words of four values: a word
     tile stays packed in registers from its load (one iteration ahead) to its conversion, and each
     value converts in one instruction (_bytes_f32). w_ptr is the weight viewed as int32 [N, K / 4];
     stride_w counts words. PREFETCH_X: the inputs (and norm weight) are requested a tile ahead too,
     as the int4 word kernel does (there it made the GEMV 5-17% faster on an H100). AHEAD (1 or 2):
     weight tiles held in registers ahead of the one being used; the first AHEAD tiles are
-    requested before the PDL wait. PLANES (without NORM or PREFETCH_X): the inputs through
-    _input_planes, in the weight tile's layout (x 8-byte aligned)."""
+    requested before the PDL wait."""
     pid = tl.program_id(0)
     BW: tl.constexpr = BLOCK_K // 4  # words per row of a tile
     KW = K // 4
@@ -121,10 +106,7 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     ss = tl.zeros((BW, 4), dtype=tl.float32)
-    if PLANES:  # int8: the sum of x per word column, for the offset
-        xs = tl.zeros((1, BW), dtype=tl.float32)
-    else:
-        xs = tl.zeros((BW,), dtype=tl.float32)
+    xs = tl.zeros((BW,), dtype=tl.float32)  # int8: the sum of x per word column, for the offset
     if PREFETCH_X:
         cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]
         xr, ur, rr, nwr = _input_raw(x_ptr, res_ptr, nw_ptr, cols, cols < K, K, HAS_RES, NORM, SILU_MUL)
@@ -133,40 +115,33 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
         nxt = c + AHEAD * BW
         w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
                          eviction_policy="evict_first")
-        if PLANES:
-            x0, x1, x2, x3 = _input_planes(x_ptr, c, c < KW, KW, SILU_MUL, ASM)
-            acc, xs = _bytes_tile_planes(acc, xs, w, x0, x1, x2, x3, FP8, ASM)
+        cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c
+        col_ok = cols < K
+        if PREFETCH_X:
+            cn = cols + BLOCK_K
+            xn, un, rn, nwn = _input_raw(x_ptr, res_ptr, nw_ptr, cn, cn < K, K, HAS_RES, NORM, SILU_MUL)
+            x = _input_of(xr, ur, rr, HAS_RES, SILU_MUL)
         else:
-            cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c
-            col_ok = cols < K
+            x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
+        if NORM:
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
+            ss += x * x
             if PREFETCH_X:
-                cn = cols + BLOCK_K
-                xn, un, rn, nwn = _input_raw(x_ptr, res_ptr, nw_ptr, cn, cn < K, K, HAS_RES, NORM, SILU_MUL)
-                x = _input_of(xr, ur, rr, HAS_RES, SILU_MUL)
+                x = x * nwr.to(tl.float32)
             else:
-                x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
-            if NORM:
-                if HAS_RES:
-                    if pid == 0:
-                        tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
-                ss += x * x
-                if PREFETCH_X:
-                    x = x * nwr.to(tl.float32)
-                else:
-                    x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if PREFETCH_X:
-                xr, ur, rr, nwr = xn, un, rn, nwn
-            acc, xs = _bytes_tile(acc, xs, w, x, BW, FP8, ASM)
+                x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if PREFETCH_X:
+            xr, ur, rr, nwr = xn, un, rn, nwn
+        acc, xs = _bytes_tile(acc, xs, w, x, BW, FP8, ASM)
         if AHEAD == 2:
             w = w1
             w1 = w_next
         else:
             w = w_next
     if not FP8:
-        if PLANES:
-            acc -= INT8_OFFSET * xs
-        else:
-            acc -= INT8_OFFSET * xs[None, :]
+        acc -= INT8_OFFSET * xs[None, :]
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps)

@@ -166,27 +166,6 @@ def test_quantized_rows_read_as_words(gemv, kind, N, K, cfg, fuse, prefetch, mon
     assert ((other.double() - out.double()).norm() / ref.norm()).item() < TOL[dtype]
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N, K, cfg", [(33, 512, 3), (7, 260, 0), (130, 1100, 8), (19, 4096, 13)])
-@pytest.mark.parametrize("silu_mul", [False, True])
-def test_word_gemv_inputs_as_planes(gemv, kind, dtype, N, K, cfg, silu_mul, monkeypatch):
-    """The word kernel's inputs as four planes of 8-byte loads (PLANES / PLANES_SILU) give what
-    the [BW, 4] inputs give, bit for bit (the same sums in the same order), for bf16 and fp16
-    inputs and K tails that do not fill a tile; and both match float64."""
-    q, scale, b = _rows_layer(kind, N, K, dtype)
-    cfg = gemv.CONFIGS[cfg]
-    h, x = _silu_mul_input(K, dtype) if silu_mul else (torch.randn(1, K, dtype=dtype, device=DEV),) * 2
-    outs = []
-    for planes in (False, True):
-        monkeypatch.setattr(gemv, "PLANES", planes)
-        monkeypatch.setattr(gemv, "PLANES_SILU", planes)
-        outs.append(gemv.gemv(h, q, b, silu_mul=silu_mul, scale=scale, config=cfg))
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    ref = _rows_ref(x, q, scale, b)
-    assert ((outs[1].double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
-
-
 def test_int8_words_offset_keeps_precision_on_a_biased_input(gemv):
     """The int8 word kernel accumulates q + 32896 and subtracts 32896 * sum(x): an input with a
     large common part (all positive) must still come out within bf16 rounding."""
