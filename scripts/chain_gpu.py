@@ -149,6 +149,7 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
 
 def launched(out_dir, L: int) -> None:
     from fastllm.kernels import gemv_int4 as G4
+    from fastllm.kernels import launch as PDL
     from fastllm.stages.quantizers.fp8 import quantize_fp8
     from fastllm.stages.quantizers.int4 import pack_scales, quantize_int4
 
@@ -180,7 +181,8 @@ def launched(out_dir, L: int) -> None:
 
     one = lambda N, K: N * K  # noqa: E731
     for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
-        for kind in ("word", "TMA"):
+        for kind in ("word", "word, late launch", "word, no PDL", "TMA"):
+            G.LATE_LAUNCH, PDL.ENABLED = "late" in kind, "no PDL" not in kind
             chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma), f"{fmt} {kind} GEMV", one)
 
     def q4(w):
@@ -188,7 +190,10 @@ def launched(out_dir, L: int) -> None:
         return p, s, z, pack_scales(s, z)
     chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3]), "int4 g128 (default GEMV)",
           lambda N, K: N * K // 2 + N * (K // 128) * 8)
-    chain(lambda w: w, lambda x, w: G.gemv(x, w), "bf16 GEMV", lambda N, K: 2 * N * K)
+    for kind in ("", ", late launch", ", no PDL"):
+        G.LATE_LAUNCH, PDL.ENABLED = "late" in kind, "no PDL" not in kind
+        chain(lambda w: w, lambda x, w: G.gemv(x, w), f"bf16 GEMV{kind}", lambda N, K: 2 * N * K)
+    G.LATE_LAUNCH, PDL.ENABLED = False, True
     (out_dir / "chain_launched.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": L,
                                                              "results": results}, indent=1))
     print("\n==== summary ====\n" + "\n".join(lines))
