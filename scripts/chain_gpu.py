@@ -10,7 +10,8 @@ next, no attention or norms), 32 layers of distinct weights, timed as CUDA graph
 - `bf16`: the bf16 GEMV chain on the same shapes, for the ratio.
 
 --launched: only launch chains, of every batch-1 GEMV format (int8 / fp8 word and TMA kernels, int4's
-default, bf16), to compare the formats' GEMVs without the rest of the step.
+default, bf16; the word and bf16 ones also without PDL), to compare the formats' GEMVs without the
+rest of the step.
 
 Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream | --launched]; prints a table last,
 JSON in OUTDIR.
@@ -181,8 +182,8 @@ def launched(out_dir, L: int) -> None:
 
     one = lambda N, K: N * K  # noqa: E731
     for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
-        for kind in ("word", "word, late launch", "word, no PDL", "TMA"):
-            G.LATE_LAUNCH, PDL.ENABLED = "late" in kind, "no PDL" not in kind
+        for kind in ("word", "word, no PDL", "TMA"):
+            PDL.ENABLED = "no PDL" not in kind
             chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma), f"{fmt} {kind} GEMV", one)
 
     def q4(w):
@@ -190,10 +191,10 @@ def launched(out_dir, L: int) -> None:
         return p, s, z, pack_scales(s, z)
     chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3]), "int4 g128 (default GEMV)",
           lambda N, K: N * K // 2 + N * (K // 128) * 8)
-    for kind in ("", ", late launch", ", no PDL"):
-        G.LATE_LAUNCH, PDL.ENABLED = "late" in kind, "no PDL" not in kind
+    for kind in ("", ", no PDL"):
+        PDL.ENABLED = "no PDL" not in kind
         chain(lambda w: w, lambda x, w: G.gemv(x, w), f"bf16 GEMV{kind}", lambda N, K: 2 * N * K)
-    G.LATE_LAUNCH, PDL.ENABLED = False, True
+    PDL.ENABLED = True
     (out_dir / "chain_launched.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": L,
                                                              "results": results}, indent=1))
     print("\n==== summary ====\n" + "\n".join(lines))

@@ -18,8 +18,7 @@ float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -n
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
-up, not down; -splitsN: at most N splits; -late: the row / word GEMVs let the next kernel launch
-after their main loop; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
+up, not down; -splitsN: at most N splits; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -152,7 +151,6 @@ if "--skip-e2e" not in sys.argv:
             PAK.SPLITS_ROUND_DOWN = "-upsplits" not in q  # "-upsplits": decode attention's splits rounded up
             # "-splitsN": at most N splits
             PAK.MAX_SPLITS = next((int(x[6:]) for x in q.split("-") if x.startswith("splits")), 32)
-            GV.LATE_LAUNCH = "-late" in q  # "-late": the row / word GEMVs let the next kernel launch after their loop
             if q.startswith("bf16-"):
                 opts["quantizer"] = "none"
             elif q != "bf16":
@@ -176,7 +174,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-late")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

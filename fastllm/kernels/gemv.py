@@ -46,8 +46,7 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                  HAS_SCALE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, VIA_BITS: tl.constexpr = True,
-                 LATE: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, VIA_BITS: tl.constexpr = True):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -60,8 +59,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
                 eviction_policy="evict_first")  # streamed once: keep L2 for x and the rest
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
-        if not LATE:  # (LATE: the next kernel may launch after the main loop; see gemv.LATE_LAUNCH)
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -79,8 +77,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
             x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += _weight_f32(w, VIA_BITS) * x[None, :]
         w = w_next
-    if USE_PDL and LATE:
-        tl.extra.cuda.gdc_launch_dependents()
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
@@ -98,10 +94,6 @@ PREFETCH_X = False
 # Weight tiles the word kernel holds ahead of the one in use (1 or 2; _gemv_bytes_kernel's AHEAD):
 # 2 not yet measured on a GPU (scripts/quant_gpu.py "-ahead2").
 AHEAD = 1
-# The row and word GEMVs let the next kernel launch (PDL) after their main loop, not right after
-# their wait (so its programs take no SM slots while this one streams): not yet measured on a GPU
-# (scripts/chain_gpu.py --launched, scripts/quant_gpu.py "-late").
-LATE_LAUNCH = False
 
 def _tma_block(nargs: dict) -> None:
     """Autotuner pre-hook of the TMA kernel: the descriptor's block follows the configuration."""
@@ -143,9 +135,9 @@ def _pinned_tma(device: torch.device, N: int, K: int, fp8: bool) -> triton.Confi
                                                   num_warps=hit[2], num_stages=1)
 
 
-_tuned = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE", "LATE"])(_gemv_kernel)
+_tuned = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
 INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"  # Triton's CPU interpreter: no inline PTX
-_tuned_bytes = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8", "LATE"])(_gemv_bytes_kernel)
+_tuned_bytes = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8"])(_gemv_bytes_kernel)
 _tuned_bytes_tma = autotune(TMA_CONFIGS, key=["N", "K", "SILU_MUL", "FP8"])(_gemv_bytes_tma_kernel)
 
 
@@ -202,10 +194,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile
                 config = triton.Config({"BLOCK_N": config.kwargs["BLOCK_N"], "BLOCK_K": config.kwargs["BLOCK_K"]},
                                        num_warps=config.num_warps, num_stages=1)
-            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args,
-                        flags | dict(PREFETCH_X=PREFETCH_X, AHEAD=AHEAD, LATE=LATE_LAUNCH), config)
+            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X, AHEAD=AHEAD), config)
     else:
-        launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None, LATE=LATE_LAUNCH), config)
+        launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
     lead = x.shape[:-1]
     y = y.view(*lead, N)
     return (y, res_out.view(*lead, K)) if has_res else y

@@ -80,15 +80,14 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                        FP8: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-                       PREFETCH_X: tl.constexpr = False, AHEAD: tl.constexpr = 1, LATE: tl.constexpr = False):
+                       PREFETCH_X: tl.constexpr = False, AHEAD: tl.constexpr = 1):
     """_gemv_kernel for row-scaled int8 / fp8 weights, read as int32 words of four values: a word
     tile stays packed in registers from its load (one iteration ahead) to its conversion, and each
     value converts in one instruction (_bytes_f32). w_ptr is the weight viewed as int32 [N, K / 4];
     stride_w counts words. PREFETCH_X: the inputs (and norm weight) are requested a tile ahead too,
     as the int4 word kernel does (there it made the GEMV 5-17% faster on an H100). AHEAD (1 or 2):
     weight tiles held in registers ahead of the one being used; the first AHEAD tiles are
-    requested before the PDL wait. LATE: the next kernel may launch (PDL) after the main loop, not
-    right after the wait."""
+    requested before the PDL wait."""
     pid = tl.program_id(0)
     BW: tl.constexpr = BLOCK_K // 4  # words per row of a tile
     KW = K // 4
@@ -104,8 +103,7 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
                      eviction_policy="evict_first")
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        if not LATE:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     ss = tl.zeros((BW, 4), dtype=tl.float32)
     xs = tl.zeros((BW,), dtype=tl.float32)  # int8: the sum of x per word column, for the offset
@@ -142,8 +140,6 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
             w1 = w_next
         else:
             w = w_next
-    if USE_PDL and LATE:
-        tl.extra.cuda.gdc_launch_dependents()
     if not FP8:
         acc -= INT8_OFFSET * xs[None, :]
     y = tl.sum(acc, axis=1)
