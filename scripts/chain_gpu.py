@@ -182,8 +182,8 @@ def launched(out_dir, L: int) -> None:
 
     one = lambda N, K: N * K  # noqa: E731
     for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
-        for kind in ("word", "word, pairs", "word, no PDL", "TMA"):
-            PDL.ENABLED, G.PAIRS = "no PDL" not in kind, "pairs" in kind
+        for kind in ("word", "word, no PDL", "TMA"):
+            PDL.ENABLED = "no PDL" not in kind
             chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma), f"{fmt} {kind} GEMV", one)
 
     def q4(w):
@@ -194,7 +194,7 @@ def launched(out_dir, L: int) -> None:
     for kind in ("", ", no PDL"):
         PDL.ENABLED = "no PDL" not in kind
         chain(lambda w: w, lambda x, w: G.gemv(x, w), f"bf16 GEMV{kind}", lambda N, K: 2 * N * K)
-    PDL.ENABLED, G.PAIRS = True, False
+    PDL.ENABLED = True
     (out_dir / "chain_launched.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": L,
                                                              "results": results}, indent=1))
     print("\n==== summary ====\n" + "\n".join(lines))

@@ -18,8 +18,7 @@ float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -n
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
-up, not down; -splitsN: at most N splits; -pairs: the int8 / fp8 word GEMVs' three-buffer loop;
-suffixes combine; e2e only; bf16-SUFFIX rows are bf16
+up, not down; -splitsN: at most N splits; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -169,14 +168,13 @@ if "--skip-e2e" not in sys.argv:
                 # "-head2": they request the pipeline's whole prologue first
                 GV.HEAD_START = GV4.HEAD_START = 0 if "-nohead" in q else 2 if "-head2" in q else 1
                 GV.AHEAD = 2 if "-ahead2" in q else 1  # "-ahead2": the word GEMVs hold two tiles ahead
-                GV.PAIRS = "-pairs" in q  # "-pairs": the word GEMVs' three-buffer loop (gemv.PAIRS)
                 if "-tma" in q:
                     GV.TMA = GV4.TMA = True
                 if "-notma" in q or "-px" in q:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-pairs")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

@@ -94,9 +94,6 @@ PREFETCH_X = False
 # Weight tiles the word kernel holds ahead of the one in use (1 or 2; _gemv_bytes_kernel's AHEAD):
 # 2 not yet measured on a GPU (scripts/quant_gpu.py "-ahead2").
 AHEAD = 1
-# The word kernel's PAIRS loop (three register buffers refilled in place: each load has two tiles'
-# work to arrive in): off until measured on a GPU (scripts/chain_gpu.py --launched, quant_gpu "-pairs").
-PAIRS = False
 
 def _tma_block(nargs: dict) -> None:
     """Autotuner pre-hook of the TMA kernel: the descriptor's block follows the configuration."""
@@ -140,7 +137,7 @@ def _pinned_tma(device: torch.device, N: int, K: int, fp8: bool) -> triton.Confi
 
 _tuned = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "HAS_SCALE"])(_gemv_kernel)
 INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"  # Triton's CPU interpreter: no inline PTX
-_tuned_bytes = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8", "PAIRS"])(_gemv_bytes_kernel)
+_tuned_bytes = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8"])(_gemv_bytes_kernel)
 _tuned_bytes_tma = autotune(TMA_CONFIGS, key=["N", "K", "SILU_MUL", "FP8"])(_gemv_bytes_tma_kernel)
 
 
@@ -197,8 +194,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if config is not None and "STAGES" in config.kwargs:  # a TMA configuration where TMA cannot run: its tile
                 config = triton.Config({"BLOCK_N": config.kwargs["BLOCK_N"], "BLOCK_K": config.kwargs["BLOCK_K"]},
                                        num_warps=config.num_warps, num_stages=1)
-            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args,
-                        flags | dict(PREFETCH_X=PREFETCH_X, AHEAD=AHEAD, PAIRS=PAIRS and not PREFETCH_X), config)
+            launch_rows(_tuned_bytes, _gemv_bytes_kernel, N, args, flags | dict(PREFETCH_X=PREFETCH_X, AHEAD=AHEAD), config)
     else:
         launch_rows(_tuned, _gemv_kernel, N, args, flags | dict(HAS_SCALE=scale is not None), config)
     lead = x.shape[:-1]

@@ -76,42 +76,18 @@ def _bytes_tile(acc, xs, w, x, BW: tl.constexpr, FP8: tl.constexpr, ASM: tl.cons
 
 
 @triton.jit
-def _word_step(acc, xs, ss, w, c, x_ptr, res_ptr, nw_ptr, res_out_ptr, pid, K, BW: tl.constexpr,
-               HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr, FP8: tl.constexpr,
-               ASM: tl.constexpr):
-    """One word tile of _gemv_bytes_kernel's PAIRS loop: w [BLOCK_N, BW] at word columns c, its
-    inputs (normed, with the residual stored by program 0, as the main loop does) read here."""
-    cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]: column of byte j of word c
-    col_ok = cols < K
-    x = _input(x_ptr, res_ptr, cols, col_ok, K, HAS_RES, SILU_MUL)
-    if NORM:
-        if HAS_RES:
-            if pid == 0:
-                tl.store(res_out_ptr + cols, x.to(res_out_ptr.dtype.element_ty), mask=col_ok)
-        ss += x * x
-        x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc, xs = _bytes_tile(acc, xs, w, x, BW, FP8, ASM)
-    return acc, xs, ss
-
-
-@triton.jit
 def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale_ptr, N, K, stride_w, eps,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
                        FP8: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-                       PREFETCH_X: tl.constexpr = False, AHEAD: tl.constexpr = 1, PAIRS: tl.constexpr = False):
+                       PREFETCH_X: tl.constexpr = False, AHEAD: tl.constexpr = 1):
     """_gemv_kernel for row-scaled int8 / fp8 weights, read as int32 words of four values: a word
     tile stays packed in registers from its load (one iteration ahead) to its conversion, and each
     value converts in one instruction (_bytes_f32). w_ptr is the weight viewed as int32 [N, K / 4];
     stride_w counts words. PREFETCH_X: the inputs (and norm weight) are requested a tile ahead too,
     as the int4 word kernel does (there it made the GEMV 5-17% faster on an H100). AHEAD (1 or 2):
     weight tiles held in registers ahead of the one being used; the first AHEAD tiles are
-    requested before the PDL wait. PAIRS (without PREFETCH_X; AHEAD ignored): three tiles per
-    iteration in three register buffers, each refilled in place (three tiles ahead) once its tile
-    is used, so each load has two tiles' work to arrive in and no register copy waits on a load in
-    flight (AHEAD = 2's rotation does, in sm_90 SASS, at the top of each iteration, which leaves
-    one tile's latency hidden, not two; two buffers refilled in place also leave one, as ptxas
-    issues each refill after its tile's last use)."""
+    requested before the PDL wait."""
     pid = tl.program_id(0)
     BW: tl.constexpr = BLOCK_K // 4  # words per row of a tile
     KW = K // 4
@@ -122,12 +98,8 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
     w = tl.load(w_rows + c[None, :], mask=row_ok[:, None] & (c < KW)[None, :], other=0,
                 eviction_policy="evict_first")
     w1 = w
-    w2 = w
-    if AHEAD == 2 or PAIRS:
+    if AHEAD == 2:
         w1 = tl.load(w_rows + (c + BW)[None, :], mask=row_ok[:, None] & (c + BW < KW)[None, :], other=0,
-                     eviction_policy="evict_first")
-    if PAIRS:
-        w2 = tl.load(w_rows + (c + 2 * BW)[None, :], mask=row_ok[:, None] & (c + 2 * BW < KW)[None, :], other=0,
                      eviction_policy="evict_first")
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -138,23 +110,7 @@ def _gemv_bytes_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
     if PREFETCH_X:
         cols = 4 * c[:, None] + tl.arange(0, 4)[None, :]
         xr, ur, rr, nwr = _input_raw(x_ptr, res_ptr, nw_ptr, cols, cols < K, K, HAS_RES, NORM, SILU_MUL)
-    for k in range(0, K if PAIRS else 0, 3 * BLOCK_K):  # (no iteration unless PAIRS)
-        c = k // 4 + tl.arange(0, BW)
-        acc, xs, ss = _word_step(acc, xs, ss, w, c, x_ptr, res_ptr, nw_ptr, res_out_ptr, pid, K, BW, HAS_RES, NORM,
-                                 SILU_MUL, FP8, ASM)
-        w = tl.load(w_rows + (c + 3 * BW)[None, :], mask=row_ok[:, None] & (c + 3 * BW < KW)[None, :], other=0,
-                    eviction_policy="evict_first")
-        c = c + BW
-        acc, xs, ss = _word_step(acc, xs, ss, w1, c, x_ptr, res_ptr, nw_ptr, res_out_ptr, pid, K, BW, HAS_RES, NORM,
-                                 SILU_MUL, FP8, ASM)
-        w1 = tl.load(w_rows + (c + 3 * BW)[None, :], mask=row_ok[:, None] & (c + 3 * BW < KW)[None, :], other=0,
-                     eviction_policy="evict_first")
-        c = c + BW
-        acc, xs, ss = _word_step(acc, xs, ss, w2, c, x_ptr, res_ptr, nw_ptr, res_out_ptr, pid, K, BW, HAS_RES, NORM,
-                                 SILU_MUL, FP8, ASM)
-        w2 = tl.load(w_rows + (c + 3 * BW)[None, :], mask=row_ok[:, None] & (c + 3 * BW < KW)[None, :], other=0,
-                     eviction_policy="evict_first")
-    for k in range(0, 0 if PAIRS else K, BLOCK_K):
+    for k in range(0, K, BLOCK_K):
         c = k // 4 + tl.arange(0, BW)
         nxt = c + AHEAD * BW
         w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < KW)[None, :], other=0,
