@@ -11,9 +11,11 @@ next, no attention or norms), 32 layers of distinct weights, timed as CUDA graph
 
 --launched: only launch chains, of every batch-1 GEMV format (int8 / fp8 word and TMA kernels, int4's
 default, bf16; the word and bf16 ones also without PDL), to compare the formats' GEMVs without the
-rest of the step.
+rest of the step; --only=int8,bf16 keeps the chains whose names start so (for a profiler: e.g.
+`ncu --graph-profiling graph --section MemoryWorkloadAnalysis --section WarpStateStats` on one
+chain's graph replays, which keeps the kernels' PDL overlap that a per-kernel profile loses).
 
-Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream | --launched]; prints a table last,
+Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream | --launched [--only=...]]; prints a table last,
 JSON in OUTDIR.
 """
 import json
@@ -160,7 +162,11 @@ def launched(out_dir, L: int) -> None:
     x_in = torch.randn(1, H, dtype=torch.bfloat16, device=dev)
     results, lines = [], []
 
+    only = [k for a in sys.argv if a.startswith("--only=") for k in a.split("=")[1].split(",")]
+
     def chain(make, call, kind, nbytes):
+        if only and not any(kind.startswith(o) for o in only):
+            return
         ws = {n: [make(torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5) for _ in range(L)]
               for n, (N, K) in shapes.items()}
 
