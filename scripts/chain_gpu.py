@@ -7,6 +7,9 @@ next, no attention or norms), 32 layers of distinct weights, timed as CUDA graph
 - `per-layer`: one persistent kernel per layer (one program per SM), the stages separated by a
   grid barrier, each program requesting its first weight tile of the next stage before it waits;
 - `one kernel`: the same for all 32 layers in one launch;
+- `--stream`: one kernel without barriers (wrong results: it times the weight stream alone), each
+  program's share of a stage's rows contiguous or interleaved (every P-th block, so that at any
+  moment all programs read neighbouring rows);
 - `bf16`: the bf16 GEMV chain on the same shapes, for the ratio.
 
 --launched: only launch chains, of every batch-1 GEMV format (int8 / fp8 word and TMA kernels, int4's
@@ -60,16 +63,29 @@ def _grid_sync(bar_ptr, P, LIMIT: tl.constexpr, SYNC: tl.constexpr):
 
 
 @triton.jit
-def _tile(w_ptr, pid, P, t, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _share(pid, P, NB, INTERLEAVE: tl.constexpr):
+    """(first row block, block step, block count) of this program's share of NB row blocks:
+    contiguous, or (INTERLEAVE) every P-th block from pid, so that all programs stream neighbouring
+    blocks at any moment, as a launched grid of short programs does."""
+    if INTERLEAVE:
+        return pid, P, tl.maximum(NB - pid + P - 1, 0) // P
+    else:
+        b0 = pid * NB // P
+        return b0, 1, (pid + 1) * NB // P - b0
+
+
+@triton.jit
+def _tile(w_ptr, pid, P, t, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          INTERLEAVE: tl.constexpr = False):
     """Tile t (row block t // NK, column tile t % NK) of this program's share of a stage's weight
     (int32 words [BLOCK_N, BLOCK_K / 4]); t past the share reads its last tile again."""
     BW: tl.constexpr = BLOCK_K // 4
     KW: tl.constexpr = K // 4
     NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     NB: tl.constexpr = N // BLOCK_N
-    b0 = pid * NB // P
-    t = tl.maximum(tl.minimum(t, ((pid + 1) * NB // P - b0) * NK - 1), 0)
-    rows = tl.minimum(b0 + t // NK, NB - 1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (a program may have no share)
+    b0, step, nb = _share(pid, P, NB, INTERLEAVE)
+    t = tl.maximum(tl.minimum(t, nb * NK - 1), 0)
+    rows = tl.minimum(b0 + (t // NK) * step, NB - 1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (a program may have no share)
     c = (t % NK) * BW + tl.arange(0, BW)
     return tl.load(w_ptr + rows.to(tl.int64)[:, None] * KW + c[None, :], mask=(c < KW)[None, :], other=0,
                    eviction_policy="evict_first")
@@ -77,7 +93,8 @@ def _tile(w_ptr, pid, P, t, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, w1, pid, P, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr, XLOAD: tl.constexpr):
+           BLOCK_K: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr, XLOAD: tl.constexpr,
+           INTERLEAVE: tl.constexpr):
     """y[rows] = (q[rows] @ x) * s[rows] for this program's contiguous share of the row blocks;
     w (and w1 for AHEAD = 2): its first tiles, already requested. Each tile is requested AHEAD
     iterations before its use. XLOAD=False: every input is 1 (wrong results; times the weight
@@ -85,14 +102,14 @@ def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, w1, pid, P, N: tl.constexpr, K: tl.con
     BW: tl.constexpr = BLOCK_K // 4
     NK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     NB: tl.constexpr = N // BLOCK_N
-    b0 = pid * NB // P
-    total = ((pid + 1) * NB // P - b0) * NK
+    b0, step, nb = _share(pid, P, NB, INTERLEAVE)
+    total = nb * NK
     c = tl.arange(0, BW)
     r = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     xs = tl.zeros((BW,), dtype=tl.float32)
     for t in range(total):
-        w_next = _tile(w_ptr, pid, P, t + AHEAD, N, K, BLOCK_N, BLOCK_K)
+        w_next = _tile(w_ptr, pid, P, t + AHEAD, N, K, BLOCK_N, BLOCK_K, INTERLEAVE)
         kt = t % NK
         cols = 4 * (kt * BW + c)[:, None] + tl.arange(0, 4)[None, :]  # [BW, 4]
         if XLOAD:
@@ -101,7 +118,7 @@ def _stage(x_ptr, w_ptr, s_ptr, y_ptr, w, w1, pid, P, N: tl.constexpr, K: tl.con
             x = tl.full([BW, 4], 1.0, tl.float32)
         acc, xs = _bytes_tile(acc, xs, w, x, BW, False, ASM)
         if kt == NK - 1:
-            rows = (b0 + t // NK) * BLOCK_N + r
+            rows = (b0 + (t // NK) * step) * BLOCK_N + r
             y = tl.sum(acc - INT8_OFFSET * xs[None, :], axis=1) * tl.load(s_ptr + rows)
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
             acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
@@ -118,34 +135,35 @@ def _chain_kernel(y0, y1, y2, y3, wq, sq, wo, so, wg, sg, wd, sd, bar_ptr, layer
                   QN: tl.constexpr, ON: tl.constexpr, GN: tl.constexpr, DN: tl.constexpr,
                   H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_KD: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr, LIMIT: tl.constexpr,
-                  AHEAD: tl.constexpr = 1, SYNC: tl.constexpr = 1, XLOAD: tl.constexpr = True):
+                  AHEAD: tl.constexpr = 1, SYNC: tl.constexpr = 1, XLOAD: tl.constexpr = True,
+                  INTERLEAVE: tl.constexpr = False):
     """n_layers layers from layer0: y0 = qkv(y3), y1 = o(y0[:H]), y2 = gate_up(y1), y3 = down(y2[:I]).
     Weights [L, N, K] int8 viewed as int32 words, scales [L, N]."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
-    w = _tile(wq + layer0 * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K)
-    w_1 = _tile(wq + layer0 * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K)
+    w = _tile(wq + layer0 * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K, INTERLEAVE)
+    w_1 = _tile(wq + layer0 * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K, INTERLEAVE)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for layer in range(layer0, layer0 + n_layers):
         li = layer  # word offsets stay below 2^31 for 7B-sized layers
-        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, w_1, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD)
-        a = _tile(wo + li * (ON * H // 4), pid, P, 0, ON, H, BLOCK_N, BLOCK_K)
-        b = _tile(wo + li * (ON * H // 4), pid, P, AHEAD - 1, ON, H, BLOCK_N, BLOCK_K)
+        _stage(y3, wq + li * (QN * H // 4), sq + li * QN, y0, w, w_1, pid, P, QN, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD, INTERLEAVE)
+        a = _tile(wo + li * (ON * H // 4), pid, P, 0, ON, H, BLOCK_N, BLOCK_K, INTERLEAVE)
+        b = _tile(wo + li * (ON * H // 4), pid, P, AHEAD - 1, ON, H, BLOCK_N, BLOCK_K, INTERLEAVE)
         _grid_sync(bar_ptr, P, LIMIT, SYNC)
-        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, a, b, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD)
-        a = _tile(wg + li * (GN * H // 4), pid, P, 0, GN, H, BLOCK_N, BLOCK_K)
-        b = _tile(wg + li * (GN * H // 4), pid, P, AHEAD - 1, GN, H, BLOCK_N, BLOCK_K)
+        _stage(y0, wo + li * (ON * H // 4), so + li * ON, y1, a, b, pid, P, ON, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD, INTERLEAVE)
+        a = _tile(wg + li * (GN * H // 4), pid, P, 0, GN, H, BLOCK_N, BLOCK_K, INTERLEAVE)
+        b = _tile(wg + li * (GN * H // 4), pid, P, AHEAD - 1, GN, H, BLOCK_N, BLOCK_K, INTERLEAVE)
         _grid_sync(bar_ptr, P, LIMIT, SYNC)
-        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, a, b, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD)
-        a = _tile(wd + li * (DN * I // 4), pid, P, 0, DN, I, BLOCK_N, BLOCK_KD)
-        b = _tile(wd + li * (DN * I // 4), pid, P, AHEAD - 1, DN, I, BLOCK_N, BLOCK_KD)
+        _stage(y1, wg + li * (GN * H // 4), sg + li * GN, y2, a, b, pid, P, GN, H, BLOCK_N, BLOCK_K, ASM, AHEAD, XLOAD, INTERLEAVE)
+        a = _tile(wd + li * (DN * I // 4), pid, P, 0, DN, I, BLOCK_N, BLOCK_KD, INTERLEAVE)
+        b = _tile(wd + li * (DN * I // 4), pid, P, AHEAD - 1, DN, I, BLOCK_N, BLOCK_KD, INTERLEAVE)
         _grid_sync(bar_ptr, P, LIMIT, SYNC)
-        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, a, b, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM, AHEAD, XLOAD)
+        _stage(y2, wd + li * (DN * I // 4), sd + li * DN, y3, a, b, pid, P, DN, I, BLOCK_N, BLOCK_KD, ASM, AHEAD, XLOAD, INTERLEAVE)
         nxt = tl.minimum(layer + 1, layer0 + n_layers - 1)
-        w = _tile(wq + nxt * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K)
-        w_1 = _tile(wq + nxt * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K)
+        w = _tile(wq + nxt * (QN * H // 4), pid, P, 0, QN, H, BLOCK_N, BLOCK_K, INTERLEAVE)
+        w_1 = _tile(wq + nxt * (QN * H // 4), pid, P, AHEAD - 1, QN, H, BLOCK_N, BLOCK_K, INTERLEAVE)
         if layer + 1 < layer0 + n_layers:
             _grid_sync(bar_ptr, P, LIMIT, SYNC)
 
@@ -243,7 +261,8 @@ def main() -> None:
             qs["gate_up"][0].view(torch.int32), qs["gate_up"][1], qs["down"][0].view(torch.int32), qs["down"][1],
             bar, layer0, n_layers, QN=shapes["qkv"][0], ON=shapes["o"][0], GN=shapes["gate_up"][0],
             DN=shapes["down"][0], H=H, I=I, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KD=bkd, ASM=True, USE_PDL=True,
-            LIMIT=1 << 18, AHEAD=ahead, SYNC=sync, XLOAD=cfg[7] if len(cfg) > 7 else True, num_warps=warps, num_stages=1, launch_pdl=True)
+            LIMIT=1 << 18, AHEAD=ahead, SYNC=sync, XLOAD=cfg[7] if len(cfg) > 7 else True,
+            INTERLEAVE=cfg[8] if len(cfg) > 8 else False, num_warps=warps, num_stages=1, launch_pdl=True)
 
     def run_per_layer(cfg):
         ys[3][:H].copy_(x_in)
@@ -268,11 +287,13 @@ def main() -> None:
 
     row("launches (int8 word GEMV, PDL)", graph_time(launches, iters=1, replays=20), 0.0)
     # (BLOCK_N, BLOCK_K, down's BLOCK_K, warps, programs per SM, tiles ahead, barrier: see _grid_sync)
-    configs = [(16, 512, 512, 4, 4, 1, 1)]
-    if "--stream" in sys.argv:  # no barriers, one kernel: what the persistent stream reads at (x: inputs loaded)
-        configs = [(b, k, kd, w, p, a, 0, x) for b, k, kd, w, p, a in [
-            (8, 512, 512, 4, 6, 1), (4, 1024, 1024, 4, 6, 2), (16, 512, 512, 4, 4, 1), (4, 4096, 1024, 8, 2, 1)]
-            for x in (True, False)]
+    configs = [(16, 512, 512, 4, 4, 1, 1), (16, 512, 512, 4, 4, 1, 1, True, True)]
+    if "--stream" in sys.argv:  # no barriers, one kernel: what the persistent stream reads at, with each
+        # program's share of a stage contiguous or interleaved (x: inputs loaded)
+        configs = [(b, k, kd, w, p, a, 0, x, il) for b, k, kd, w, p, a, x in [
+            (8, 512, 512, 4, 6, 1, True), (4, 1024, 1024, 4, 6, 2, True), (16, 512, 512, 4, 4, 1, True),
+            (4, 1024, 1024, 4, 6, 2, False), (4, 4096, 1024, 8, 2, 1, False), (2, 4096, 1024, 4, 4, 1, False)]
+            for il in (False, True)]
     for cfg in configs:
         for kind, fn in (("per-layer", run_per_layer), ("one kernel", run_one))[cfg[6] == 0:]:
             bar.zero_()

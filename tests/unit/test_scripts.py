@@ -11,7 +11,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -31,7 +32,7 @@ def test_chain_gpu_persistent_chain_matches_float64(ahead):
     reset, its generation counted."""
     from fastllm.stages.quantizers.int8 import quantize_int8
 
-    chain = _chain_module()
+    chain = CHAIN
     torch.manual_seed(0)
     H, I, L = 64, 96, 2
     shapes = {"qkv": (192, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
@@ -63,3 +64,25 @@ def test_chain_gpu_persistent_chain_matches_float64(ahead):
             y = ((q[i].double() @ y[:K]) * s[i].double()).to(torch.bfloat16).double()
     assert ((ys[3].double() - y).norm() / y.norm()).item() < 5e-2
     assert bar.tolist() == [0, 4 * L - 1, 0, 0]  # arrivals reset, one generation per barrier, none gave up
+
+
+CHAIN = _chain_module()
+
+
+@triton.jit
+def _owners(out_ptr, NB, INTERLEAVE: tl.constexpr):
+    """Counts, per row block, the programs whose share (chain_gpu._share) holds it."""
+    pid = tl.program_id(0)
+    b0, step, nb = CHAIN._share(pid, tl.num_programs(0), NB, INTERLEAVE)
+    for j in range(nb):
+        tl.atomic_add(out_ptr + b0 + j * step, 1)
+
+
+def test_chain_gpu_shares_cover_every_block_once():
+    """Contiguous and interleaved shares of NB row blocks over P programs (some with none):
+    every block belongs to exactly one program."""
+    for P, NB in [(1, 5), (4, 17), (6, 4), (7, 49)]:
+        for interleave in (False, True):
+            out = torch.zeros(NB, dtype=torch.int32, device=DEV)
+            _owners[(P,)](out, NB, INTERLEAVE=interleave)
+            assert out.tolist() == [1] * NB, (P, NB, interleave)
