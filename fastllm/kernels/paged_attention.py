@@ -214,6 +214,10 @@ def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 
     return torch.empty(batch, num_heads, num_splits, head_dim + 1, dtype=torch.float32, device=device)
 
 
+SPLITS_ROUND_DOWN = True  # decode_num_splits' rounding (benchmarks switch it)
+MAX_SPLITS = 32
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device | str | None = None) -> int:
     """Splits for paged_decode: a power of two, 1..32, giving at most four programs per SM (a host
     value: pick it per captured batch size). Rounding down rather than up keeps them to one wave
@@ -225,10 +229,6 @@ def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device | str 
     if SPLITS_ROUND_DOWN:  # at most four programs per SM
         return min(MAX_SPLITS, max(1, triton.next_power_of_2(want + 1) // 2))
     return min(MAX_SPLITS, triton.next_power_of_2(want))
-
-
-SPLITS_ROUND_DOWN = True
-MAX_SPLITS = 32
 
 
 def _checked_scratch(scratch: torch.Tensor | None, batch: int, h: int, d: int, num_splits: int,
