@@ -3,7 +3,8 @@ int8 GEMV written in CUDA: each lane streams 16-byte chunks, UNROLL of them requ
 the first UNROLL before the PDL wait), built with nvcc into a shared library and called through
 ctypes, checked against float64 on odd shapes, then timed in scripts/chain_gpu.py's chain (the
 four GEMVs of a Llama-2-7B layer, 32 layers of distinct weights, one CUDA graph) beside
-fastllm's Triton int8 word GEMV and bf16 GEMV.
+fastllm's Triton int8 word GEMV and bf16 GEMV; and the same loads without the arithmetic (wrong
+results: the stream alone).
 
 Usage: python scripts/cuda_gemv_probe.py OUTDIR [--lib=PATH] (default: build with nvcc into OUTDIR);
 prints a table last, JSON in OUTDIR.
@@ -32,7 +33,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
                        check=True)
     so = ctypes.CDLL(lib)
     so.gemv_i8_launch.restype = ctypes.c_int
-    so.gemv_i8_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_size_t]
+    so.gemv_i8_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_size_t]
     return so
 
 
@@ -41,11 +42,11 @@ def main() -> None:
     so = build(out_dir)
     dev = torch.device("cuda")
 
-    def cuda_gemv(x, q, s, rpw, unroll, pdl):
+    def cuda_gemv(x, q, s, rpw, unroll, pdl, compute=True):
         N, K = q.shape
         y = torch.empty(N, dtype=torch.bfloat16, device=dev)
         err = so.gemv_i8_launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), y.data_ptr(), N, K, rpw, unroll, int(pdl),
-                                torch.cuda.current_stream().cuda_stream)
+                                int(compute), torch.cuda.current_stream().cuda_stream)
         assert err == 0, f"launch failed: {err}"
         return y
 
@@ -92,6 +93,9 @@ def main() -> None:
         for pdl in (True, False):
             chain(f"cuda rpw={rpw} unroll={unroll}{' PDL' if pdl else ''}",
                   lambda x, q, s, r=rpw, u=unroll, p=pdl: cuda_gemv(x, q, s, r, u, p))
+    for rpw, unroll in VARIANTS[:4]:  # the loads alone: does the per-byte arithmetic limit the stream?
+        chain(f"cuda rpw={rpw} unroll={unroll} PDL, no arithmetic",
+              lambda x, q, s, r=rpw, u=unroll: cuda_gemv(x, q, s, r, u, True, False))
     chain("triton int8 word GEMV (PDL), again", lambda x, q, s: G.gemv(x.view(1, -1), q, scale=s).view(-1))
     qs.clear()
     torch.cuda.empty_cache()

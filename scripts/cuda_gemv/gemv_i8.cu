@@ -53,7 +53,9 @@ __device__ __forceinline__ void chunk_fma(float (&acc)[RPW], float &xs, const ui
     }
 }
 
-template <int RPW, int UNROLL, bool PDL>
+// COMPUTE false: the weights are loaded and xor-folded, no arithmetic (wrong results: times the
+// stream alone, for the question whether the per-byte work limits the rate)
+template <int RPW, int UNROLL, bool PDL, bool COMPUTE>
 __global__ void __launch_bounds__(WARPS * 32) gemv_i8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
                                                       const float *__restrict__ s, __nv_bfloat16 *__restrict__ y,
                                                       int N, int K) {
@@ -86,8 +88,14 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_i8(const int8_t *__restrict__
         for (int u = 0; u < UNROLL; ++u) {
             const int c = base + lane + 32 * u;
             if (c < chunks) {
-                uint4 xv[2] = {__ldg(xr + 2 * c), __ldg(xr + 2 * c + 1)};
-                chunk_fma<RPW>(acc, xs, w[u], xv);
+                if (COMPUTE) {
+                    uint4 xv[2] = {__ldg(xr + 2 * c), __ldg(xr + 2 * c + 1)};
+                    chunk_fma<RPW>(acc, xs, w[u], xv);
+                } else {
+#pragma unroll
+                    for (int r = 0; r < RPW; ++r)
+                        acc[r] += __uint_as_float((w[u][r].x ^ w[u][r].y ^ w[u][r].z ^ w[u][r].w) & 0x3f7fffffu);
+                }
             }
         }
         base += 32 * UNROLL;
@@ -113,7 +121,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_i8(const int8_t *__restrict__
     }
 }
 
-template <int RPW, int UNROLL, bool PDL>
+template <int RPW, int UNROLL, bool PDL, bool COMPUTE>
 static int launch(const void *q, const void *x, const void *s, void *y, int N, int K, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((N + WARPS * RPW - 1) / (WARPS * RPW));
@@ -124,19 +132,21 @@ static int launch(const void *q, const void *x, const void *s, void *y, int N, i
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = PDL ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, gemv_i8<RPW, UNROLL, PDL>, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
+    cudaLaunchKernelEx(&cfg, gemv_i8<RPW, UNROLL, PDL, COMPUTE>, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
                        (__nv_bfloat16 *)y, N, K);
     return (int)cudaGetLastError();
 }
 
-// variant: RPW (1, 2, 4) x UNROLL (4, 8) x PDL; returns a cudaError_t (0: launched), -1: unknown variant
+// variant: RPW (1, 2, 4) x UNROLL (4, 8) x PDL (x stream alone, for RPW 1 and 2); returns a
+// cudaError_t (0: launched), -1: unknown variant
 extern "C" int gemv_i8_launch(const void *q, const void *x, const void *s, void *y, int N, int K, int rpw, int unroll,
-                              int pdl, uintptr_t stream) {
+                              int pdl, int compute, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
-#define CASE(R, U)                                                                                   \
-    if (rpw == R && unroll == U)                                                                     \
-        return pdl ? launch<R, U, true>(q, x, s, y, N, K, st) : launch<R, U, false>(q, x, s, y, N, K, st);
-    CASE(1, 4) CASE(1, 8) CASE(2, 4) CASE(2, 8) CASE(4, 4) CASE(4, 8)
+#define CASE(R, U, C)                                                                                \
+    if (rpw == R && unroll == U && compute == C)                                                     \
+        return pdl ? launch<R, U, true, C>(q, x, s, y, N, K, st) : launch<R, U, false, C>(q, x, s, y, N, K, st);
+    CASE(1, 4, 1) CASE(1, 8, 1) CASE(2, 4, 1) CASE(2, 8, 1) CASE(4, 4, 1) CASE(4, 8, 1)
+    CASE(1, 4, 0) CASE(1, 8, 0) CASE(2, 4, 0) CASE(2, 8, 0)
 #undef CASE
     return -1;
 }
