@@ -3,8 +3,9 @@ int8 GEMV written in CUDA: each lane streams 16-byte chunks, UNROLL of them requ
 the first UNROLL before the PDL wait), built with nvcc into a shared library and called through
 ctypes, checked against float64 on odd shapes, then timed in scripts/chain_gpu.py's chain (the
 four GEMVs of a Llama-2-7B layer, 32 layers of distinct weights, one CUDA graph) beside
-fastllm's Triton int8 word GEMV and bf16 GEMV; and the same loads without the arithmetic (wrong
-results: the stream alone).
+fastllm's Triton int8 word GEMV and bf16 GEMV; gemv8.cu's GEMV (the input in shared memory, two
+register batches in turn, float or dp4a arithmetic); and gemv_i8.cu's loads without the
+arithmetic (wrong results: the stream alone).
 
 Usage: python scripts/cuda_gemv_probe.py OUTDIR [--lib=PATH] (default: build with nvcc into OUTDIR);
 prints a table last, JSON in OUTDIR.
@@ -21,19 +22,22 @@ from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
 from fastllm.kernels import gemv as G
 from fastllm.stages.quantizers.int8 import quantize_int8
 
-SRC = Path(__file__).resolve().parent / "cuda_gemv" / "gemv_i8.cu"
+SRC = [Path(__file__).resolve().parent / "cuda_gemv" / f for f in ("gemv_i8.cu", "gemv8.cu")]
 VARIANTS = [(r, u) for r in (1, 2, 4) for u in (4, 8)]
+# gemv8.cu: (warps per CTA, UNROLL, DP4A)
+VARIANTS8 = [(w, u, d) for d in (False, True) for w in (4, 8) for u in (2, 4, 8)]
 
 
 def build(out_dir: Path) -> ctypes.CDLL:
     lib = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--lib=")), None)
     if lib is None:
         lib = str(out_dir / "libgemv_i8.so")
-        subprocess.run(["nvcc", "-O3", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC", "-o", lib, str(SRC)],
+        subprocess.run(["nvcc", "-O3", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC", "-o", lib, *map(str, SRC)],
                        check=True)
     so = ctypes.CDLL(lib)
-    so.gemv_i8_launch.restype = ctypes.c_int
-    so.gemv_i8_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_size_t]
+    for fn in (so.gemv_i8_launch, so.gemv8_launch):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_size_t]
     return so
 
 
@@ -50,6 +54,14 @@ def main() -> None:
         assert err == 0, f"launch failed: {err}"
         return y
 
+    def cuda_gemv8(x, q, s, warps, unroll, dp4a, pdl=True):
+        N, K = q.shape
+        y = torch.empty(N, dtype=torch.bfloat16, device=dev)
+        err = so.gemv8_launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), y.data_ptr(), N, K, warps, unroll, int(pdl),
+                              int(dp4a), torch.cuda.current_stream().cuda_stream)
+        assert err == 0, f"launch failed: {err}"
+        return y
+
     # correctness: odd row counts, K not a multiple of 32 x 16 x UNROLL, against float64
     worst = 0.0
     for N, K in [(1, 16), (37, 528), (129, 4096), (4099, 11008), (300, 8208)]:
@@ -63,6 +75,12 @@ def main() -> None:
                 err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
                 worst = max(worst, err)
                 assert err < 1e-2, (N, K, rpw, unroll, pdl, err)
+        for w, u, d in VARIANTS8:
+            y = cuda_gemv8(x, q, s, w, u, d)
+            torch.cuda.synchronize()
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            worst = max(worst, err)
+            assert err < 1e-2, (N, K, "gemv8", w, u, d, err)
     print(f"correct: worst relative error {worst:.1e} over every variant and shape", flush=True)
 
     L = 32
@@ -89,10 +107,13 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     chain("triton int8 word GEMV (PDL)", lambda x, q, s: G.gemv(x.view(1, -1), q, scale=s).view(-1))
-    for rpw, unroll in VARIANTS:
+    for rpw, unroll in VARIANTS[:3]:
         for pdl in (True, False):
             chain(f"cuda rpw={rpw} unroll={unroll}{' PDL' if pdl else ''}",
                   lambda x, q, s, r=rpw, u=unroll, p=pdl: cuda_gemv(x, q, s, r, u, p))
+    for w, u, d in VARIANTS8:
+        chain(f"cuda8 warps={w} unroll={u}{' dp4a' if d else ' float'} PDL",
+              lambda x, q, s, w=w, u=u, d=d: cuda_gemv8(x, q, s, w, u, d))
     for rpw, unroll in VARIANTS[:4]:  # the loads alone: does the per-byte arithmetic limit the stream?
         chain(f"cuda rpw={rpw} unroll={unroll} PDL, no arithmetic",
               lambda x, q, s, r=rpw, u=unroll: cuda_gemv(x, q, s, r, u, True, False))
