@@ -17,7 +17,8 @@ it (a few microseconds each, 64-96 per decode step): every program rebuilds x fr
 Row-scaled int8 / fp8 weights under 16-bit inputs go through `_gemv_bytes_kernel` (gemv_bytes), which reads
 them as int32 words of four values and widens each in one instruction (see `_bytes_f32`): on an
 H100 it made the int8 decode step 14% faster and fp8's 6% than this row kernel, in one call
-(docs/quantization.md).
+(docs/quantization.md). int8 weights under bf16 inputs go to the CUDA GEMV
+(fastllm.kernels.cuda_gemv) where nvcc can build it (`CUDA`), else to that kernel.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import cuda_gemv
 from .gemv_bytes import _gemv_bytes_kernel, _gemv_bytes_tma_kernel  # noqa: F401 (also used by scripts)
 from .gemv_common import _input, _weight_f32  # noqa: F401 (qgemm imports _weight_f32 from here)
 from .launch import autotune, launch_rows, pdl, tma_supported
@@ -88,6 +90,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
 
 
 WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
+# int8 GEMVs under bf16 inputs (no norm, no residual) through the CUDA GEMV where it builds (see gemv's `cuda`)
+CUDA = True
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
@@ -144,7 +148,7 @@ _tuned_bytes_tma = autotune(TMA_CONFIGS, key=["N", "K", "SILU_MUL", "FP8"])(_gem
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
          silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
-         words: bool | None = None, tma: bool | None = None):
+         words: bool | None = None, tma: bool | None = None, cuda: bool | None = None):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
@@ -157,6 +161,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     (False: _gemv_kernel; default: the module's WORDS, which benchmarks switch to compare).
     tma: such a word GEMV without a norm through _gemv_bytes_tma_kernel (default: the module's TMA,
     on CUDA devices of compute capability 9.0 and later).
+    cuda: an int8 weight under a bf16 input, without a norm or residual, through the CUDA GEMV
+    (fastllm.kernels.cuda_gemv) where it can be built (default: the module's CUDA, unless config,
+    words or tma asks for a Triton kernel).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -170,6 +177,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
             res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
+    if cuda is None:
+        cuda = CUDA and config is None and words is None and tma is None
+    if (cuda and scale is not None and norm_weight is None and not has_res and x.device.type == "cuda"
+            and cuda_gemv.fits(x, weight, silu_mul) and cuda_gemv.available(x)):
+        y = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=flags["USE_PDL"])
+        return y.view(*x.shape[:-1], N)
     # the word kernel's int8 offset costs 8 of fp32's 24 bits: far below a bf16 / fp16 output's
     # rounding, not below an fp32 one's
     if words is None:

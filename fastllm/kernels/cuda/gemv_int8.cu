@@ -1,0 +1,181 @@
+// The int8 weight-only GEMV of batch-1 decode, in CUDA (built by fastllm.kernels.cuda_gemv with nvcc
+// on first use; fastllm.kernels.gemv falls back to its Triton kernels where it cannot be built).
+//
+// y[n] = (sum_k q[n, k] x[k]) * s[n] (+ b[n]); q int8 [N, K] row-major, K % 16 == 0, rows 16-byte
+// aligned; x bf16 [K] (SILU: x = bf16(silu(h[k]) * h[K + k]) from h [2K], as the unfused ops round
+// it); s fp32 [N]; b, y bf16 [N].
+//
+// Why not Triton (scripts/cuda_gemv_probe.py, H100, the four GEMVs of a Llama-2-7B layer chained
+// 32 times): the loads alone stream at 2.9 TB/s, the Triton word GEMV at 2.55, held back by the
+// arithmetic between a warp's batches of loads. Here
+// - one row per warp, 8 rows per CTA; each lane streams 16-byte chunks c = lane + 32 i of its row,
+//   UNROLL at a time, in two register sets used in turn (no copies between them, which would wait
+//   on the loads), so the next batch is requested before the current one is used; the first
+//   batch before the PDL wait (the weights do not depend on the kernel before);
+// - each CTA prepares the input once, in shared memory: per chunk of 16 values, 16-bit fixed point
+//   against the chunk's largest magnitude (scale = that / 32767), split into a signed high and an
+//   unsigned low byte plane; a weight word meets them in two dp4a, and the chunk's exact integer
+//   sum is scaled once. The only rounding added: at most the chunk's largest / 65534 per input
+//   (the int4 GEMV's dp4a path does the same per tile).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define WARPS 8
+#define UNROLL 4
+
+__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ int dp4a_ss(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp4a_su(uint32_t a, uint32_t b, int c) {  // a signed, b unsigned
+    int d;
+    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row, int first, int chunks) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int c = first + 32 * u;
+        if (c < chunks) w[u] = load_stream(row + c);
+    }
+}
+
+// xsm: [chunks] high planes, [chunks] low planes (uint4: 16 bytes of one chunk), [chunks] fp32 scales
+__device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], const uint4 *xsm, int first,
+                                          int chunks) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int c = first + 32 * u;
+        if (c >= chunks) continue;
+        const uint4 h = xsm[c], l = xsm[chunks + c];
+        const float sc = reinterpret_cast<const float *>(xsm + 2 * chunks)[c];
+        int ah = dp4a_ss(w[u].x, h.x, 0), al = dp4a_su(w[u].x, l.x, 0);
+        ah = dp4a_ss(w[u].y, h.y, ah), al = dp4a_su(w[u].y, l.y, al);
+        ah = dp4a_ss(w[u].z, h.z, ah), al = dp4a_su(w[u].z, l.z, al);
+        ah = dp4a_ss(w[u].w, h.w, ah), al = dp4a_su(w[u].w, l.w, al);
+        acc = fmaf((float)(ah * 256 + al), sc, acc);  // |ah * 256 + al| <= 16 x 127 x 32767 < 2^31
+    }
+}
+
+template <bool PDL, bool SILU, bool BIAS>
+__global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
+                                                        const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
+                                                        __nv_bfloat16 *__restrict__ y, int N, int K) {
+    extern __shared__ uint4 xsm[];
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int chunks = K >> 4;
+    const uint4 *wr = reinterpret_cast<const uint4 *>(q + (size_t)min(row, N - 1) * K);
+    uint4 wa[UNROLL], wb[UNROLL];
+    load_batch(wa, wr, lane, chunks);
+#if __CUDA_ARCH__ >= 900
+    if (PDL) {  // x comes from the kernel before
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    }
+#endif
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        float v[16];
+        if (SILU) {
+            const uint4 *g4 = reinterpret_cast<const uint4 *>(x), *u4 = reinterpret_cast<const uint4 *>(x + K);
+            const uint4 gp[2] = {g4[2 * c], g4[2 * c + 1]}, up[2] = {u4[2 * c], u4[2 * c + 1]};
+            const __nv_bfloat16 *gv = reinterpret_cast<const __nv_bfloat16 *>(gp);
+            const __nv_bfloat16 *uv = reinterpret_cast<const __nv_bfloat16 *>(up);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const float g = __bfloat162float(gv[i]);
+                v[i] = __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(uv[i])));
+            }
+        } else {
+            const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
+            const uint4 xp[2] = {x4[2 * c], x4[2 * c + 1]};
+            const __nv_bfloat16 *xv = reinterpret_cast<const __nv_bfloat16 *>(xp);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) v[i] = __bfloat162float(xv[i]);
+        }
+        float m = 0.f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(v[i]));
+        const float sc = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / sc;
+        uint32_t hw[4], lw[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            hw[j] = 0, lw[j] = 0;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int xi = max(-32767, min(32767, __float2int_rn(v[4 * j + e] * inv)));
+                hw[j] |= (uint32_t)((xi >> 8) & 0xff) << (8 * e);
+                lw[j] |= (uint32_t)(xi & 0xff) << (8 * e);
+            }
+        }
+        xsm[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+        xsm[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+        reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
+    }
+    __syncthreads();
+    float acc = 0.f;
+    const int step = 32 * UNROLL;
+    for (int first = lane;;) {
+        if (first + step < chunks) load_batch(wb, wr, first + step, chunks);
+        use_batch(acc, wa, xsm, first, chunks);
+        first += step;
+        if (first >= chunks) break;
+        if (first + step < chunks) load_batch(wa, wr, first + step, chunks);
+        use_batch(acc, wb, xsm, first, chunks);
+        first += step;
+        if (first >= chunks) break;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0 && row < N) {
+        float out = acc * s[row];
+        if (BIAS) out += __bfloat162float(b[row]);
+        y[row] = __float2bfloat16(out);
+    }
+}
+
+template <bool PDL, bool SILU, bool BIAS>
+static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
+                  cudaStream_t stream) {
+    static bool raised = false;  // shared memory past 48 KiB (K above 21,845) needs the opt-in
+    if (!raised) {
+        cudaFuncSetAttribute(gemv_int8<PDL, SILU, BIAS>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+        raised = true;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((N + WARPS - 1) / WARPS);
+    cfg.blockDim = dim3(WARPS * 32);
+    cfg.dynamicSmemBytes = (size_t)(K / 16) * 36;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = PDL ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, gemv_int8<PDL, SILU, BIAS>, (const int8_t *)q, (const __nv_bfloat16 *)x,
+                       (const float *)s, (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K);
+    return (int)cudaGetLastError();
+}
+
+// Returns a cudaError_t: 0 when the kernel was launched on `stream`.
+extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
+                                 int pdl, int silu, uintptr_t stream) {
+    cudaStream_t st = (cudaStream_t)stream;
+#define PICK(P, S)                                                                                 \
+    if (pdl == P && silu == S)                                                                     \
+        return b ? launch<P, S, true>(q, x, s, b, y, N, K, st) : launch<P, S, false>(q, x, s, b, y, N, K, st);
+    PICK(1, 1) PICK(1, 0) PICK(0, 1) PICK(0, 0)
+#undef PICK
+    return -1;
+}

@@ -1,0 +1,120 @@
+"""fastllm's CUDA int8 GEMV (fastllm/kernels/cuda/gemv_int8.cu: why, and how it computes), built
+with nvcc on first use and called through ctypes.
+
+The library is compiled for the card's architecture into the cache (FASTLLM_CACHE, else
+$XDG_CACHE_HOME/fastllm, else ~/.cache/fastllm, under cuda/), named by the source's hash, the
+architecture and nvcc's version, so a later process loads it without compiling. nvcc is looked for
+in CUDA_HOME, CUDA_PATH, /usr/local/cuda and the PATH. Where there is none, or it fails, or the
+card is older than compute capability 6.1, `available` is False (the reason logged once) and
+fastllm.kernels.gemv keeps its Triton kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cuda") / "gemv_int8.cu"
+_build_lock = threading.Lock()
+
+
+def nvcc() -> str | None:
+    """The nvcc to build with, or None."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def build(arch: str, cache_dir: Path | None = None) -> Path:
+    """The shared library of SOURCE for compute capability `arch` ("90" for 9.0), compiled into
+    cache_dir/cuda unless it is there already. Raises RuntimeError (no nvcc, or its error output)."""
+    from ..stages.loaders.gguf import default_cache_dir
+
+    compiler = nvcc()
+    if compiler is None:
+        raise RuntimeError("no nvcc found (CUDA_HOME, CUDA_PATH, /usr/local/cuda, PATH)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
+    out = (cache_dir or default_cache_dir()) / "cuda"
+    lib = out / f"gemv_int8-sm{arch}-{key}.so"
+    with _build_lock:
+        if not lib.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+            run = subprocess.run([compiler, "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
+                                  "-Xcompiler", "-fPIC", "-o", str(tmp), str(SOURCE)],
+                                 capture_output=True, text=True, timeout=600)
+            if run.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"nvcc failed on {SOURCE.name}:\n{run.stderr[-2000:]}")
+            os.replace(tmp, lib)  # atomic: another process sees the whole file or none
+    return lib
+
+
+@functools.cache
+def _entry(device_index: int):
+    """The library's launch function for this device, or None (logged once)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) < (6, 1):  # dp4a
+        log.info("fastllm CUDA GEMV: compute capability %d.%d has no dp4a; Triton kernels only", major, minor)
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(f"{major}{minor}")))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        log.warning("fastllm CUDA GEMV not available, using the Triton kernels: %s", e)
+        return None
+    fn = lib.fastllm_gemv_int8
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_size_t]
+    return fn
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the CUDA GEMV can run on x's device (building it on the first call)."""
+    return x.device.type == "cuda" and _entry(_index(x)) is not None
+
+
+def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False) -> bool:
+    """Whether gemv_int8 takes these operands: bf16 x, int8 [N, K] rows with K % 16 == 0, 16-byte aligned."""
+    N, K = qweight.shape
+    return (x.dtype == torch.bfloat16 and qweight.dtype == torch.int8 and K % 16 == 0 and qweight.stride(1) == 1
+            and qweight.stride(0) == K and qweight.data_ptr() % 16 == 0 and x.numel() == (2 * K if silu_mul else K))
+
+
+def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              silu_mul: bool = False, use_pdl: bool = False) -> torch.Tensor:
+    """y [N] bf16 = (q @ x) * scale (+ bias) for one input vector x (bf16 [K], or with silu_mul [2K]:
+    x = silu(x[:K]) * x[K:]); see `fits` for the operands it takes. use_pdl: launched as a
+    programmatic dependent of the kernel before (fastllm.kernels.launch)."""
+    N, K = qweight.shape
+    if not fits(x, qweight, silu_mul):
+        raise ValueError(f"gemv_int8 takes bf16 x and int8 [N, K % 16 == 0] weights, got {x.dtype} {tuple(x.shape)} "
+                         f"and {qweight.dtype} {tuple(qweight.shape)}")
+    fn = _entry(_index(x))
+    if fn is None:
+        raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
+    xv = x.reshape(-1).contiguous()
+    if xv.data_ptr() % 16:
+        xv = xv.clone()
+    s = scale.reshape(N).to(torch.float32).contiguous()
+    b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
+    y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
+    err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, K,
+             int(use_pdl), int(silu_mul), torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
+    return y

@@ -1,0 +1,129 @@
+"""fastllm's CUDA int8 GEMV (fastllm.kernels.cuda_gemv): its source builds with nvcc where there is
+one; on a GPU it matches float64 on odd shapes, with bias and SiLU-and-mul inputs, under PDL in a
+CUDA graph, and fastllm.kernels.gemv routes int8 GEMVs to it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastllm.kernels import cuda_gemv as CG
+
+needs_nvcc = pytest.mark.skipif(CG.nvcc() is None, reason="no nvcc on this machine")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["90", "80"])
+def test_source_builds_once_into_the_cache(tmp_path, arch):
+    lib = CG.build(arch, tmp_path)
+    assert lib.is_file() and lib.parent == tmp_path / "cuda" and f"sm{arch}" in lib.name
+    before = lib.stat().st_mtime_ns
+    assert CG.build(arch, tmp_path) == lib and lib.stat().st_mtime_ns == before  # loaded, not rebuilt
+    assert not list((tmp_path / "cuda").glob("*.tmp"))
+
+
+def test_without_nvcc_the_build_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(CG, "nvcc", lambda: None)
+    with pytest.raises(RuntimeError, match="no nvcc"):
+        CG.build("90", tmp_path)
+
+
+def test_fits_only_what_the_kernel_takes():
+    q = torch.zeros(8, 32, dtype=torch.int8)
+    x = torch.zeros(32, dtype=torch.bfloat16)
+    assert CG.fits(x, q) and CG.fits(torch.zeros(64, dtype=torch.bfloat16), q, silu_mul=True)
+    assert not CG.fits(x.half(), q)  # bf16 inputs only
+    assert not CG.fits(x[:24], q[:, :24])  # K % 16
+    assert not CG.fits(x, q.view(torch.float8_e4m3fn))  # int8 only
+    assert not CG.fits(torch.zeros(16, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.int8)[:, :16])  # strided
+    assert not CG.available(x)  # a CPU tensor
+    with pytest.raises(ValueError, match="int8"):
+        CG.gemv_int8(x.half(), q, torch.ones(8))
+
+
+def _layer(N, K, seed=0):
+    """Every int8 value shuffled over [N, K], row scales, bias."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.arange(-128, 128, dtype=torch.int16).repeat(N, K // 256 + 1)[:, :K]
+    q = q.flatten()[torch.randperm(N * K, generator=g)].view(N, K).to(torch.int8)
+    return q.cuda(), (torch.rand(N, generator=g) + 0.01).cuda(), torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+
+
+def _chunk_fixed_point(x: torch.Tensor) -> torch.Tensor:
+    """x (float64 [K]) as the kernel rounds it: 16-bit fixed point per chunk of 16 against its largest."""
+    c = x.view(-1, 16)
+    sc = c.abs().amax(dim=1, keepdim=True) / 32767
+    sc = torch.where(sc > 0, sc.float().double(), torch.ones_like(sc))
+    return (torch.round(c / sc).clamp(-32767, 32767) * sc).view(-1)
+
+
+@gpu
+@pytest.mark.parametrize("N, K", [(1, 16), (37, 528), (129, 4096), (301, 11008), (8, 8208)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_matches_float64(N, K, bias, silu):
+    x0 = torch.randn(1, K).to(torch.bfloat16).cuda()
+    if not CG.available(x0):
+        pytest.skip("the CUDA GEMV does not build here")
+    q, s, b = _layer(N, K)
+    if silu:
+        h = torch.randn(1, 2 * K).to(torch.bfloat16).cuda()
+        g, u = h.float().split(K, dim=-1)
+        x = (torch.nn.functional.silu(g) * u).to(torch.bfloat16)  # as the unfused op rounds it
+    else:
+        h = x = x0
+    x[0, 3] = 40.0 if not silu else x[0, 3]  # one large input: its chunk's neighbours keep their precision
+    out = CG.gemv_int8(h, q, s, b if bias else None, silu_mul=silu)
+    xd = x.double().view(-1)
+    ref = (q.double() @ xd) * s.double() + (b.double() if bias else 0)
+    rounded = (q.double() @ _chunk_fixed_point(xd)) * s.double() + (b.double() if bias else 0)
+    assert out.shape == (N,) and out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    # what is left after the inputs' fixed-point rounding is the bf16 output's rounding
+    assert ((out.double() - rounded).abs() <= rounded.abs() * 2 ** -8 + 1e-3 * ref.abs().max()).all()
+
+
+@gpu
+def test_gemv_routes_int8_to_it_and_agrees_with_the_triton_kernel():
+    from fastllm.kernels import gemv as G
+
+    q, s, b = _layer(300, 4096, seed=1)
+    x = torch.randn(1, 4096).to(torch.bfloat16).cuda()
+    if not CG.available(x):
+        pytest.skip("the CUDA GEMV does not build here")
+    cuda, triton_ = G.gemv(x, q, b, scale=s), G.gemv(x, q, b, scale=s, cuda=False)
+    ref = (x.double() @ q.double().T) * s.double() + b.double()
+    assert cuda.shape == triton_.shape == (1, 300)
+    assert ((cuda.double() - triton_.double()).norm() / ref.norm()).item() < 1e-2
+    # a norm before it keeps the Triton kernel (the CUDA GEMV takes its input as it is)
+    nw = torch.ones(4096, dtype=torch.bfloat16, device="cuda")
+    assert G.gemv(x, q, b, scale=s, norm_weight=nw).shape == (1, 300)
+
+
+@gpu
+def test_chained_under_pdl_in_a_cuda_graph():
+    """Three GEMVs, each reading the one before, captured with PDL launches: the graph's replay
+    gives what eager launches give (each kernel waits for its input)."""
+    x = torch.randn(512).to(torch.bfloat16).cuda()
+    if not CG.available(x):
+        pytest.skip("the CUDA GEMV does not build here")
+    layers = [_layer(512, 512, seed=i) for i in range(3)]
+
+    def chain(v):
+        for q, s, b in layers:
+            v = CG.gemv_int8(v, q, s / 16, b, use_pdl=True)
+        return v
+
+    eager = chain(x)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
