@@ -19,7 +19,7 @@ weight loads after their PDL wait, not before; -head2: their whole pipeline prol
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
 up, not down; -splitsN: at most N splits; -sepmerge: decode attention's splits merged by a second
-kernel, not by their last program; -nocuda: the int8 GEMVs in Triton, not CUDA; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
+kernel, not by their last program; -nocuda: the int8 GEMVs in Triton, not CUDA; -w16: the CUDA GEMV with 16 rows per CTA, not 8; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -122,7 +122,7 @@ if "--skip-e2e" not in sys.argv:
                 "gemv_int4_words": GV4._tuned_words, "qgemm": QG._tuned, "gemv_bytes_tma": GV._tuned_bytes_tma,
                 "gemv_int4_tma": GV4._tuned_tma}
 
-    from fastllm.kernels import gemv as GV, gemv_int4 as GV4
+    from fastllm.kernels import cuda_gemv as CG, gemv as GV, gemv_int4 as GV4
     from fastllm.stages.attention.paged import PagedAttention
     from fastllm.kernels import paged_attention as PAK
 
@@ -158,6 +158,7 @@ if "--skip-e2e" not in sys.argv:
             elif q != "bf16":
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.CUDA = "-nocuda" not in q  # "-nocuda": the int8 GEMVs in Triton, not the CUDA GEMV
+                CG.WARPS = 16 if "-w16" in q else 8  # "-w16": the CUDA GEMV with 16 rows per CTA
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
@@ -177,7 +178,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-sepmerge", "-nocuda")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-sepmerge", "-nocuda", "-w16")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

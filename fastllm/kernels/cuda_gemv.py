@@ -24,6 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cuda") / "gemv_int8.cu"
+WARPS = 8  # rows (one per warp) per CTA: 8 or 16 (benchmarks switch it)
 _build_lock = threading.Lock()
 
 
@@ -75,7 +76,7 @@ def _entry(device_index: int):
         return None
     fn = lib.fastllm_gemv_int8
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_size_t]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_size_t]
     return fn
 
 
@@ -114,7 +115,7 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
     err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, K,
-             int(use_pdl), int(silu_mul), torch.cuda.current_stream(x.device).cuda_stream)
+             WARPS, int(use_pdl), int(silu_mul), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
     return y

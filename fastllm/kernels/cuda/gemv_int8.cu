@@ -8,7 +8,7 @@
 // Why not Triton (scripts/cuda_gemv_probe.py, H100, the four GEMVs of a Llama-2-7B layer chained
 // 32 times): the loads alone stream at 2.9 TB/s, the Triton word GEMV at 2.55, held back by the
 // arithmetic between a warp's batches of loads. Here
-// - one row per warp, 8 rows per CTA; each lane streams 16-byte chunks c = lane + 32 i of its row,
+// - one row per warp, WARPS (8 or 16) rows per CTA sharing its input's preparation; each lane streams 16-byte chunks c = lane + 32 i of its row,
 //   UNROLL at a time, in two register sets used in turn (no copies between them, which would wait
 //   on the loads), so the next batch is requested before the current one is used; the first
 //   batch before the PDL wait (the weights do not depend on the kernel before);
@@ -21,7 +21,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define WARPS 8
 #define UNROLL 4
 
 __device__ __forceinline__ uint4 load_stream(const uint4 *p) {
@@ -68,7 +67,7 @@ __device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], 
     }
 }
 
-template <bool PDL, bool SILU, bool BIAS>
+template <int WARPS, bool PDL, bool SILU, bool BIAS>
 __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
                                                         const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
                                                         __nv_bfloat16 *__restrict__ y, int N, int K) {
@@ -145,12 +144,12 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
     }
 }
 
-template <bool PDL, bool SILU, bool BIAS>
+template <int WARPS, bool PDL, bool SILU, bool BIAS>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
                   cudaStream_t stream) {
     static bool raised = false;  // shared memory past 48 KiB (K above 21,845) needs the opt-in
     if (!raised) {
-        cudaFuncSetAttribute(gemv_int8<PDL, SILU, BIAS>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+        cudaFuncSetAttribute(gemv_int8<WARPS, PDL, SILU, BIAS>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
         raised = true;
     }
     cudaLaunchConfig_t cfg = {};
@@ -163,19 +162,20 @@ static int launch(const void *q, const void *x, const void *s, const void *b, vo
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = PDL ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, gemv_int8<PDL, SILU, BIAS>, (const int8_t *)q, (const __nv_bfloat16 *)x,
+    cudaLaunchKernelEx(&cfg, gemv_int8<WARPS, PDL, SILU, BIAS>, (const int8_t *)q, (const __nv_bfloat16 *)x,
                        (const float *)s, (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K);
     return (int)cudaGetLastError();
 }
 
-// Returns a cudaError_t: 0 when the kernel was launched on `stream`.
+// warps: 8 or 16 rows per CTA. Returns a cudaError_t (0: launched on `stream`), -1 for other warps.
 extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
-                                 int pdl, int silu, uintptr_t stream) {
+                                 int warps, int pdl, int silu, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
-#define PICK(P, S)                                                                                 \
-    if (pdl == P && silu == S)                                                                     \
-        return b ? launch<P, S, true>(q, x, s, b, y, N, K, st) : launch<P, S, false>(q, x, s, b, y, N, K, st);
-    PICK(1, 1) PICK(1, 0) PICK(0, 1) PICK(0, 0)
+#define PICK(W, P, S)                                                                                    \
+    if (warps == W && pdl == P && silu == S)                                                             \
+        return b ? launch<W, P, S, true>(q, x, s, b, y, N, K, st) : launch<W, P, S, false>(q, x, s, b, y, N, K, st);
+    PICK(8, 1, 1) PICK(8, 1, 0) PICK(8, 0, 1) PICK(8, 0, 0)
+    PICK(16, 1, 1) PICK(16, 1, 0) PICK(16, 0, 1) PICK(16, 0, 0)
 #undef PICK
     return -1;
 }
