@@ -129,3 +129,25 @@ def test_chained_under_pdl_in_a_cuda_graph():
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@gpu
+def test_a_library_that_fails_its_first_product_is_not_used(monkeypatch):
+    x = torch.randn(64).to(torch.bfloat16).cuda()
+    monkeypatch.setattr(CG, "_checked", {})
+    monkeypatch.setattr(CG, "_entry", lambda i: (lambda *args: 700))  # every launch fails
+    assert not CG.available(x)
+    monkeypatch.setattr(CG, "_checked", {})
+    monkeypatch.setattr(CG, "_entry", lambda i: (lambda *args: 0))  # "launches", writes nothing
+    assert not CG.available(x)
+
+
+@gpu
+def test_first_use_inside_a_graph_capture_keeps_triton_until_checked(monkeypatch):
+    x = torch.randn(64).to(torch.bfloat16).cuda()
+    monkeypatch.setattr(CG, "_checked", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = CG.available(x)
+    assert not captured and CG._checked == {}
+    assert CG.available(x) == (CG._entry(x.device.index or 0) is not None)
