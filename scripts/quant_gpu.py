@@ -18,8 +18,8 @@ float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -n
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
-up, not down; -splitsN: at most N splits; -sepmerge: decode attention's splits merged by a second
-kernel, not by their last program; -nocuda: the int8 GEMVs in Triton, not CUDA; -w16: the CUDA GEMV with 16 rows per CTA, not 8; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
+up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV; -cta8: the
+CUDA GEMV with 8 rows per CTA, not 16; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -150,7 +150,6 @@ if "--skip-e2e" not in sys.argv:
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             PagedAttention.fuse_rope_decode = "-noattn" not in q  # "-noattn": RoPE and KV store in their own kernel
             PAK.SPLITS_ROUND_DOWN = "-upsplits" not in q  # "-upsplits": decode attention's splits rounded up
-            PAK.FUSED_MERGE = "-sepmerge" not in q  # "-sepmerge": the splits merged by their own kernel
             # "-splitsN": at most N splits
             PAK.MAX_SPLITS = next((int(x[6:]) for x in q.split("-") if x.startswith("splits")), 32)
             if q.startswith("bf16-"):
@@ -158,7 +157,7 @@ if "--skip-e2e" not in sys.argv:
             elif q != "bf16":
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.CUDA = "-nocuda" not in q  # "-nocuda": the int8 GEMVs in Triton, not the CUDA GEMV
-                CG.WARPS = 16 if "-w16" in q else 8  # "-w16": the CUDA GEMV with 16 rows per CTA
+                CG.WARPS = 8 if "-cta8" in q else 16  # "-cta8": the CUDA GEMV with 8 rows per CTA, not 16
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
@@ -178,7 +177,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-sepmerge", "-nocuda", "-w16")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

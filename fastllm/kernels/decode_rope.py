@@ -1,59 +1,10 @@
-"""The split kernel of paged_decode_rope (fastllm.kernels.paged_attention, which launches it):
-decode attention over a paged KV cache with RoPE of q and of the new key, and the new key's and
-value's store, inside. Same cache layout and scratch as paged_attention's decode kernels.
-
-Also the merge of the splits' partial results that both decode split kernels share: in their own
-last program (`_merge_if_last`: the last split of a (sequence, kv head) to finish, counted by an
-atomic, merges them, so no second launch), or in paged_attention's merge kernel."""
+"""The split kernel of paged_decode_rope (fastllm.kernels.paged_attention, which launches it
+with the merge it shares with paged_decode): decode attention over a paged KV cache with RoPE of q
+and of the new key, and the new key's and value's store, inside. Same cache layout and scratch as
+paged_attention's decode kernels."""
 from __future__ import annotations
 
 from .kv_store import _jit, tl
-
-
-@_jit
-def _merge_heads(scratch_ptr, out_ptr, b, h0, num_splits, stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
-                 HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    # out[b, h0 + r] = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m) over the splits i, for the ROWS
-    # heads from h0; 0 where every split is empty (lse -inf). One split's [R, D] at a time, so the
-    # registers do not grow with the split count. Loads bypass L1 (.cg): other SMs wrote the scratch.
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_r = offs_r < ROWS
-    mask_d = offs_d < HEAD_DIM
-    rows = scratch_ptr + b.to(tl.int64) * stride_sb + (h0 + offs_r) * stride_sh  # [R]
-    lse = tl.load(rows[:, None] + offs_s[None, :] * stride_ss + HEAD_DIM,
-                  mask=mask_r[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=1)
-    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0)[:, None])  # empty splits weigh 2^-inf = 0
-    denom = tl.sum(w, axis=1)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    rd = mask_r[:, None] & mask_d[None, :]
-    for i in range(0, num_splits):
-        w_i = tl.sum(tl.where(offs_s[None, :] == i, w, 0.0), axis=1)  # [R]: column i of w
-        o = tl.load(rows[:, None] + i * stride_ss + offs_d[None, :], mask=rd, other=0.0, cache_modifier=".cg")
-        acc += w_i[:, None] * o
-    acc = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + (h0 + offs_r)[:, None] * stride_oh + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=rd)
-
-
-@_jit
-def _merge_if_last(counter_ptr, scratch_ptr, out_ptr, b, kvh, num_splits, stride_sb, stride_sh, stride_ss,
-                   stride_ob, stride_oh, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Called by every program of a split kernel after it stored its partial result: the last of the
-    # num_splits programs of (b, kvh) to arrive merges the group's GROUP heads into out and resets
-    # the counter to 0 for the next call. The release (acq_rel) after the CTA barrier publishes this
-    # program's stores; the last arrival's acquire sees every other split's.
-    tl.debug_barrier()
-    counter = counter_ptr + b * tl.num_programs(1) + kvh
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        _merge_heads(scratch_ptr, out_ptr, b, kvh * GROUP, num_splits, stride_sb, stride_sh, stride_ss, stride_ob,
-                     stride_oh, HEAD_DIM, GROUP, BLOCK_R, BLOCK_S, BLOCK_D)
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @_jit
@@ -104,15 +55,13 @@ def _rotate(ptr, offs, cols, partner, mask, cos, sin):
 
 @_jit
 def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, slot_ptr,
-                              pos_ptr, inv_freq_ptr, rope_scale, scratch_ptr, out_ptr, counter_ptr, qk_scale,
-                              num_splits,
+                              pos_ptr, inv_freq_ptr, rope_scale, scratch_ptr, qk_scale, num_splits,
                               stride_qb, stride_qh, stride_vb, stride_vh, stride_cb, stride_cr, stride_ch, stride_bt,
-                              stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
+                              stride_sb, stride_sh, stride_ss,
                               NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
                               BLOCK_HALF: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                              UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr, FUSED_MERGE: tl.constexpr,
-                              BLOCK_S: tl.constexpr):
+                              UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr):
     # Grid (B, KVH, num_splits), as _decode_split_kernel, for q and this step's k, v straight from
     # the projection (k not yet rotated, neither stored): RoPE of the group's q heads and of k in
     # registers; the split holding the new key stores it (rotated) and v to the cache. The new
@@ -189,6 +138,3 @@ def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tab
     dst = scratch_ptr + b.to(tl.int64) * stride_sb + heads * stride_sh + split * stride_ss  # [G]
     tl.store(dst[:, None] + cols[None, :], o, mask=gm)
     tl.store(dst + HEAD_DIM, lse, mask=mask_g)
-    if FUSED_MERGE:  # 2 * BLOCK_HALF: next_power_of_2(HEAD_DIM)
-        _merge_if_last(counter_ptr, scratch_ptr, out_ptr, b, kvh, num_splits, stride_sb, stride_sh, stride_ss,
-                       stride_ob, stride_oh, HEAD_DIM, GROUP, BLOCK_R, BLOCK_S, 2 * BLOCK_HALF)

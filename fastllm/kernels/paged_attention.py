@@ -7,8 +7,7 @@ its slot id is block * block_size + row.
 - store_kv: write new K/V rows into their slots (slot -1 is skipped: CUDA-graph padding);
   rope_store_kv: RoPE of q (in place) and k, and the store of k and v, in one launch (both in
   fastllm.kernels.kv_store, reached through this module too).
-- paged_decode: one query per sequence, split-K (flash-decoding) with the splits merged by the
-  last one to finish (or, without FUSED_MERGE, by a second kernel), graph-safe;
+- paged_decode: one query per sequence, two-stage split-K (flash-decoding), graph-safe;
   paged_decode_rope: the same with rope_store_kv's work inside (decode steps of the model; its
   kernel in fastllm.kernels.decode_rope).
 - paged_prefill: varlen causal attention of new tokens against the cache (chunked prefill,
@@ -27,7 +26,7 @@ import torch
 # store_kv and rope_store_kv live in kv_store; backends call every kernel through this module
 from .kv_store import _check_cache, _jit, rope_store_kv, store_kv, tl, triton  # noqa: F401
 # the fused RoPE-and-decode kernel (paged_decode_rope's) lives in decode_rope
-from .decode_rope import _decode_rope_split_kernel, _merge_heads, _merge_if_last
+from .decode_rope import _decode_rope_split_kernel
 from .launch import pdl
 
 LOG2E = 1.4426950408889634
@@ -71,16 +70,14 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, key_
 
 
 @_jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scratch_ptr, out_ptr,
-                         counter_ptr, qk_scale, num_splits,
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scratch_ptr,
+                         qk_scale, num_splits,
                          stride_qb, stride_qh, stride_cb, stride_cr, stride_ch, stride_bt,
-                         stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
+                         stride_sb, stride_sh, stride_ss,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
-                         FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Grid (B, KVH, num_splits): the GROUP query heads of one kv head over one slice of keys; with
-    # FUSED_MERGE the last split to finish merges them into out (decode_rope._merge_if_last).
+                         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr):
+    # Grid (B, KVH, num_splits): the GROUP query heads of one kv head over one slice of keys.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,9 +117,6 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     dst = scratch_ptr + b.to(tl.int64) * stride_sb + heads * stride_sh + split * stride_ss  # [G]
     tl.store(dst[:, None] + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(dst + HEAD_DIM, lse, mask=mask_g)
-    if FUSED_MERGE:
-        _merge_if_last(counter_ptr, scratch_ptr, out_ptr, b, kvh, num_splits, stride_sb, stride_sh, stride_ss,
-                       stride_ob, stride_oh, HEAD_DIM, GROUP, BLOCK_G, BLOCK_S, BLOCK_D)
 
 
 @_jit
@@ -130,12 +124,25 @@ def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
                          stride_sb, stride_sh, stride_ss, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                          USE_PDL: tl.constexpr):
-    # Grid (B, H): the splits' partial results of head h merged into out (without FUSED_MERGE).
+    # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
     if USE_PDL:  # the partial results come from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    _merge_heads(scratch_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_sb, stride_sh,
-                 stride_ss, stride_ob, stride_oh, HEAD_DIM, 1, 1, BLOCK_S, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    base = scratch_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s * stride_ss  # [S]
+    lse = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0))  # empty splits weigh 2^-inf = 0
+    denom = tl.sum(w, axis=0)
+    o = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @_jit
@@ -204,7 +211,6 @@ def _dot_args(dtype: torch.dtype) -> dict:
 def decode_scratch(batch: int, num_heads: int, head_dim: int, num_splits: int = 8,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """fp32 scratch of paged_decode: [batch, num_heads, num_splits, head_dim + 1] (split outputs and lse)."""
-    _split_counters(batch * num_heads, device)  # the fused merge's counters, before any graph capture
     return torch.empty(batch, num_heads, num_splits, head_dim + 1, dtype=torch.float32, device=device)
 
 
@@ -236,41 +242,8 @@ def _checked_scratch(scratch: torch.Tensor | None, batch: int, h: int, d: int, n
     return scratch
 
 
-# The decode split kernels merge their splits in their last program per (sequence, kv head), counted
-# by an atomic (decode_rope._merge_if_last), instead of a second launch: benchmarks switch it.
-FUSED_MERGE = True
-_COUNTERS: dict = {}  # device -> int32 arrival counters of the fused merge, zero between calls
-_RETIRED: list = []  # counters outgrown: a captured CUDA graph may still point at them
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """At least n zeroed int32 counters on device for the fused merge; each call's last programs
-    reset theirs to 0. Allocated once per device and size (by decode_scratch, before any graph
-    capture), shared by every layer: the decode kernels of one device run one at a time (one
-    stream)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if have is not None:
-            _RETIRED.append(have)
-        have = _COUNTERS[device] = torch.zeros(max(4096, triton.next_power_of_2(n)), dtype=torch.int32,
-                                               device=device)
-    return have
-
-
-def _merge_args(scratch: torch.Tensor, out: torch.Tensor, num_splits: int, kv_heads: int) -> dict:
-    """The split kernels' arguments for the merge, fused or not."""
-    return dict(out_ptr=out, counter_ptr=_split_counters(out.shape[0] * kv_heads, out.device) if FUSED_MERGE else out,
-                stride_ob=out.stride(0), stride_oh=out.stride(1), FUSED_MERGE=FUSED_MERGE,
-                BLOCK_S=triton.next_power_of_2(num_splits))
-
-
 def _merge_splits(scratch: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
-    """The decode kernels' second launch without FUSED_MERGE: out [B, H, D] from the splits' partial results."""
-    if FUSED_MERGE:
-        return
+    """The decode kernels' second launch: out [B, H, D] from the splits' partial results."""
     batch, h, d = out.shape
     _decode_merge_kernel[(batch, h)](
         scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
@@ -301,10 +274,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_g = max(triton.next_power_of_2(group), 16)
     block_d = triton.next_power_of_2(d)
     _decode_split_kernel[(batch, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, scratch, qk_scale=scale * LOG2E, num_splits=num_splits,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_cb=k_cache.stride(0), stride_cr=k_cache.stride(1),
-        stride_ch=k_cache.stride(2), stride_bt=block_tables.stride(0), stride_sb=scratch.stride(0),
-        stride_sh=scratch.stride(1), stride_ss=scratch.stride(2), **_merge_args(scratch, out, num_splits, kvh),
+        q, k_cache, v_cache, block_tables, seq_lens, scratch, scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        scratch.stride(0), scratch.stride(1), scratch.stride(2),
         GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_N=DECODE_BLOCK_N, **_dot_args(q.dtype),
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(q))
@@ -337,10 +309,9 @@ def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     group = h // kvh
     _decode_rope_split_kernel[(batch, kvh, num_splits)](
         qk, v, k_cache, v_cache, block_tables, seq_lens, slot_mapping, positions, inv_freq, rope_scale, scratch,
-        qk_scale=scale * LOG2E, num_splits=num_splits, stride_qb=qk.stride(0), stride_qh=qk.stride(1),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_cb=k_cache.stride(0), stride_cr=k_cache.stride(1),
-        stride_ch=k_cache.stride(2), stride_bt=block_tables.stride(0), stride_sb=scratch.stride(0),
-        stride_sh=scratch.stride(1), stride_ss=scratch.stride(2), **_merge_args(scratch, out, num_splits, kvh),
+        scale * LOG2E, num_splits, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        scratch.stride(0), scratch.stride(1), scratch.stride(2),
         NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_R=triton.next_power_of_2(group),
         BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_HALF=max(triton.next_power_of_2(d // 2), 16), BLOCK_N=DECODE_BLOCK_N, **_dot_args(qk.dtype),

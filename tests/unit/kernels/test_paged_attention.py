@@ -201,31 +201,6 @@ def test_paged_decode_preallocated_scratch(num_splits):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_paged_decode_merge_fused_or_not(fused, monkeypatch):
-    """The splits merged by the last one to finish (FUSED_MERGE) or by the merge kernel: the same
-    result, every counter back at 0 after each call, and a second call on the same counters right."""
-    monkeypatch.setattr(pa, "FUSED_MERGE", fused)
-    c = make_case(6, 2, 64, 16, torch.bfloat16, [40, 0, 7, 33], [1] * 4, seed=5)
-    ref = pa.reference_attention(**c)
-    for num_splits in (3, 8, 3):
-        out = torch.full_like(c["q"], float("nan"))
-        pa.paged_decode(c["q"], c["k_cache"], c["v_cache"], c["block_tables"], c["seq_lens"], c["scale"], out,
-                        num_splits=num_splits)
-        assert_close(out, ref, torch.bfloat16)
-        assert torch.equal(out[1], torch.zeros_like(out[1]))
-        assert not pa._split_counters(1, out.device).any(), "a fused merge left its counter set"
-
-
-def test_split_counters_grow_and_keep_the_old():
-    dev = torch.device(DEVICE)
-    first = pa._split_counters(8, dev)
-    bigger = pa._split_counters(first.numel() + 1, dev)
-    assert bigger.numel() > first.numel() and not bigger.any()
-    assert pa._split_counters(8, dev) is bigger
-    assert any(t is first for t in pa._RETIRED), "outgrown counters must stay alive for captured graphs"
-
-
 def test_paged_decode_rejects_wrong_scratch():
     c = make_case(4, 4, 64, 16, torch.float32, [3], [1])
     with pytest.raises(ValueError, match="scratch"):

@@ -65,15 +65,14 @@ for head in (0, 1, 2):
     for name, text in (("int8", int8), ("int4", int4)):
         out[f"{name} head={head}"] = [k.replace("load16", "load") for k in kinds_of(text)]
 strides = ["stride_qb", "stride_qh", "stride_vb", "stride_vh", "stride_cb", "stride_cr", "stride_ch", "stride_bt",
-           "stride_sb", "stride_sh", "stride_ss", "stride_ob", "stride_oh"]
+           "stride_sb", "stride_sh", "stride_ss"]
 attn = ptx(_decode_rope_split_kernel,
            {"qk_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "slot_ptr": "*i64", "pos_ptr": "*i64",
-            "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "out_ptr": "*bf16",
-            "counter_ptr": "*i32", "qk_scale": "fp32",
+            "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "qk_scale": "fp32",
             "num_splits": "i32", **{n: "i32" for n in strides}},
            dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_R=1, BLOCK_G=16, BLOCK_HALF=64, BLOCK_N=32,
-                DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True, FUSED_MERGE=True, BLOCK_S=16), 4, 2)
+                DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True), 4, 2)
 out["decode_rope"] = kinds_of(attn)
 print(json.dumps(out))
 """
