@@ -13,7 +13,7 @@ next, no attention or norms), 32 layers of distinct weights, timed as CUDA graph
 - `bf16`: the bf16 GEMV chain on the same shapes, for the ratio.
 
 --launched: only launch chains, of every batch-1 GEMV format (int8 / fp8 word and TMA kernels, int4's
-default, bf16; the word and bf16 ones also without PDL), to compare the formats' GEMVs without the
+Triton default, the CUDA int8 and int4 GEMVs (fastllm.kernels.cuda_gemv), bf16; the word and bf16 ones also without PDL), to compare the formats' GEMVs without the
 rest of the step; --only=int8,bf16 keeps the chains whose names start so (for a profiler: e.g.
 `ncu --graph-profiling graph --section MemoryWorkloadAnalysis --section WarpStateStats` on one
 chain's graph replays, which keeps the kernels' PDL overlap that a per-kernel profile loses).
@@ -208,12 +208,17 @@ def launched(out_dir, L: int) -> None:
     for fmt, quant in (("int8", quantize_int8), ("fp8", quantize_fp8)):
         for kind in ("word", "word, no PDL", "TMA"):
             PDL.ENABLED = "no PDL" not in kind
-            chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma), f"{fmt} {kind} GEMV", one)
+            chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma, cuda=False),
+                  f"{fmt} {kind} GEMV", one)
+    PDL.ENABLED = True
+    chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True), "int8 CUDA GEMV", one)
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)
         return p, s, z, pack_scales(s, z)
-    chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3]), "int4 g128 (default GEMV)",
+    chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=False), "int4 g128 (default GEMV)",
+          lambda N, K: N * K // 2 + N * (K // 128) * 8)
+    chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=True), "int4 g128 CUDA GEMV",
           lambda N, K: N * K // 2 + N * (K // 128) * 8)
     for kind in ("", ", no PDL"):
         PDL.ENABLED = "no PDL" not in kind

@@ -1,5 +1,6 @@
-"""fastllm's CUDA int8 GEMV (fastllm/kernels/cuda/gemv_int8.cu: why, and how it computes), built
-with nvcc on first use and called through ctypes.
+"""fastllm's CUDA GEMVs (fastllm/kernels/cuda/: gemv_int8.cu says why, and how they compute; gemv_int4.cu
+is the same structure for int4 weights), built with nvcc on first use into one shared library and
+called through ctypes.
 
 The library is compiled for the card's architecture into the cache (FASTLLM_CACHE, else
 $XDG_CACHE_HOME/fastllm, else ~/.cache/fastllm, under cuda/), named by the source's hash, the
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cuda") / "gemv_int8.cu"
+SOURCE_DIR = Path(__file__).with_name("cuda")
+SOURCES = [SOURCE_DIR / "gemv_int8.cu", SOURCE_DIR / "gemv_int4.cu"]
 # Rows (one per warp) per CTA: 8 or 16 (benchmarks switch it). Llama-2-7B int8, batch 1, H100, one
 # call (2026-11-28): 16 rows 329.9 tok/s, 8 rows 327.5, the Triton word GEMV 325.1.
 WARPS = 16
@@ -41,7 +43,7 @@ def nvcc() -> str | None:
 
 
 def build(arch: str, cache_dir: Path | None = None) -> Path:
-    """The shared library of SOURCE for compute capability `arch` ("90" for 9.0), compiled into
+    """The shared library of SOURCES for compute capability `arch` ("90" for 9.0), compiled into
     cache_dir/cuda unless it is there already. Raises RuntimeError (no nvcc, or its error output)."""
     from ..stages.loaders.gguf import default_cache_dir
 
@@ -49,26 +51,28 @@ def build(arch: str, cache_dir: Path | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no nvcc found (CUDA_HOME, CUDA_PATH, /usr/local/cuda, PATH)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".cu", ".cuh"))
+    key = hashlib.sha256(text + arch.encode() + version.encode()).hexdigest()[:16]
     out = (cache_dir or default_cache_dir()) / "cuda"
-    lib = out / f"gemv_int8-sm{arch}-{key}.so"
+    lib = out / f"gemv-sm{arch}-{key}.so"
     with _build_lock:
         if not lib.is_file():
             out.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             run = subprocess.run([compiler, "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
-                                  "-Xcompiler", "-fPIC", "-o", str(tmp), str(SOURCE)],
+                                  "-Xcompiler", "-fPIC", "-o", str(tmp), *map(str, SOURCES)],
                                  capture_output=True, text=True, timeout=600)
             if run.returncode != 0:
                 tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"nvcc failed on {SOURCE.name}:\n{run.stderr[-2000:]}")
+                raise RuntimeError(f"nvcc failed on {SOURCE_DIR}:\n{run.stderr[-2000:]}")
             os.replace(tmp, lib)  # atomic: another process sees the whole file or none
     return lib
 
 
 @functools.cache
 def _entry(device_index: int):
-    """The library's launch function for this device, or None (logged once)."""
+    """The library's int8 launch function for this device (its int4 one as `.int4`), or None
+    (logged once)."""
     major, minor = torch.cuda.get_device_capability(device_index)
     if (major, minor) < (6, 1):  # dp4a
         log.info("fastllm CUDA GEMV: compute capability %d.%d has no dp4a; Triton kernels only", major, minor)
@@ -81,6 +85,10 @@ def _entry(device_index: int):
     fn = lib.fastllm_gemv_int8
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_size_t]
+    fn4 = lib.fastllm_gemv_int4
+    fn4.restype = ctypes.c_int
+    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8 + [ctypes.c_size_t]
+    fn.int4 = fn4
     return fn
 
 
@@ -153,4 +161,42 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
              WARPS, int(use_pdl), int(silu_mul), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
+    return y
+
+
+def fits_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,
+              silu_mul: bool = False) -> bool:
+    """Whether gemv_int4 takes these operands: bf16 x (K <= Kp values, 2K with silu_mul), packed
+    uint8 [N, Kp / 2] contiguous and 16-byte aligned, pairs fp32 [N, groups rounded up to even, 2]
+    contiguous, group_size a multiple of 32."""
+    N, half = packed.shape
+    Kp = 2 * half
+    K = x.numel() // 2 if silu_mul else x.numel()
+    ng = Kp // group_size if group_size else 0
+    return (x.dtype == torch.bfloat16 and packed.dtype == torch.uint8 and group_size % 32 == 0 and Kp % group_size == 0
+            and 0 < K <= Kp and (not silu_mul or x.numel() % 2 == 0) and packed.is_contiguous()
+            and packed.data_ptr() % 16 == 0 and pairs.dtype == torch.float32 and pairs.is_contiguous()
+            and pairs.shape == (N, ng + ng % 2, 2))
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None, silu_mul: bool = False, use_pdl: bool = False) -> torch.Tensor:
+    """y [N] bf16 = dequant(W) @ x (+ bias) for fastllm.stages.quantizers.int4's storage (packed, and
+    its (scale, zero) pairs from pack_scales); x bf16 [K] (or with silu_mul [2K]); see fits_int4."""
+    if not fits_int4(x, packed, pairs, group_size, silu_mul):
+        raise ValueError(f"gemv_int4 takes bf16 x and packed uint8 [N, Kp / 2] int4 weights with their pairs, got "
+                         f"{x.dtype} {tuple(x.shape)}, {packed.dtype} {tuple(packed.shape)}, {tuple(pairs.shape)}")
+    fn = _entry(_index(x))
+    if fn is None:
+        raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
+    N, Kp = packed.shape[0], packed.shape[1] * 2
+    xv = x.reshape(-1).contiguous()
+    K = xv.numel() // 2 if silu_mul else xv.numel()
+    b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
+    y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
+    err = fn.int4(packed.data_ptr(), pairs.data_ptr(), xv.data_ptr(), None if b is None else b.data_ptr(),
+                  y.data_ptr(), N, K, Kp, group_size, pairs.shape[1], WARPS, int(use_pdl), int(silu_mul),
+                  torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"fastllm CUDA GEMV (int4) launch failed: cudaError {err}")
     return y

@@ -43,11 +43,16 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import cuda_gemv
 from .gemv_common import _after_wait
 from .int4_tiles import _int4_scales, _int4_tile, _int4_tile_dp4a
 from .launch import autotune, launch_rows, pdl, tma_supported
 
 WORDS = True  # the word kernel (False: the row kernel; benchmarks switch it to compare)
+# With pairs and bf16 inputs, the CUDA GEMV (fastllm.kernels.cuda_gemv, cuda/gemv_int4.cu) where it
+# builds. Off: prepared and tested against float64, not yet timed on a GPU (scripts/quant_gpu.py
+# kind "int4-cuda").
+CUDA = False
 
 CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": r}, num_warps=w, num_stages=s)
            for n, r, w, s in [(4, 4, 4, 3), (8, 2, 4, 3), (8, 4, 4, 4), (16, 2, 8, 3), (2, 8, 4, 4), (4, 8, 8, 3),
@@ -287,14 +292,16 @@ INTERPRETED = type(_gemv_int4_kernel).__name__ == "InterpretedFunction"  # no in
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, config: triton.Config | None = None,
               words: bool | None = None, pairs: torch.Tensor | None = None, silu_mul: bool = False,
-              tma: bool | None = None, dp4a: bool | None = None) -> torch.Tensor:
+              tma: bool | None = None, dp4a: bool | None = None, cuda: bool | None = None) -> torch.Tensor:
     """x [1, K] or [K] times the int4 weight (see the module docstring); result in x's dtype.
     words: the word kernel (default: the module's WORDS); config: one of its configurations;
     pairs: the same scales and zeros interleaved (fastllm.stages.quantizers.int4.pack_scales), which
     the word kernel reads in 16-byte loads; silu_mul (word and TMA kernels): x is [gate, up]
     ([1, 2K]) and the layer's input is silu(gate) * up. tma: with pairs, the TMA kernel
     (default: the module's TMA, on CUDA devices of compute capability 9.0 and later); dp4a: the TMA
-    kernel in integer arithmetic, for 16-bit inputs (default: the module's DP4A)."""
+    kernel in integer arithmetic, for 16-bit inputs (default: the module's DP4A); cuda: with pairs and
+    bf16 inputs, the CUDA GEMV where it builds (default: the module's CUDA, unless config, words or
+    tma asks for a Triton kernel)."""
     N, Kp = packed.shape[0], packed.shape[1] * 2
     K = x.shape[-1] // 2 if silu_mul else x.shape[-1]
     assert x.numel() == (2 * K if silu_mul else K) and K <= Kp and Kp % group_size == 0
@@ -308,6 +315,12 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     if pairs is not None:
         ng = Kp // group_size
         assert pairs.shape == (N, ng + ng % 2, 2) and pairs.is_contiguous() and pairs.dtype == torch.float32
+    if cuda is None:
+        cuda = CUDA and config is None and words is None and tma is None
+    if (cuda and pairs is not None and x.device.type == "cuda" and cuda_gemv.fits_int4(xv, packed, pairs, group_size, silu_mul)
+            and cuda_gemv.available(x)):
+        y = cuda_gemv.gemv_int4(xv, packed, pairs, group_size, bias, silu_mul, use_pdl=flags["USE_PDL"])
+        return y.view(*x.shape[:-1], N)
     if tma is None:  # (a pinned configuration of another kernel has no STAGES)
         tma = TMA and tma_supported(x) and words is None and (config is None or "STAGES" in config.kwargs)
     if tma and pairs is not None:

@@ -17,30 +17,9 @@
 //   unsigned low byte plane; a weight word meets them in two dp4a, and the chunk's exact integer
 //   sum is scaled once. The only rounding added: at most the chunk's largest / 65534 per input
 //   (the int4 GEMV's dp4a path does the same per tile).
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define UNROLL 4
-
-__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ int dp4a_ss(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ int dp4a_su(uint32_t a, uint32_t b, int c) {  // a signed, b unsigned
-    int d;
-    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
 
 __device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row, int first, int chunks) {
 #pragma unroll
@@ -78,12 +57,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
     const uint4 *wr = reinterpret_cast<const uint4 *>(q + (size_t)min(row, N - 1) * K);
     uint4 wa[UNROLL], wb[UNROLL];
     load_batch(wa, wr, lane, chunks);
-#if __CUDA_ARCH__ >= 900
-    if (PDL) {  // x comes from the kernel before
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    }
-#endif
+    pdl_wait<PDL>();  // x comes from the kernel before
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[16];
         if (SILU) {
@@ -113,7 +87,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
             hw[j] = 0, lw[j] = 0;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int xi = max(-32767, min(32767, __float2int_rn(v[4 * j + e] * inv)));
+                const int xi = fixed16(v[4 * j + e], inv);
                 hw[j] |= (uint32_t)((xi >> 8) & 0xff) << (8 * e);
                 lw[j] |= (uint32_t)(xi & 0xff) << (8 * e);
             }
@@ -147,24 +121,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
 template <int WARPS, bool PDL, bool SILU, bool BIAS>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
                   cudaStream_t stream) {
-    static bool raised = false;  // shared memory past 48 KiB (K above 21,845) needs the opt-in
-    if (!raised) {
-        cudaFuncSetAttribute(gemv_int8<WARPS, PDL, SILU, BIAS>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-        raised = true;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((N + WARPS - 1) / WARPS);
-    cfg.blockDim = dim3(WARPS * 32);
-    cfg.dynamicSmemBytes = (size_t)(K / 16) * 36;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = PDL ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, gemv_int8<WARPS, PDL, SILU, BIAS>, (const int8_t *)q, (const __nv_bfloat16 *)x,
-                       (const float *)s, (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K);
-    return (int)cudaGetLastError();
+    return launch_kernel(gemv_int8<WARPS, PDL, SILU, BIAS>, (N + WARPS - 1) / WARPS, WARPS * 32, (size_t)(K / 16) * 36,
+                         PDL, stream, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
+                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K);
 }
 
 // warps: 8 or 16 rows per CTA. Returns a cudaError_t (0: launched on `stream`), -1 for other warps.

@@ -151,3 +151,49 @@ def test_first_use_inside_a_graph_capture_keeps_triton_until_checked(monkeypatch
         captured = CG.available(x)
     assert not captured and CG._checked == {}
     assert CG.available(x) == (CG._entry(x.device.index or 0) is not None)
+
+
+@gpu
+@pytest.mark.parametrize("N, K, G", [(1, 32, 32), (37, 530, 64), (129, 4096, 128), (301, 11008, 128), (8, 8200, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("warps", [8, 16])
+def test_int4_matches_float64(N, K, G, bias, silu, warps, monkeypatch):
+    """fastllm.stages.quantizers.int4's storage through the CUDA int4 GEMV: odd K (zero-padded to
+    whole groups), every group size, bias, SiLU-and-mul inputs."""
+    from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
+
+    monkeypatch.setattr(CG, "WARPS", warps)
+    h = torch.randn(1, 2 * K if silu else K).to(torch.bfloat16).cuda()
+    if not CG.available(h):
+        pytest.skip("the CUDA GEMV does not build here")
+    g = torch.Generator().manual_seed(N + K)
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, generator=g).cuda(), G)
+    pairs = pack_scales(scales, zeros)
+    b = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+    if silu:
+        gate, up = h.float().split(K, dim=-1)
+        x = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    else:
+        x = h
+    out = CG.gemv_int4(h, packed, pairs, G, b if bias else None, silu_mul=silu)
+    w = dequantize_int4(packed, scales, zeros, K).double()
+    ref = w @ x.double().view(-1) + (b.double() if bias else 0)
+    assert out.shape == (N,) and out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@gpu
+def test_gemv_int4_routes_to_it_when_asked_and_agrees_with_the_triton_kernel():
+    from fastllm.kernels import gemv_int4 as G4
+    from fastllm.stages.quantizers.int4 import pack_scales, quantize_int4
+
+    x = torch.randn(1, 4096).to(torch.bfloat16).cuda()
+    if not CG.available(x):
+        pytest.skip("the CUDA GEMV does not build here")
+    packed, scales, zeros = quantize_int4(torch.randn(300, 4096).cuda(), 128)
+    pairs = pack_scales(scales, zeros)
+    cuda = G4.gemv_int4(x, packed, scales, zeros, 128, pairs=pairs, cuda=True)
+    triton_ = G4.gemv_int4(x, packed, scales, zeros, 128, pairs=pairs, cuda=False)
+    assert cuda.shape == triton_.shape == (1, 300)
+    assert ((cuda.double() - triton_.double()).norm() / triton_.double().norm()).item() < 1e-2

@@ -1,0 +1,82 @@
+// Helpers shared by fastllm's CUDA GEMVs (gemv_int8.cu, gemv_int4.cu).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+// A weight chunk streamed once: read-only, not kept in L1.
+__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// dp4a with a's and b's bytes signed (s) or unsigned (u)
+__device__ __forceinline__ int dp4a_ss(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp4a_su(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp4a_uu(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Under PDL (sm_90+): wait for the kernel before (its output is this kernel's input), then let the
+// next one launch.
+template <bool PDL>
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    if (PDL) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    }
+#endif
+}
+
+// The layer input value k as the unfused ops round it: x[k], or with SILU bf16(silu(x[k]) * x[K + k]).
+template <bool SILU>
+__device__ __forceinline__ float input_at(const __nv_bfloat16 *x, int K, int k) {
+    const float g = __bfloat162float(x[k]);
+    if (!SILU) return g;
+    return __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(x[K + k])));
+}
+
+// 16-bit fixed point of v against scale sc's reciprocal inv, as (signed high byte, unsigned low byte)
+__device__ __forceinline__ int fixed16(float v, float inv) {
+    return max(-32767, min(32767, __float2int_rn(v * inv)));
+}
+
+// Launch on `stream`, as a programmatic dependent of the kernel before when pdl.
+template <typename Kernel, typename... Args>
+static int launch_kernel(Kernel kernel, int grid, int block, size_t smem, bool pdl, cudaStream_t stream, Args... args) {
+    if (smem > 48 * 1024)  // shared memory past 48 KiB needs the opt-in
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, kernel, args...);
+    return (int)cudaGetLastError();
+}
