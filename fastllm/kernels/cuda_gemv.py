@@ -7,8 +7,8 @@ $XDG_CACHE_HOME/fastllm, else ~/.cache/fastllm, under cuda/), named by the sourc
 architecture and nvcc's version, so a later process loads it without compiling. nvcc is looked for
 in CUDA_HOME, CUDA_PATH, /usr/local/cuda and the PATH. Where there is none, or it fails, or the
 card is older than compute capability 6.1, or the built library fails a first small product
-against torch (a driver older than the nvcc, say), `available` is False (the reason logged once)
-and fastllm.kernels.gemv keeps its Triton kernels. That first product runs outside CUDA-graph
+against torch (a driver older than the nvcc, say), or FASTLLM_CUDA_KERNELS=0 is set, `available`
+is False (the reason logged once) and fastllm.kernels.gemv keeps its Triton kernels. That first product runs outside CUDA-graph
 capture: until it has run, a capturing stream gets the Triton kernels.
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ def build(arch: str, cache_dir: Path | None = None) -> Path:
     lib = out / f"gemv-sm{arch}-{key}.so"
     with _build_lock:
         if not lib.is_file():
+            log.info("building fastllm's CUDA GEMVs for sm_%s with %s (once per card and nvcc)", arch, compiler)
             out.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             run = subprocess.run([compiler, "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
@@ -73,6 +74,9 @@ def build(arch: str, cache_dir: Path | None = None) -> Path:
 def _entry(device_index: int):
     """The library's int8 launch function for this device (its int4 one as `.int4`), or None
     (logged once)."""
+    if os.environ.get("FASTLLM_CUDA_KERNELS", "1") == "0":
+        log.info("fastllm CUDA GEMV off (FASTLLM_CUDA_KERNELS=0); Triton kernels only")
+        return None
     major, minor = torch.cuda.get_device_capability(device_index)
     if (major, minor) < (6, 1):  # dp4a
         log.info("fastllm CUDA GEMV: compute capability %d.%d has no dp4a; Triton kernels only", major, minor)

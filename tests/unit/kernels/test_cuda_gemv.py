@@ -28,6 +28,15 @@ def test_without_nvcc_the_build_says_so(monkeypatch, tmp_path):
         CG.build("90", tmp_path)
 
 
+def test_the_environment_can_turn_it_off(monkeypatch):
+    monkeypatch.setenv("FASTLLM_CUDA_KERNELS", "0")
+    CG._entry.cache_clear()
+    try:
+        assert CG._entry(0) is None  # (before asking the device anything)
+    finally:
+        CG._entry.cache_clear()
+
+
 def test_fits_only_what_the_kernel_takes():
     q = torch.zeros(8, 32, dtype=torch.int8)
     x = torch.zeros(32, dtype=torch.bfloat16)
