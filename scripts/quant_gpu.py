@@ -18,9 +18,10 @@ float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -n
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
-up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV; -cuda: the int4 GEMVs through the CUDA GEMV; -cta8: the
-CUDA GEMV with 8 rows per CTA, not 16; suffixes combine; e2e only; bf16-SUFFIX rows are bf16
-with the suffix).
+up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
+-cuda: the int4 GEMVs through the CUDA GEMV; -early: the CUDA int8 GEMV's second weight batch
+before the PDL wait too; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; suffixes combine; e2e
+only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
 """
@@ -158,6 +159,7 @@ if "--skip-e2e" not in sys.argv:
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.CUDA = "-nocuda" not in q  # "-nocuda": the int8 GEMVs in Triton, not the CUDA GEMV
                 GV4.CUDA = q.endswith("-cuda") or "-cuda-" in q  # "-cuda": the int4 GEMVs in CUDA
+                CG.EARLY = "-early" in q  # "-early": the CUDA int8 GEMV's second batch before the wait too
                 CG.WARPS = 8 if "-cta8" in q else 16  # "-cta8": the CUDA GEMV with 8 rows per CTA, not 16
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
@@ -178,7 +180,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-early")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

@@ -31,6 +31,9 @@ SOURCES = [SOURCE_DIR / "gemv_int8.cu", SOURCE_DIR / "gemv_int4.cu"]
 # Rows (one per warp) per CTA: 8 or 16 (benchmarks switch it). Llama-2-7B int8, batch 1, H100, one
 # call (2026-11-28): 16 rows 329.9 tok/s, 8 rows 327.5, the Triton word GEMV 325.1.
 WARPS = 16
+# The int8 GEMV requests its second batch of weights before the PDL wait too, so both are in flight
+# while each CTA prepares its input (gemv_int8.cu's EARLY). Off: not yet timed (quant_gpu "-early").
+EARLY = False
 _build_lock = threading.Lock()
 
 
@@ -88,7 +91,7 @@ def _entry(device_index: int):
         return None
     fn = lib.fastllm_gemv_int8
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_size_t]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_size_t]
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
     fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8 + [ctypes.c_size_t]
@@ -162,7 +165,7 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
     err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, K,
-             WARPS, int(use_pdl), int(silu_mul), torch.cuda.current_stream(x.device).cuda_stream)
+             WARPS, int(use_pdl), int(silu_mul), int(EARLY), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
     return y

@@ -46,7 +46,9 @@ __device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], 
     }
 }
 
-template <int WARPS, bool PDL, bool SILU, bool BIAS>
+// EARLY: the second batch too is requested before the wait, so both are in flight while the CTA
+// prepares its input (not yet timed: fastllm.kernels.cuda_gemv.EARLY)
+template <int WARPS, bool PDL, bool SILU, bool BIAS, bool EARLY>
 __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
                                                         const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
                                                         __nv_bfloat16 *__restrict__ y, int N, int K) {
@@ -57,6 +59,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
     const uint4 *wr = reinterpret_cast<const uint4 *>(q + (size_t)min(row, N - 1) * K);
     uint4 wa[UNROLL], wb[UNROLL];
     load_batch(wa, wr, lane, chunks);
+    if (EARLY && lane + 32 * UNROLL < chunks) load_batch(wb, wr, lane + 32 * UNROLL, chunks);
     pdl_wait<PDL>();  // x comes from the kernel before
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[16];
@@ -99,8 +102,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
     __syncthreads();
     float acc = 0.f;
     const int step = 32 * UNROLL;
-    for (int first = lane;;) {
-        if (first + step < chunks) load_batch(wb, wr, first + step, chunks);
+    for (int first = lane, early = EARLY;;) {
+        if (!early && first + step < chunks) load_batch(wb, wr, first + step, chunks);
+        early = false;
         use_batch(acc, wa, xsm, first, chunks);
         first += step;
         if (first >= chunks) break;
@@ -118,23 +122,26 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
     }
 }
 
-template <int WARPS, bool PDL, bool SILU, bool BIAS>
+template <int WARPS, bool PDL, bool SILU, bool BIAS, bool EARLY>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
                   cudaStream_t stream) {
-    return launch_kernel(gemv_int8<WARPS, PDL, SILU, BIAS>, (N + WARPS - 1) / WARPS, WARPS * 32, (size_t)(K / 16) * 36,
+    return launch_kernel(gemv_int8<WARPS, PDL, SILU, BIAS, EARLY>, (N + WARPS - 1) / WARPS, WARPS * 32, (size_t)(K / 16) * 36,
                          PDL, stream, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
                          (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K);
 }
 
-// warps: 8 or 16 rows per CTA. Returns a cudaError_t (0: launched on `stream`), -1 for other warps.
+// warps: 8 or 16 rows per CTA; early: see EARLY. Returns a cudaError_t (0: launched on `stream`), -1 for other
+// warps.
 extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
-                                 int warps, int pdl, int silu, uintptr_t stream) {
+                                 int warps, int pdl, int silu, int early, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
-#define PICK(W, P, S)                                                                                    \
-    if (warps == W && pdl == P && silu == S)                                                             \
-        return b ? launch<W, P, S, true>(q, x, s, b, y, N, K, st) : launch<W, P, S, false>(q, x, s, b, y, N, K, st);
-    PICK(8, 1, 1) PICK(8, 1, 0) PICK(8, 0, 1) PICK(8, 0, 0)
-    PICK(16, 1, 1) PICK(16, 1, 0) PICK(16, 0, 1) PICK(16, 0, 0)
+#define PICK(W, P, S, E)                                                                                     \
+    if (warps == W && pdl == P && silu == S && early == E)                                                   \
+        return b ? launch<W, P, S, true, E>(q, x, s, b, y, N, K, st) : launch<W, P, S, false, E>(q, x, s, b, y, N, K, st);
+#define PICK_E(W, P, S) PICK(W, P, S, 0) PICK(W, P, S, 1)
+    PICK_E(8, 1, 1) PICK_E(8, 1, 0) PICK_E(8, 0, 1) PICK_E(8, 0, 0)
+    PICK_E(16, 1, 1) PICK_E(16, 1, 0) PICK_E(16, 0, 1) PICK_E(16, 0, 0)
+#undef PICK_E
 #undef PICK
     return -1;
 }

@@ -70,9 +70,10 @@ def _chunk_fixed_point(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("N, K", [(1, 16), (37, 528), (129, 4096), (301, 11008), (8, 8208)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("warps", [8, 16])
-def test_matches_float64(N, K, bias, silu, warps, monkeypatch):
+@pytest.mark.parametrize("warps, early", [(8, False), (16, False), (16, True)])
+def test_matches_float64(N, K, bias, silu, warps, early, monkeypatch):
     monkeypatch.setattr(CG, "WARPS", warps)
+    monkeypatch.setattr(CG, "EARLY", early)
     x0 = torch.randn(1, K).to(torch.bfloat16).cuda()
     if not CG.available(x0):
         pytest.skip("the CUDA GEMV does not build here")
