@@ -211,7 +211,12 @@ def launched(out_dir, L: int) -> None:
             chain(quant, lambda x, q, tma=kind == "TMA": G.gemv(x, q[0], scale=q[1], tma=tma, cuda=False),
                   f"{fmt} {kind} GEMV", one)
     PDL.ENABLED = True
-    chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True), "int8 CUDA GEMV", one)
+    from fastllm.kernels import cuda_gemv as CG
+    for early in (False, True):
+        CG.EARLY = early
+        chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True),
+              f"int8 CUDA GEMV{', both batches before the wait' if early else ''}", one)
+    CG.EARLY = False
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)
