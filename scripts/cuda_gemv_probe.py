@@ -46,21 +46,20 @@ def main() -> None:
     so = build(out_dir)
     dev = torch.device("cuda")
 
-    def cuda_gemv(x, q, s, rpw, unroll, pdl, compute=True):
+    def launch(fn, x, q, s, *variant):
+        """y = fn's GEMV of x (both entry points take q, x, s, y, N, K, then four ints, then the stream)."""
         N, K = q.shape
         y = torch.empty(N, dtype=torch.bfloat16, device=dev)
-        err = so.gemv_i8_launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), y.data_ptr(), N, K, rpw, unroll, int(pdl),
-                                int(compute), torch.cuda.current_stream().cuda_stream)
+        err = fn(q.data_ptr(), x.data_ptr(), s.data_ptr(), y.data_ptr(), N, K, *map(int, variant),
+                 torch.cuda.current_stream().cuda_stream)
         assert err == 0, f"launch failed: {err}"
         return y
 
+    def cuda_gemv(x, q, s, rpw, unroll, pdl, compute=True):
+        return launch(so.gemv_i8_launch, x, q, s, rpw, unroll, pdl, compute)
+
     def cuda_gemv8(x, q, s, warps, unroll, dp4a, pdl=True):
-        N, K = q.shape
-        y = torch.empty(N, dtype=torch.bfloat16, device=dev)
-        err = so.gemv8_launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), y.data_ptr(), N, K, warps, unroll, int(pdl),
-                              int(dp4a), torch.cuda.current_stream().cuda_stream)
-        assert err == 0, f"launch failed: {err}"
-        return y
+        return launch(so.gemv8_launch, x, q, s, warps, unroll, pdl, dp4a)
 
     # correctness: odd row counts, K not a multiple of 32 x 16 x UNROLL, against float64
     worst = 0.0

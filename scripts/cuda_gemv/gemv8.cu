@@ -14,28 +14,7 @@
 //   two dp4a; the chunk's integer sums are scaled once. Rounding added: at most the chunk's
 //   largest / 65534 per input.
 // y[n] = (sum_k q[n, k] x[k]) * s[n], q int8 [N, K] (K % 16 == 0), x bf16 [K], s fp32 [N], y bf16.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
-
-__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ int dp4a_su(uint32_t a, uint32_t b, int c) {  // signed a, unsigned b
-    int d;
-    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ int dp4a_ss(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
+#include "../../fastllm/kernels/cuda/common.cuh"  // load_stream, dp4a, fixed16_planes, launch_kernel
 
 __device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
@@ -90,10 +69,7 @@ __global__ void __launch_bounds__(256) gemv8(const int8_t *__restrict__ q, const
     const uint4 *wr = reinterpret_cast<const uint4 *>(q + (size_t)min(row, N - 1) * K);
     uint4 a[UNROLL], b[UNROLL];
     load_batch<UNROLL>(a, wr, lane, chunks);  // the weights do not depend on the kernel before
-    if (PDL) {
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    }
+    pdl_wait<PDL>();
     // the input vector into shared memory, one chunk of 16 values per thread at a time
     const uint4 *xg = reinterpret_cast<const uint4 *>(x);
     float xsum = 0.f;
@@ -104,21 +80,8 @@ __global__ void __launch_bounds__(256) gemv8(const int8_t *__restrict__ q, const
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[2 * i] = bf16_lo(u[i]), v[2 * i + 1] = bf16_hi(u[i]);
         if (DP4A) {
-            float m = 0.f;
-#pragma unroll
-            for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(v[i]));
-            const float sc = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / sc;
             uint32_t hw[4], lw[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                hw[j] = 0, lw[j] = 0;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int xi = max(-32767, min(32767, __float2int_rn(v[4 * j + e] * inv)));
-                    hw[j] |= (uint32_t)((xi >> 8) & 0xff) << (8 * e);
-                    lw[j] |= (uint32_t)(xi & 0xff) << (8 * e);
-                }
-            }
+            const float sc = fixed16_planes(v, hw, lw);
             xsm[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
             xsm[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
             reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
@@ -164,26 +127,9 @@ __global__ void __launch_bounds__(256) gemv8(const int8_t *__restrict__ q, const
 
 template <int UNROLL, bool PDL, bool DP4A>
 static int launch(const void *q, const void *x, const void *s, void *y, int N, int K, int warps, cudaStream_t stream) {
-    const int chunks = K / 16;
-    const size_t smem = DP4A ? (size_t)chunks * 36 : (size_t)K * 4;
-    static bool raised = false;
-    if (!raised) {
-        cudaFuncSetAttribute(gemv8<UNROLL, PDL, DP4A>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-        raised = true;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((N + warps - 1) / warps);
-    cfg.blockDim = dim3(warps * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = PDL ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, gemv8<UNROLL, PDL, DP4A>, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
-                       (__nv_bfloat16 *)y, N, K);
-    return (int)cudaGetLastError();
+    const size_t smem = DP4A ? (size_t)(K / 16) * 36 : (size_t)K * 4;
+    return launch_kernel(gemv8<UNROLL, PDL, DP4A>, (N + warps - 1) / warps, warps * 32, smem, PDL, stream,
+                         (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (__nv_bfloat16 *)y, N, K);
 }
 
 // warps per CTA (one row each): 1-8; unroll 2, 4 or 8; returns a cudaError_t, -1 for an unknown variant

@@ -10,18 +10,9 @@
 // UNROLL before griddepcontrol.wait: the weights do not depend on the kernel before). A byte
 // becomes fp32 32896 + q in one PRMT (q + 128 in the mantissa of 2^15); the sum of x times 32896
 // comes off at the end, as fastllm.kernels.gemv_bytes does.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+#include "../../fastllm/kernels/cuda/common.cuh"  // load_stream, launch_kernel
 
 #define WARPS 4
-
-__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
 
 __device__ __forceinline__ float byte_f32(uint32_t t, uint32_t sel) {
     return __uint_as_float(__byte_perm(t, 0x47000000u, sel));  // 32768 + (q + 128)
@@ -79,10 +70,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_i8(const int8_t *__restrict__
         for (int r = 0; r < RPW; ++r)
             if (c < chunks) w[u][r] = load_stream(wr[r] + c);
     }
-    if (PDL) {
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    }
+    pdl_wait<PDL>();
     for (int base = 0;;) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -123,18 +111,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_i8(const int8_t *__restrict__
 
 template <int RPW, int UNROLL, bool PDL, bool COMPUTE>
 static int launch(const void *q, const void *x, const void *s, void *y, int N, int K, cudaStream_t stream) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((N + WARPS * RPW - 1) / (WARPS * RPW));
-    cfg.blockDim = dim3(WARPS * 32);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = PDL ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, gemv_i8<RPW, UNROLL, PDL, COMPUTE>, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
-                       (__nv_bfloat16 *)y, N, K);
-    return (int)cudaGetLastError();
+    return launch_kernel(gemv_i8<RPW, UNROLL, PDL, COMPUTE>, (N + WARPS * RPW - 1) / (WARPS * RPW), WARPS * 32, 0, PDL,
+                         stream, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (__nv_bfloat16 *)y, N,
+                         K);
 }
 
 // variant: RPW (1, 2, 4) x UNROLL (4, 8) x PDL (x stream alone, for RPW 1 and 2); returns a

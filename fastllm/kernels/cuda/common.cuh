@@ -12,30 +12,19 @@ __device__ __forceinline__ uint4 load_stream(const uint4 *p) {
     return v;
 }
 
-// dp4a with a's and b's bytes signed (s) or unsigned (u)
-__device__ __forceinline__ int dp4a_ss(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ int dp4a_su(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ int dp4a_uu(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
+// dp4a_XY(a, b, c): c + the dot product of a's and b's four bytes, X / Y: a's / b's bytes signed (s)
+// or unsigned (u)
+#define FASTLLM_DP4A(NAME, A, B)                                                  \
+    __device__ __forceinline__ int NAME(uint32_t a, uint32_t b, int c) {          \
+        int d;                                                                    \
+        asm("dp4a." A "." B " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); \
+        return d;                                                                 \
+    }
+FASTLLM_DP4A(dp4a_ss, "s32", "s32")
+FASTLLM_DP4A(dp4a_su, "s32", "u32")
+FASTLLM_DP4A(dp4a_us, "u32", "s32")
+FASTLLM_DP4A(dp4a_uu, "u32", "u32")
+#undef FASTLLM_DP4A
 
 // Under PDL (sm_90+): wait for the kernel before (its output is this kernel's input), then let the
 // next one launch.
@@ -60,6 +49,26 @@ __device__ __forceinline__ float input_at(const __nv_bfloat16 *x, int K, int k) 
 // 16-bit fixed point of v against scale sc's reciprocal inv, as (signed high byte, unsigned low byte)
 __device__ __forceinline__ int fixed16(float v, float inv) {
     return max(-32767, min(32767, __float2int_rn(v * inv)));
+}
+
+// 16 inputs in 16-bit fixed point against their largest magnitude: signed high bytes into hw, low
+// bytes into lw (word j holds inputs 4j .. 4j+3); returns the scale (largest / 32767, or 1 for zeros).
+__device__ __forceinline__ float fixed16_planes(const float (&v)[16], uint32_t (&hw)[4], uint32_t (&lw)[4]) {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(v[i]));
+    const float sc = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / sc;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        hw[j] = 0, lw[j] = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int xi = fixed16(v[4 * j + e], inv);
+            hw[j] |= (uint32_t)((xi >> 8) & 0xff) << (8 * e);
+            lw[j] |= (uint32_t)(xi & 0xff) << (8 * e);
+        }
+    }
+    return sc;
 }
 
 // Launch on `stream`, as a programmatic dependent of the kernel before when pdl.

@@ -80,21 +80,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
 #pragma unroll
             for (int i = 0; i < 16; ++i) v[i] = __bfloat162float(xv[i]);
         }
-        float m = 0.f;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(v[i]));
-        const float sc = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / sc;
         uint32_t hw[4], lw[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            hw[j] = 0, lw[j] = 0;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int xi = fixed16(v[4 * j + e], inv);
-                hw[j] |= (uint32_t)((xi >> 8) & 0xff) << (8 * e);
-                lw[j] |= (uint32_t)(xi & 0xff) << (8 * e);
-            }
-        }
+        const float sc = fixed16_planes(v, hw, lw);
         xsm[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
         xsm[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
         reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
