@@ -20,7 +20,8 @@ the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
 -cuda: the int4 GEMVs through the CUDA GEMV; -early: the CUDA int8 GEMV's second weight batch
-before the PDL wait too; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; suffixes combine; e2e
+before the PDL wait too; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA int8 GEMV on a persistent
+grid of N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -161,6 +162,8 @@ if "--skip-e2e" not in sys.argv:
                 GV4.CUDA = q.endswith("-cuda") or "-cuda-" in q  # "-cuda": the int4 GEMVs in CUDA
                 CG.EARLY = "-early" in q  # "-early": the CUDA int8 GEMV's second batch before the wait too
                 CG.WARPS = 8 if "-cta8" in q else 16  # "-cta8": the CUDA GEMV with 8 rows per CTA, not 16
+                # "-persistN": the CUDA int8 GEMV on a persistent grid of N CTAs per SM
+                CG.PERSIST = next((int(x[7:]) for x in q.split("-") if x.startswith("persist")), 0)
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
@@ -180,7 +183,8 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-early")
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-early",
+                            *(f"-persist{n}" for n in range(1, 9)))
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

@@ -34,6 +34,10 @@ WARPS = 16
 # The int8 GEMV requests its second batch of weights before the PDL wait too, so both are in flight
 # while each CTA prepares its input (gemv_int8.cu's EARLY). Off: not yet timed (quant_gpu "-early").
 EARLY = False
+# CTAs per SM of a persistent int8 GEMV grid (0: one row per warp, a CTA per WARPS rows): each warp
+# then streams every (CTAs x WARPS)-th row, requesting the next row's first weights before it uses
+# the current row's last. Not yet timed (quant_gpu "-persistN").
+PERSIST = 0
 _build_lock = threading.Lock()
 
 
@@ -91,12 +95,17 @@ def _entry(device_index: int):
         return None
     fn = lib.fastllm_gemv_int8
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_size_t]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_size_t]
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
     fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8 + [ctypes.c_size_t]
     fn.int4 = fn4
     return fn
+
+
+@functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _index(t: torch.Tensor) -> int:
@@ -165,7 +174,8 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
     err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, K,
-             WARPS, int(use_pdl), int(silu_mul), int(EARLY), torch.cuda.current_stream(x.device).cuda_stream)
+             WARPS, int(use_pdl), int(silu_mul), int(EARLY), PERSIST * _sms(_index(x)),
+             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
     return y

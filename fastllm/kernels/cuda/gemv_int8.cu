@@ -46,20 +46,45 @@ __device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], 
     }
 }
 
+// Lane 0 of the warp that summed row `row` writes it.
+template <bool BIAS>
+__device__ __forceinline__ void finish_row(float acc, int lane, int row, const float *__restrict__ s,
+                                           const __nv_bfloat16 *__restrict__ b, __nv_bfloat16 *__restrict__ y) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) {
+        float out = acc * s[row];
+        if (BIAS) out += __bfloat162float(b[row]);
+        y[row] = __float2bfloat16(out);
+    }
+}
+
+// The batch after (row, base) in a warp's stream of rows row, row + stride, ...: the row's next
+// batch, else the next row's first (base: the batch's first chunk, the same for the whole warp).
+__device__ __forceinline__ void next_batch(int &row, int &base, int chunks, int stride) {
+    base += 32 * UNROLL;
+    if (base >= chunks) row += stride, base = 0;
+}
+
 // EARLY: the second batch too is requested before the wait, so both are in flight while the CTA
-// prepares its input (not yet timed: fastllm.kernels.cuda_gemv.EARLY)
+// prepares its input (fastllm.kernels.cuda_gemv.EARLY).
+// stride: rows between a warp's rows. N (one row per warp): a CTA per WARPS rows; gridDim.x *
+// WARPS (a persistent grid): each warp streams every stride-th row, the next row's first batch
+// requested before the current row's last is used, the input prepared once per CTA.
 template <int WARPS, bool PDL, bool SILU, bool BIAS, bool EARLY>
-__global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
+__global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
                                                         const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
-                                                        __nv_bfloat16 *__restrict__ y, int N, int K) {
+                                                        __nv_bfloat16 *__restrict__ y, int N, int K, int stride) {
     extern __shared__ uint4 xsm[];
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    const int chunks = K >> 4;
-    const uint4 *wr = reinterpret_cast<const uint4 *>(q + (size_t)min(row, N - 1) * K);
+    const int row0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int chunks = K >> 4, step = 32 * UNROLL;
+    const uint4 *w4 = reinterpret_cast<const uint4 *>(q);
+    const size_t rstride = (size_t)chunks;  // uint4 per row
     uint4 wa[UNROLL], wb[UNROLL];
-    load_batch(wa, wr, lane, chunks);
-    if (EARLY && lane + 32 * UNROLL < chunks) load_batch(wb, wr, lane + 32 * UNROLL, chunks);
+    const bool early = EARLY && row0 < N && step < chunks;
+    if (row0 < N) load_batch(wa, w4 + row0 * rstride, lane, chunks);
+    if (early) load_batch(wb, w4 + row0 * rstride, lane + step, chunks);
     pdl_wait<PDL>();  // x comes from the kernel before
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[16];
@@ -87,44 +112,47 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int8(const int8_t *__restrict
         reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
     }
     __syncthreads();
+    if (row0 >= N) return;
     float acc = 0.f;
-    const int step = 32 * UNROLL;
-    for (int first = lane, early = EARLY;;) {
-        if (!early && first + step < chunks) load_batch(wb, wr, first + step, chunks);
-        early = false;
-        use_batch(acc, wa, xsm, first, chunks);
-        first += step;
-        if (first >= chunks) break;
-        if (first + step < chunks) load_batch(wa, wr, first + step, chunks);
-        use_batch(acc, wb, xsm, first, chunks);
-        first += step;
-        if (first >= chunks) break;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0 && row < N) {
-        float out = acc * s[row];
-        if (BIAS) out += __bfloat162float(b[row]);
-        y[row] = __float2bfloat16(out);
+    // (row, base): the batch in wa, then in wb, in turn; the one after it is requested into the
+    // other set before this one is used
+    for (int row = row0, base = 0, first = 1;;) {
+        int nrow = row, nbase = base;
+        next_batch(nrow, nbase, chunks, stride);
+        if (!(first && early) && nrow < N) load_batch(wb, w4 + nrow * rstride, nbase + lane, chunks);
+        first = 0;
+        use_batch(acc, wa, xsm, base + lane, chunks);
+        if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
+        row = nrow, base = nbase;
+        if (row >= N) break;
+        next_batch(nrow, nbase, chunks, stride);
+        if (nrow < N) load_batch(wa, w4 + nrow * rstride, nbase + lane, chunks);
+        use_batch(acc, wb, xsm, base + lane, chunks);
+        if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
+        row = nrow, base = nbase;
+        if (row >= N) break;
     }
 }
 
 template <int WARPS, bool PDL, bool SILU, bool BIAS, bool EARLY>
-static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
+static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K, int max_ctas,
                   cudaStream_t stream) {
-    return launch_kernel(gemv_int8<WARPS, PDL, SILU, BIAS, EARLY>, (N + WARPS - 1) / WARPS, WARPS * 32, (size_t)(K / 16) * 36,
+    const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
+    return launch_kernel(gemv_int8<WARPS, PDL, SILU, BIAS, EARLY>, grid, WARPS * 32, (size_t)(K / 16) * 36,
                          PDL, stream, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
-                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K);
+                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS);
 }
 
-// warps: 8 or 16 rows per CTA; early: see EARLY. Returns a cudaError_t (0: launched on `stream`), -1 for other
-// warps.
+// warps: 8 or 16 rows per CTA; early: see EARLY; max_ctas > 0: at most that many CTAs, each warp then
+// streaming every (CTAs x warps)-th row (0: one row per warp). Returns a cudaError_t (0: launched on
+// `stream`), -1 for other warps.
 extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
-                                 int warps, int pdl, int silu, int early, uintptr_t stream) {
+                                 int warps, int pdl, int silu, int early, int max_ctas, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
 #define PICK(W, P, S, E)                                                                                     \
     if (warps == W && pdl == P && silu == S && early == E)                                                   \
-        return b ? launch<W, P, S, true, E>(q, x, s, b, y, N, K, st) : launch<W, P, S, false, E>(q, x, s, b, y, N, K, st);
+        return b ? launch<W, P, S, true, E>(q, x, s, b, y, N, K, max_ctas, st)                 \
+                 : launch<W, P, S, false, E>(q, x, s, b, y, N, K, max_ctas, st);
 #define PICK_E(W, P, S) PICK(W, P, S, 0) PICK(W, P, S, 1)
     PICK_E(8, 1, 1) PICK_E(8, 1, 0) PICK_E(8, 0, 1) PICK_E(8, 0, 0)
     PICK_E(16, 1, 1) PICK_E(16, 1, 0) PICK_E(16, 0, 1) PICK_E(16, 0, 0)

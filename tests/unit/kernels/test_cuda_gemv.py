@@ -70,10 +70,15 @@ def _chunk_fixed_point(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("N, K", [(1, 16), (37, 528), (129, 4096), (301, 11008), (8, 8208)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("warps, early", [(8, False), (16, False), (16, True)])
-def test_matches_float64(N, K, bias, silu, warps, early, monkeypatch):
+# persist: a persistent grid of that many CTAs (the SM count taken as 1, so that each warp streams
+# several rows even at these sizes); 0: a CTA per `warps` rows
+@pytest.mark.parametrize("warps, early, persist", [(8, False, 0), (16, False, 0), (16, True, 0), (16, False, 3),
+                                                   (8, False, 1), (16, True, 2)])
+def test_matches_float64(N, K, bias, silu, warps, early, persist, monkeypatch):
     monkeypatch.setattr(CG, "WARPS", warps)
     monkeypatch.setattr(CG, "EARLY", early)
+    monkeypatch.setattr(CG, "PERSIST", persist)
+    monkeypatch.setattr(CG, "_sms", lambda index: 1)
     x0 = torch.randn(1, K).to(torch.bfloat16).cuda()
     if not CG.available(x0):
         pytest.skip("the CUDA GEMV does not build here")
@@ -113,9 +118,13 @@ def test_gemv_routes_int8_to_it_and_agrees_with_the_triton_kernel():
 
 
 @gpu
-def test_chained_under_pdl_in_a_cuda_graph():
+@pytest.mark.parametrize("persist", [0, 1])
+def test_chained_under_pdl_in_a_cuda_graph(persist, monkeypatch):
     """Three GEMVs, each reading the one before, captured with PDL launches: the graph's replay
-    gives what eager launches give (each kernel waits for its input)."""
+    gives what eager launches give (each kernel waits for its input), with one row per warp and
+    with a persistent grid of one CTA."""
+    monkeypatch.setattr(CG, "PERSIST", persist)
+    monkeypatch.setattr(CG, "_sms", lambda index: 1)
     x = torch.randn(512).to(torch.bfloat16).cuda()
     if not CG.available(x):
         pytest.skip("the CUDA GEMV does not build here")
