@@ -225,8 +225,13 @@ def launched(out_dir, L: int) -> None:
         return p, s, z, pack_scales(s, z)
     chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=False), "int4 g128 (default GEMV)",
           lambda N, K: N * K // 2 + N * (K // 128) * 8)
-    chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=True), "int4 g128 CUDA GEMV",
-          lambda N, K: N * K // 2 + N * (K // 128) * 8)
+    # (rows per CTA, registers capped for this many CTAs per SM, persistent grid CTAs per SM or 0)
+    for warps, minb, persist in ((16, 1, 0), (16, 2, 0), (8, 3, 0), (16, 1, 1), (16, 2, 2), (8, 3, 3)):
+        CG.WARPS, CG.INT4_MINB, CG.PERSIST4 = warps, minb, persist
+        chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=True),
+              f"int4 g128 CUDA GEMV, {warps} rows/CTA, {minb} CTAs/SM{f', persistent' if persist else ''}",
+              lambda N, K: N * K // 2 + N * (K // 128) * 8)
+    CG.WARPS, CG.INT4_MINB, CG.PERSIST4 = 16, 1, 0
     for kind in ("", ", no PDL"):
         PDL.ENABLED = "no PDL" not in kind
         chain(lambda w: w, lambda x, w: G.gemv(x, w), f"bf16 GEMV{kind}", lambda N, K: 2 * N * K)

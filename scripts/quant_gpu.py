@@ -20,8 +20,8 @@ the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
 -cuda: the int4 GEMVs through the CUDA GEMV; -early: the CUDA int8 GEMV's second weight batch
-before the PDL wait too; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA int8 GEMV on a persistent
-grid of N CTAs per SM; suffixes combine; e2e
+before the PDL wait too; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
+grid of N CTAs per SM; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -164,6 +164,9 @@ if "--skip-e2e" not in sys.argv:
                 CG.WARPS = 8 if "-cta8" in q else 16  # "-cta8": the CUDA GEMV with 8 rows per CTA, not 16
                 # "-persistN": the CUDA int8 GEMV on a persistent grid of N CTAs per SM
                 CG.PERSIST = next((int(x[7:]) for x in q.split("-") if x.startswith("persist")), 0)
+                CG.PERSIST4 = CG.PERSIST  # (int4 too, with "-cuda")
+                # "-minbN": the CUDA int4 GEMV's registers capped for N CTAs per SM
+                CG.INT4_MINB = next((int(x[4:]) for x in q.split("-") if x.startswith("minb")), 1)
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
@@ -184,7 +187,7 @@ if "--skip-e2e" not in sys.argv:
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-early",
-                            *(f"-persist{n}" for n in range(1, 9)))
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

@@ -38,6 +38,11 @@ EARLY = False
 # then streams every (CTAs x WARPS)-th row, requesting the next row's first weights before it uses
 # the current row's last. Not yet timed (quant_gpu "-persistN").
 PERSIST = 0
+# The int4 GEMV: registers capped for INT4_MINB CTAs per SM (1: uncapped, 90 registers; 2 with 16
+# rows per CTA, 3 with 8), and PERSIST4 CTAs per SM of a persistent grid (0: a CTA per WARPS rows).
+# Not yet timed.
+INT4_MINB = 1
+PERSIST4 = 0
 _build_lock = threading.Lock()
 
 
@@ -98,7 +103,7 @@ def _entry(device_index: int):
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_size_t]
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
-    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8 + [ctypes.c_size_t]
+    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
     fn.int4 = fn4
     return fn
 
@@ -213,7 +218,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
     err = fn.int4(packed.data_ptr(), pairs.data_ptr(), xv.data_ptr(), None if b is None else b.data_ptr(),
                   y.data_ptr(), N, K, Kp, group_size, pairs.shape[1], WARPS, int(use_pdl), int(silu_mul),
-                  torch.cuda.current_stream(x.device).cuda_stream)
+                  INT4_MINB, PERSIST4 * _sms(_index(x)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV (int4) launch failed: cudaError {err}")
     return y

@@ -1,7 +1,7 @@
-// The int4 GEMV of batch-1 decode in CUDA: gemv_int8.cu's structure (one row per warp, WARPS rows
-// per CTA, each lane streaming 16-byte chunks of its row in two register batches used in turn, the
-// first before the PDL wait, the input prepared once per CTA in shared memory, dp4a) for
-// fastllm.stages.quantizers.int4's storage.
+// The int4 GEMV of batch-1 decode in CUDA: gemv_int8.cu's structure (a warp per row, or a warp
+// streaming rows on a persistent grid; WARPS warps per CTA, each lane streaming 16-byte chunks in two
+// register batches used in turn, the first before the PDL wait, the input prepared once per CTA in
+// shared memory, dp4a) for fastllm.stages.quantizers.int4's storage.
 //
 // y[n] = sum_k (q[n, k] - zero[n, g]) scale[n, g] x[k] (+ b[n]), g = k / G: packed uint8 [N, Kp / 2]
 // (two values per byte along K, low nibble = even k; rows 16-byte aligned), pairs fp32
@@ -17,6 +17,13 @@
 #include "common.cuh"
 
 #define UNROLL 4
+
+// The batch after (row, base) in a warp's stream of rows row, row + stride, ...: the row's next
+// batch, else the next row's first (base: the batch's first chunk, the same for the whole warp).
+__device__ __forceinline__ void next_batch(int &row, int &base, int chunks, int stride) {
+    base += 32 * UNROLL;
+    if (base >= chunks) row += stride, base = 0;
+}
 
 // Shared memory per chunk c of 32 inputs: uint4 planes [4][chunks] (even high, even low, odd high,
 // odd low; word w of a plane holds k = 8 w + 2 e (+1 if odd) for e = 0..3), then float2 [chunks]
@@ -59,22 +66,35 @@ __device__ __forceinline__ void use_batch4(float &acc, const uint4 (&w)[UNROLL],
     }
 }
 
-template <int WARPS, bool PDL, bool SILU, bool BIAS>
-__global__ void __launch_bounds__(WARPS * 32) gemv_int4(const uint8_t *__restrict__ packed, const float *__restrict__ pairs,
-                                                        const __nv_bfloat16 *__restrict__ x,
-                                                        const __nv_bfloat16 *__restrict__ b,
-                                                        __nv_bfloat16 *__restrict__ y, int N, int K, int Kp, int G,
-                                                        int ng2) {
+template <bool BIAS>
+__device__ __forceinline__ void finish_row4(float acc, int lane, int row, const __nv_bfloat16 *__restrict__ b,
+                                            __nv_bfloat16 *__restrict__ y) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) {
+        if (BIAS) acc += __bfloat162float(b[row]);
+        y[row] = __float2bfloat16(acc);
+    }
+}
+
+// stride: as gemv_int8's (N: one row per warp; gridDim.x * WARPS: a persistent grid).
+template <int WARPS, bool PDL, bool SILU, bool BIAS, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__restrict__ packed,
+                                                              const float *__restrict__ pairs,
+                                                              const __nv_bfloat16 *__restrict__ x,
+                                                              const __nv_bfloat16 *__restrict__ b,
+                                                              __nv_bfloat16 *__restrict__ y, int N, int K, int Kp,
+                                                              int G, int ng2, int stride) {
     extern __shared__ uint4 xsm[];
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int row0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
     const int chunks = Kp >> 5;  // 16-byte chunks of a packed row = chunks of 32 inputs
-    const int r = min(row, N - 1);
-    const uint4 *wr = reinterpret_cast<const uint4 *>(packed + (size_t)r * (Kp >> 1));
-    const float2 *pr = reinterpret_cast<const float2 *>(pairs) + (size_t)r * ng2;
+    const uint4 *w4 = reinterpret_cast<const uint4 *>(packed);
+    const float2 *p2 = reinterpret_cast<const float2 *>(pairs);
+    const size_t rstride = (size_t)chunks, pstride = (size_t)ng2;
     uint4 wa[UNROLL], wb[UNROLL];
     float2 sa[UNROLL], sb[UNROLL];
-    load_batch4(wa, sa, wr, pr, lane, chunks, G);
+    if (row0 < N) load_batch4(wa, sa, w4 + row0 * rstride, p2 + row0 * pstride, lane, chunks, G);
     pdl_wait<PDL>();  // x comes from the kernel before
     // whole chunks of x (and of up, at x + K) on 16-byte boundaries: vector loads
     const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (!SILU || K % 8 == 0);
@@ -130,44 +150,51 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_int4(const uint8_t *__restric
         reinterpret_cast<float2 *>(xsm + 4 * chunks)[c] = make_float2(sc, sc * (float)sum);
     }
     __syncthreads();
+    if (row0 >= N) return;
     float acc = 0.f;
-    const int step = 32 * UNROLL;
-    for (int first = lane;;) {
-        if (first + step < chunks) load_batch4(wb, sb, wr, pr, first + step, chunks, G);
-        use_batch4(acc, wa, sa, xsm, first, chunks);
-        first += step;
-        if (first >= chunks) break;
-        if (first + step < chunks) load_batch4(wa, sa, wr, pr, first + step, chunks, G);
-        use_batch4(acc, wb, sb, xsm, first, chunks);
-        first += step;
-        if (first >= chunks) break;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0 && row < N) {
-        if (BIAS) acc += __bfloat162float(b[row]);
-        y[row] = __float2bfloat16(acc);
+    // (row, base): the batch in wa / sa, then in wb / sb, in turn; the one after it (this row's next,
+    // else the warp's next row's first) is requested into the other set before this one is used
+    for (int row = row0, base = 0;;) {
+        int nrow = row, nbase = base;
+        next_batch(nrow, nbase, chunks, stride);
+        if (nrow < N) load_batch4(wb, sb, w4 + nrow * rstride, p2 + nrow * pstride, nbase + lane, chunks, G);
+        use_batch4(acc, wa, sa, xsm, base + lane, chunks);
+        if (nrow != row) finish_row4<BIAS>(acc, lane, row, b, y), acc = 0.f;
+        row = nrow, base = nbase;
+        if (row >= N) break;
+        next_batch(nrow, nbase, chunks, stride);
+        if (nrow < N) load_batch4(wa, sa, w4 + nrow * rstride, p2 + nrow * pstride, nbase + lane, chunks, G);
+        use_batch4(acc, wb, sb, xsm, base + lane, chunks);
+        if (nrow != row) finish_row4<BIAS>(acc, lane, row, b, y), acc = 0.f;
+        row = nrow, base = nbase;
+        if (row >= N) break;
     }
 }
 
-template <int WARPS, bool PDL, bool SILU, bool BIAS>
+template <int WARPS, bool PDL, bool SILU, bool BIAS, int MINB>
 static int launch4(const void *packed, const void *pairs, const void *x, const void *b, void *y, int N, int K, int Kp,
-                   int G, int ng2, cudaStream_t stream) {
-    return launch_kernel(gemv_int4<WARPS, PDL, SILU, BIAS>, (N + WARPS - 1) / WARPS, WARPS * 32,
-                         (size_t)(Kp / 32) * 72, PDL, stream, (const uint8_t *)packed, (const float *)pairs,
-                         (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, Kp, G, ng2);
+                   int G, int ng2, int max_ctas, cudaStream_t stream) {
+    const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
+    return launch_kernel(gemv_int4<WARPS, PDL, SILU, BIAS, MINB>, grid, WARPS * 32, (size_t)(Kp / 32) * 72, PDL, stream,
+                         (const uint8_t *)packed, (const float *)pairs, (const __nv_bfloat16 *)x,
+                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, Kp, G, ng2, grid == ctas ? N : grid * WARPS);
 }
 
-// warps: 8 or 16 rows per CTA. Returns a cudaError_t (0: launched on `stream`), -1 for other warps.
+// warps: 8 or 16 rows per CTA; minb: 1, or the registers capped for that many CTAs per SM (2 x 16 or
+// 3 x 8 warps); max_ctas: as fastllm_gemv_int8's. Returns a cudaError_t (0: launched on `stream`),
+// -1 for other warps / minb.
 extern "C" int fastllm_gemv_int4(const void *packed, const void *pairs, const void *x, const void *b, void *y, int N,
-                                 int K, int Kp, int G, int ng2, int warps, int pdl, int silu, uintptr_t stream) {
+                                 int K, int Kp, int G, int ng2, int warps, int pdl, int silu, int minb, int max_ctas,
+                                 uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
-#define PICK(W, P, S)                                                                                       \
-    if (warps == W && pdl == P && silu == S)                                                                \
-        return b ? launch4<W, P, S, true>(packed, pairs, x, b, y, N, K, Kp, G, ng2, st)                     \
-                 : launch4<W, P, S, false>(packed, pairs, x, b, y, N, K, Kp, G, ng2, st);
-    PICK(8, 1, 1) PICK(8, 1, 0) PICK(8, 0, 1) PICK(8, 0, 0)
-    PICK(16, 1, 1) PICK(16, 1, 0) PICK(16, 0, 1) PICK(16, 0, 0)
+#define PICK(W, P, S, M)                                                                                    \
+    if (warps == W && pdl == P && silu == S && minb == M)                                                   \
+        return b ? launch4<W, P, S, true, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, st)        \
+                 : launch4<W, P, S, false, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, st);
+#define PICK_M(W, P, S, M2) PICK(W, P, S, 1) PICK(W, P, S, M2)
+    PICK_M(8, 1, 1, 3) PICK_M(8, 1, 0, 3) PICK_M(8, 0, 1, 3) PICK_M(8, 0, 0, 3)
+    PICK_M(16, 1, 1, 2) PICK_M(16, 1, 0, 2) PICK_M(16, 0, 1, 2) PICK_M(16, 0, 0, 2)
+#undef PICK_M
 #undef PICK
     return -1;
 }

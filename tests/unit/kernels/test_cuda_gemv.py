@@ -176,13 +176,17 @@ def test_first_use_inside_a_graph_capture_keeps_triton_until_checked(monkeypatch
 @pytest.mark.parametrize("N, K, G", [(1, 32, 32), (37, 530, 64), (129, 4096, 128), (301, 11008, 128), (8, 8200, 32)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("warps", [8, 16])
-def test_int4_matches_float64(N, K, G, bias, silu, warps, monkeypatch):
+@pytest.mark.parametrize("warps, minb, persist", [(8, 1, 0), (16, 1, 0), (16, 2, 0), (8, 3, 2), (16, 1, 1)])
+def test_int4_matches_float64(N, K, G, bias, silu, warps, minb, persist, monkeypatch):
     """fastllm.stages.quantizers.int4's storage through the CUDA int4 GEMV: odd K (zero-padded to
-    whole groups), every group size, bias, SiLU-and-mul inputs."""
+    whole groups), every group size, bias, SiLU-and-mul inputs; registers capped (minb CTAs per
+    SM) or not; a persistent grid of `persist` CTAs (the SM count taken as 1) or a CTA per `warps` rows."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
 
     monkeypatch.setattr(CG, "WARPS", warps)
+    monkeypatch.setattr(CG, "INT4_MINB", minb)
+    monkeypatch.setattr(CG, "PERSIST4", persist)
+    monkeypatch.setattr(CG, "_sms", lambda index: 1)
     h = torch.randn(1, 2 * K if silu else K).to(torch.bfloat16).cuda()
     if not CG.available(h):
         pytest.skip("the CUDA GEMV does not build here")
