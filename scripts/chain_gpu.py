@@ -212,13 +212,11 @@ def launched(out_dir, L: int) -> None:
                   f"{fmt} {kind} GEMV", one)
     PDL.ENABLED = True
     from fastllm.kernels import cuda_gemv as CG
-    for early, persist, warps in ((False, 0, 16), (True, 0, 16), (False, 1, 16), (False, 2, 16), (False, 2, 8),
-                                  (False, 4, 8), (True, 2, 16)):
-        CG.EARLY, CG.PERSIST, CG.WARPS = early, persist, warps
+    for persist, warps in ((0, 16), (2, 16), (4, 8)):
+        CG.PERSIST, CG.WARPS = persist, warps
         chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True),
-              f"int8 CUDA GEMV, {warps} rows/CTA{', both batches before the wait' if early else ''}"
-              f"{f', persistent {persist} CTAs/SM' if persist else ''}", one)
-    CG.EARLY, CG.PERSIST, CG.WARPS = False, 0, 16
+              f"int8 CUDA GEMV, {warps} rows/CTA{f', persistent {persist} CTAs/SM' if persist else ''}", one)
+    CG.PERSIST, CG.WARPS = 0, 16
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)

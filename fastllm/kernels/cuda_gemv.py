@@ -31,9 +31,6 @@ SOURCES = [SOURCE_DIR / "gemv_int8.cu", SOURCE_DIR / "gemv_int4.cu"]
 # Rows (one per warp) per CTA: 8 or 16 (benchmarks switch it). Llama-2-7B int8, batch 1, H100, one
 # call (2026-11-28): 16 rows 329.9 tok/s, 8 rows 327.5, the Triton word GEMV 325.1.
 WARPS = 16
-# The int8 GEMV requests its second batch of weights before the PDL wait too, so both are in flight
-# while each CTA prepares its input (gemv_int8.cu's EARLY). Off: not yet timed (quant_gpu "-early").
-EARLY = False
 # CTAs per SM of a persistent int8 GEMV grid (0: one row per warp, a CTA per WARPS rows): each warp
 # then streams every (CTAs x WARPS)-th row, requesting the next row's first weights before it uses
 # the current row's last. Not yet timed (quant_gpu "-persistN").
@@ -100,7 +97,8 @@ def _entry(device_index: int):
         return None
     fn = lib.fastllm_gemv_int8
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_size_t]
+    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
+                   + [ctypes.c_size_t])
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
     fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
@@ -160,30 +158,49 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False) -> bool
             and qweight.stride(0) == K and qweight.data_ptr() % 16 == 0 and x.numel() == (2 * K if silu_mul else K))
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t flat and contiguous, on a 16-byte boundary (the kernel reads 16 bytes at a time)."""
+    t = t.reshape(-1).contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
 def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-              silu_mul: bool = False, use_pdl: bool = False) -> torch.Tensor:
+              silu_mul: bool = False, use_pdl: bool = False, norm_weight: torch.Tensor | None = None,
+              eps: float = 1e-6, residual: torch.Tensor | None = None):
     """y [N] bf16 = (q @ x) * scale (+ bias) for one input vector x (bf16 [K], or with silu_mul [2K]:
     x = silu(x[:K]) * x[K:]); see `fits` for the operands it takes. use_pdl: launched as a
-    programmatic dependent of the kernel before (fastllm.kernels.launch)."""
+    programmatic dependent of the kernel before (fastllm.kernels.launch).
+
+    norm_weight: multiply by RMSNorm(x) * norm_weight instead, rounded as fastllm.kernels.fused.rms_norm
+    rounds it; with a residual, RMSNorm(x + residual) and the result is (y, x + residual) (a new
+    tensor; neither input is modified), as fastllm.kernels.gemv.gemv's."""
     N, K = qweight.shape
     if not fits(x, qweight, silu_mul):
         raise ValueError(f"gemv_int8 takes bf16 x and int8 [N, K % 16 == 0] weights, got {x.dtype} {tuple(x.shape)} "
                          f"and {qweight.dtype} {tuple(qweight.shape)}")
+    if silu_mul and norm_weight is not None or residual is not None and norm_weight is None:
+        raise ValueError("gemv_int8: a norm takes no silu_mul, and a residual comes only with a norm")
+    for name, t in (("norm_weight", norm_weight), ("residual", residual)):
+        if t is not None and (t.dtype != torch.bfloat16 or t.numel() != K or t.device != x.device):
+            raise ValueError(f"gemv_int8: {name} must be bf16 [{K}] on {x.device}, got {t.dtype} {tuple(t.shape)}")
     fn = _entry(_index(x))
     if fn is None:
         raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
-    xv = x.reshape(-1).contiguous()
-    if xv.data_ptr() % 16:
-        xv = xv.clone()
+    xv = _aligned(x)
     s = scale.reshape(N).to(torch.float32).contiguous()
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
-    err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, K,
-             WARPS, int(use_pdl), int(silu_mul), int(EARLY), PERSIST * _sms(_index(x)),
+    mode = 1 if silu_mul else 0 if norm_weight is None else 2 if residual is None else 3  # gemv_int8.cu's Input
+    nw = None if norm_weight is None else _aligned(norm_weight)
+    res = None if residual is None else _aligned(residual)
+    res_out = None if residual is None else torch.empty(K, dtype=torch.bfloat16, device=x.device)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), ptr(b), y.data_ptr(), N, K, WARPS, int(use_pdl), mode,
+             PERSIST * _sms(_index(x)), ptr(res), ptr(nw), ptr(res_out), float(eps),
              torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
-    return y
+    return y if residual is None else (y, res_out)
 
 
 def fits_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,

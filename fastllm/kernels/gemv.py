@@ -90,8 +90,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
 
 
 WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
-# int8 GEMVs under bf16 inputs (no norm, no residual) through the CUDA GEMV where it builds (see gemv's `cuda`)
+# int8 GEMVs under bf16 inputs through the CUDA GEMV where it builds (see gemv's `cuda`)
 CUDA = True
+# The int8 linear layers take the RMSNorm before them into the CUDA GEMV (see cuda_norm); not yet
+# timed (scripts/quant_gpu.py "-cudanorm" / "-nocudanorm").
+CUDA_NORM = False
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
@@ -145,6 +148,14 @@ _tuned_bytes = autotune(CONFIGS, key=["N", "K", "NORM", "SILU_MUL", "FP8"])(_gem
 _tuned_bytes_tma = autotune(TMA_CONFIGS, key=["N", "K", "SILU_MUL", "FP8"])(_gemv_bytes_tma_kernel)
 
 
+def cuda_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an int8 linear layer should take the RMSNorm before it into its GEMV of x: where the
+    CUDA GEMV runs it (CUDA_NORM; the Triton GEMVs' fused norm is slower than a separate norm kernel,
+    see fastllm.core.cuda_linear.DecodeLinear.fuse_norm)."""
+    return (CUDA and CUDA_NORM and x.device.type == "cuda" and cuda_gemv.fits(x, weight)
+            and cuda_gemv.available(x))
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
          silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
@@ -161,7 +172,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     (False: _gemv_kernel; default: the module's WORDS, which benchmarks switch to compare).
     tma: such a word GEMV without a norm through _gemv_bytes_tma_kernel (default: the module's TMA,
     on CUDA devices of compute capability 9.0 and later).
-    cuda: an int8 weight under a bf16 input, without a norm or residual, through the CUDA GEMV
+    cuda: an int8 weight under a bf16 input (and a bf16 norm weight, if any) through the CUDA GEMV
     (fastllm.kernels.cuda_gemv) where it can be built (default: the module's CUDA, unless config,
     words or tma asks for a Triton kernel).
     """
@@ -179,10 +190,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
     if cuda is None:
         cuda = CUDA and config is None and words is None and tma is None
-    if (cuda and scale is not None and norm_weight is None and not has_res and x.device.type == "cuda"
-            and cuda_gemv.fits(x, weight, silu_mul) and cuda_gemv.available(x)):
-        y = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=flags["USE_PDL"])
-        return y.view(*x.shape[:-1], N)
+    if (cuda and scale is not None and x.device.type == "cuda" and cuda_gemv.fits(x, weight, silu_mul)
+            and (norm_weight is None or norm_weight.dtype == torch.bfloat16) and cuda_gemv.available(x)):
+        out = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=flags["USE_PDL"], norm_weight=norm_weight,
+                                  eps=eps, residual=residual)
+        lead = x.shape[:-1]
+        return (out[0].view(*lead, N), out[1].view(*lead, K)) if has_res else out.view(*lead, N)
     # the word kernel's int8 offset costs 8 of fp32's 24 bits: far below a bf16 / fp16 output's
     # rounding, not below an fp32 one's
     if words is None:

@@ -66,44 +66,97 @@ __device__ __forceinline__ void next_batch(int &row, int &base, int chunks, int 
     if (base >= chunks) row += stride, base = 0;
 }
 
-// EARLY: the second batch too is requested before the wait, so both are in flight while the CTA
-// prepares its input (fastllm.kernels.cuda_gemv.EARLY).
+// The input modes: x as it is, bf16(silu(h[k]) * h[K + k]) from h [2K], or the RMSNorm before the
+// layer (of x, or of bf16(x + residual), that sum then written to res_out by the first CTA), rounded
+// as fastllm.kernels.fused.rms_norm rounds it: bf16(w[k] * bf16(v[k] * rsqrt(mean(v^2) + eps))).
+enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3 };
+
+// The 16 values of chunk c before any norm: x's, silu-and-mul's, or bf16(x + residual)'s.
+template <int MODE>
+__device__ __forceinline__ void chunk_values(float (&v)[16], const __nv_bfloat16 *__restrict__ x,
+                                             const __nv_bfloat16 *__restrict__ res, int K, int c) {
+    const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
+    const uint4 xp[2] = {x4[2 * c], x4[2 * c + 1]};
+    const __nv_bfloat16 *xv = reinterpret_cast<const __nv_bfloat16 *>(xp);
+    if (MODE == SILU) {
+        const uint4 *u4 = reinterpret_cast<const uint4 *>(x + K);
+        const uint4 up[2] = {u4[2 * c], u4[2 * c + 1]};
+        const __nv_bfloat16 *uv = reinterpret_cast<const __nv_bfloat16 *>(up);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const float g = __bfloat162float(xv[i]);
+            v[i] = __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(uv[i])));
+        }
+    } else if (MODE == NORM_RES) {
+        const uint4 *r4 = reinterpret_cast<const uint4 *>(res);
+        const uint4 rp[2] = {r4[2 * c], r4[2 * c + 1]};
+        const __nv_bfloat16 *rv = reinterpret_cast<const __nv_bfloat16 *>(rp);
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            v[i] = __bfloat162float(__float2bfloat16(__bfloat162float(xv[i]) + __bfloat162float(rv[i])));
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] = __bfloat162float(xv[i]);
+    }
+}
+
 // stride: rows between a warp's rows. N (one row per warp): a CTA per WARPS rows; gridDim.x *
 // WARPS (a persistent grid): each warp streams every stride-th row, the next row's first batch
 // requested before the current row's last is used, the input prepared once per CTA.
-template <int WARPS, bool PDL, bool SILU, bool BIAS, bool EARLY>
+template <int WARPS, bool PDL, int MODE, bool BIAS>
 __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
-                                                        const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
-                                                        __nv_bfloat16 *__restrict__ y, int N, int K, int stride) {
+                                                                   const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
+                                                                   __nv_bfloat16 *__restrict__ y, int N, int K, int stride,
+                                                                   const __nv_bfloat16 *__restrict__ res,
+                                                                   const __nv_bfloat16 *__restrict__ nw,
+                                                                   __nv_bfloat16 *__restrict__ res_out, float eps) {
     extern __shared__ uint4 xsm[];
     const int lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    const int chunks = K >> 4, step = 32 * UNROLL;
+    const int chunks = K >> 4;
     const uint4 *w4 = reinterpret_cast<const uint4 *>(q);
     const size_t rstride = (size_t)chunks;  // uint4 per row
     uint4 wa[UNROLL], wb[UNROLL];
-    const bool early = EARLY && row0 < N && step < chunks;
     if (row0 < N) load_batch(wa, w4 + row0 * rstride, lane, chunks);
-    if (early) load_batch(wb, w4 + row0 * rstride, lane + step, chunks);
-    pdl_wait<PDL>();  // x comes from the kernel before
+    pdl_wait<PDL>();  // x (and the residual) come from the kernels before
+    float rs = 1.f;  // the norm's 1 / rms
+    if (MODE >= NORM) {
+        __shared__ float part[WARPS];
+        float ss = 0.f;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float v[16];
+            chunk_values<MODE>(v, x, res, K, c);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) ss = fmaf(v[i], v[i], ss);
+            if (MODE == NORM_RES && blockIdx.x == 0) {
+                uint4 o[2];
+                __nv_bfloat16 *ov = reinterpret_cast<__nv_bfloat16 *>(o);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) ov[i] = __float2bfloat16(v[i]);
+                reinterpret_cast<uint4 *>(res_out)[2 * c] = o[0];
+                reinterpret_cast<uint4 *>(res_out)[2 * c + 1] = o[1];
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) part[threadIdx.x >> 5] = ss;
+        __syncthreads();
+        ss = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) ss += part[w];
+        rs = rsqrtf(ss / K + eps);
+    }
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[16];
-        if (SILU) {
-            const uint4 *g4 = reinterpret_cast<const uint4 *>(x), *u4 = reinterpret_cast<const uint4 *>(x + K);
-            const uint4 gp[2] = {g4[2 * c], g4[2 * c + 1]}, up[2] = {u4[2 * c], u4[2 * c + 1]};
-            const __nv_bfloat16 *gv = reinterpret_cast<const __nv_bfloat16 *>(gp);
-            const __nv_bfloat16 *uv = reinterpret_cast<const __nv_bfloat16 *>(up);
+        chunk_values<MODE>(v, x, res, K, c);
+        if (MODE >= NORM) {
+            const uint4 *n4 = reinterpret_cast<const uint4 *>(nw);
+            const uint4 np[2] = {n4[2 * c], n4[2 * c + 1]};
+            const __nv_bfloat16 *nv = reinterpret_cast<const __nv_bfloat16 *>(np);
 #pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                const float g = __bfloat162float(gv[i]);
-                v[i] = __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(uv[i])));
-            }
-        } else {
-            const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
-            const uint4 xp[2] = {x4[2 * c], x4[2 * c + 1]};
-            const __nv_bfloat16 *xv = reinterpret_cast<const __nv_bfloat16 *>(xp);
-#pragma unroll
-            for (int i = 0; i < 16; ++i) v[i] = __bfloat162float(xv[i]);
+            for (int i = 0; i < 16; ++i)
+                v[i] = __bfloat162float(__float2bfloat16(
+                    __bfloat162float(nv[i]) * __bfloat162float(__float2bfloat16(v[i] * rs))));
         }
         uint32_t hw[4], lw[4];
         const float sc = fixed16_planes(v, hw, lw);
@@ -116,11 +169,10 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     float acc = 0.f;
     // (row, base): the batch in wa, then in wb, in turn; the one after it is requested into the
     // other set before this one is used
-    for (int row = row0, base = 0, first = 1;;) {
+    for (int row = row0, base = 0;;) {
         int nrow = row, nbase = base;
         next_batch(nrow, nbase, chunks, stride);
-        if (!(first && early) && nrow < N) load_batch(wb, w4 + nrow * rstride, nbase + lane, chunks);
-        first = 0;
+        if (nrow < N) load_batch(wb, w4 + nrow * rstride, nbase + lane, chunks);
         use_batch(acc, wa, xsm, base + lane, chunks);
         if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
         row = nrow, base = nbase;
@@ -134,29 +186,30 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     }
 }
 
-template <int WARPS, bool PDL, bool SILU, bool BIAS, bool EARLY>
+template <int WARPS, bool PDL, int MODE, bool BIAS>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K, int max_ctas,
-                  cudaStream_t stream) {
+                  const void *res, const void *nw, void *res_out, float eps, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
-    return launch_kernel(gemv_int8<WARPS, PDL, SILU, BIAS, EARLY>, grid, WARPS * 32, (size_t)(K / 16) * 36,
-                         PDL, stream, (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s,
-                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS);
+    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS>, grid, WARPS * 32, (size_t)(K / 16) * 36, PDL, stream,
+                         (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (const __nv_bfloat16 *)b,
+                         (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS, (const __nv_bfloat16 *)res,
+                         (const __nv_bfloat16 *)nw, (__nv_bfloat16 *)res_out, eps);
 }
 
-// warps: 8 or 16 rows per CTA; early: see EARLY; max_ctas > 0: at most that many CTAs, each warp then
-// streaming every (CTAs x warps)-th row (0: one row per warp). Returns a cudaError_t (0: launched on
-// `stream`), -1 for other warps.
+// warps: 8 or 16 rows per CTA; mode: an Input (res, nw, res_out and eps are read in the NORM modes
+// only); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
+// (0: one row per warp). Returns a cudaError_t (0: launched on `stream`), -1 for other warps / modes.
 extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
-                                 int warps, int pdl, int silu, int early, int max_ctas, uintptr_t stream) {
+                                 int warps, int pdl, int mode, int max_ctas, const void *res, const void *nw,
+                                 void *res_out, float eps, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
-#define PICK(W, P, S, E)                                                                                     \
-    if (warps == W && pdl == P && silu == S && early == E)                                                   \
-        return b ? launch<W, P, S, true, E>(q, x, s, b, y, N, K, max_ctas, st)                 \
-                 : launch<W, P, S, false, E>(q, x, s, b, y, N, K, max_ctas, st);
-#define PICK_E(W, P, S) PICK(W, P, S, 0) PICK(W, P, S, 1)
-    PICK_E(8, 1, 1) PICK_E(8, 1, 0) PICK_E(8, 0, 1) PICK_E(8, 0, 0)
-    PICK_E(16, 1, 1) PICK_E(16, 1, 0) PICK_E(16, 0, 1) PICK_E(16, 0, 0)
-#undef PICK_E
+#define PICK(W, P, M)                                                                                        \
+    if (warps == W && pdl == P && mode == M)                                                                 \
+        return b ? launch<W, P, M, true>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)           \
+                 : launch<W, P, M, false>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
+#define PICK_M(W, P) PICK(W, P, PLAIN) PICK(W, P, SILU) PICK(W, P, NORM) PICK(W, P, NORM_RES)
+    PICK_M(8, 1) PICK_M(8, 0) PICK_M(16, 1) PICK_M(16, 0)
+#undef PICK_M
 #undef PICK
     return -1;
 }

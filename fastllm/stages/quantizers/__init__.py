@@ -142,11 +142,14 @@ class RowScaledLinear(nn.Module):
         return gemv(x, self.qweight, self.bias, scale=self.scale, **fused)
 
     def forward_normed(self, h, residual, norm_weight, eps):
-        """As fastllm.core.cuda_linear.DecodeLinear (and under its `fuse_norm` switch): the
-        RMSNorm before the layer in the GEMV."""
+        """As fastllm.core.cuda_linear.DecodeLinear (and under its `fuse_norm` switch, or for int8
+        weights where the CUDA GEMV takes the norm: fastllm.kernels.gemv.cuda_norm): the RMSNorm
+        before the layer in the GEMV."""
         from ...core.cuda_linear import DecodeLinear
+        from ...kernels.gemv import cuda_norm
 
-        if not (DecodeLinear.fuse_norm and self._one_token(h)):
+        if not (self._one_token(h) and (DecodeLinear.fuse_norm or self.qweight.dtype == torch.int8
+                                        and h.device.type == "cuda" and cuda_norm(h, self.qweight))):
             return None
         if residual is None:
             return self._gemv(h, norm_weight=norm_weight, eps=eps), h

@@ -72,11 +72,9 @@ def _chunk_fixed_point(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("silu", [False, True])
 # persist: a persistent grid of that many CTAs (the SM count taken as 1, so that each warp streams
 # several rows even at these sizes); 0: a CTA per `warps` rows
-@pytest.mark.parametrize("warps, early, persist", [(8, False, 0), (16, False, 0), (16, True, 0), (16, False, 3),
-                                                   (8, False, 1), (16, True, 2)])
-def test_matches_float64(N, K, bias, silu, warps, early, persist, monkeypatch):
+@pytest.mark.parametrize("warps, persist", [(8, 0), (16, 0), (16, 3), (8, 1)])
+def test_matches_float64(N, K, bias, silu, warps, persist, monkeypatch):
     monkeypatch.setattr(CG, "WARPS", warps)
-    monkeypatch.setattr(CG, "EARLY", early)
     monkeypatch.setattr(CG, "PERSIST", persist)
     monkeypatch.setattr(CG, "_sms", lambda index: 1)
     x0 = torch.randn(1, K).to(torch.bfloat16).cuda()
@@ -112,9 +110,52 @@ def test_gemv_routes_int8_to_it_and_agrees_with_the_triton_kernel():
     ref = (x.double() @ q.double().T) * s.double() + b.double()
     assert cuda.shape == triton_.shape == (1, 300)
     assert ((cuda.double() - triton_.double()).norm() / ref.norm()).item() < 1e-2
-    # a norm before it keeps the Triton kernel (the CUDA GEMV takes its input as it is)
-    nw = torch.ones(4096, dtype=torch.bfloat16, device="cuda")
-    assert G.gemv(x, q, b, scale=s, norm_weight=nw).shape == (1, 300)
+    # with the RMSNorm before it (and a residual) too
+    nw = (torch.rand(4096) + 0.5).to(torch.bfloat16).cuda()
+    r = torch.randn(1, 4096).to(torch.bfloat16).cuda()
+    (yc, hc), (yt, ht) = (G.gemv(x, q, b, scale=s, norm_weight=nw, residual=r, eps=1e-5, cuda=c) for c in (True, False))
+    assert yc.shape == yt.shape == (1, 300) and hc.shape == ht.shape == (1, 4096) and torch.equal(hc, ht)
+    assert ((yc.double() - yt.double()).norm() / yt.double().norm()).item() < 1e-2
+
+
+def _rms_norm_ref(h, w, eps, r=None):
+    """fastllm.kernels.fused.rms_norm's rounding, in torch: (bf16 input of the GEMV, bf16(h + r))."""
+    v = h if r is None else (h.float() + r.float()).to(torch.bfloat16)
+    rs = torch.rsqrt(v.float().pow(2).mean() + eps)
+    return (w.float() * (v.float() * rs).to(torch.bfloat16).float()).to(torch.bfloat16), v
+
+
+@gpu
+@pytest.mark.parametrize("N, K", [(1, 16), (37, 528), (129, 4096), (301, 11008), (8, 8208)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("warps, persist", [(8, 0), (16, 0), (16, 2)])
+def test_with_the_rms_norm_matches_the_norm_then_the_gemv(N, K, residual, warps, persist, monkeypatch):
+    """The norm in the CUDA GEMV's input preparation (every CTA computes it; the first writes
+    h + residual) against the norm rounded as the norm kernel rounds it, then the same GEMV, and
+    against float64."""
+    monkeypatch.setattr(CG, "WARPS", warps)
+    monkeypatch.setattr(CG, "PERSIST", persist)
+    monkeypatch.setattr(CG, "_sms", lambda index: 1)
+    g = torch.Generator().manual_seed(N * K)
+    h = (3 * torch.randn(1, K, generator=g)).to(torch.bfloat16).cuda()
+    if not CG.available(h):
+        pytest.skip("the CUDA GEMV does not build here")
+    r = torch.randn(1, K, generator=g).to(torch.bfloat16).cuda() if residual else None
+    w = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16).cuda()
+    q, s, b = _layer(N, K, seed=K)
+    h0, r0 = h.clone(), None if r is None else r.clone()
+    out = CG.gemv_int8(h, q, s, b, norm_weight=w, eps=1e-5, residual=r)
+    y, hr = out if residual else (out, None)
+    x, v = _rms_norm_ref(h.view(-1), w, 1e-5, None if r is None else r.view(-1))
+    assert torch.equal(h, h0) and (r is None or torch.equal(r, r0))  # inputs untouched
+    if residual:
+        assert hr.shape == (K,) and torch.equal(hr, v)
+    unfused = CG.gemv_int8(x, q, s, b)
+    ref = (q.double() @ x.double()) * s.double() + b.double()
+    assert y.shape == (N,) and not y.isnan().any()
+    # rsqrt and sum order may move a normalised input across a bf16 rounding boundary: a few at most
+    assert ((y.double() - unfused.double()).norm() / ref.norm()).item() < 2e-3
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @gpu
