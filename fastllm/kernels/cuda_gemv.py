@@ -28,16 +28,20 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).with_name("cuda")
 SOURCES = [SOURCE_DIR / "gemv_int8.cu", SOURCE_DIR / "gemv_int4.cu"]
-# Rows (one per warp) per CTA: 8 or 16 (benchmarks switch it). Llama-2-7B int8, batch 1, H100, one
+# Warps (one row each) per CTA: 8 or 16 (benchmarks switch it). Llama-2-7B int8, batch 1, H100, one
 # call (2026-11-28): 16 rows 329.9 tok/s, 8 rows 327.5, the Triton word GEMV 325.1.
 WARPS = 16
 # CTAs per SM of a persistent int8 GEMV grid (0: one row per warp, a CTA per WARPS rows): each warp
 # then streams every (CTAs x WARPS)-th row, requesting the next row's first weights before it uses
-# the current row's last. Not yet timed (quant_gpu "-persistN").
+# the current row's last. Off: no faster. H100, one call (2026-11-28): the Llama-2-7B layer chain
+# (scripts/chain_gpu.py --launched) 72.0 us per layer with 2 CTAs per SM against 70.8; the int8 step
+# (scripts/quant_gpu.py -persist2) 346.5 / 348.3 tok/s against 350.1 / 349.8.
 PERSIST = 0
 # The int4 GEMV: registers capped for INT4_MINB CTAs per SM (1: uncapped, 90 registers; 2 with 16
 # rows per CTA, 3 with 8), and PERSIST4 CTAs per SM of a persistent grid (0: a CTA per WARPS rows).
-# Not yet timed.
+# With both (2, 2) its chain ran 53.2 us per layer against 76.1 uncapped and 67.4 for the Triton
+# int4 GEMV, yet the step stayed slower than the Triton TMA GEMV's (407.8 against 452.8 tok/s; the
+# eager step's GEMVs 2,094 us against 1,876): fastllm.kernels.gemv_int4.CUDA stays off (H100, 2026-11-28).
 INT4_MINB = 1
 PERSIST4 = 0
 _build_lock = threading.Lock()

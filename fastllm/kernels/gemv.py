@@ -92,8 +92,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr, scale
 WORDS = True  # int8 / fp8 GEMVs through _gemv_bytes_kernel (see gemv's `words`)
 # int8 GEMVs under bf16 inputs through the CUDA GEMV where it builds (see gemv's `cuda`)
 CUDA = True
-# The int8 linear layers take the RMSNorm before them into the CUDA GEMV (see cuda_norm); not yet
-# timed (scripts/quant_gpu.py "-cudanorm" / "-nocudanorm").
+# The int8 linear layers take the RMSNorm before them into the CUDA GEMV (see cuda_norm). Off: no
+# faster, the separate norm kernel hiding under the next GEMV's early weight loads. H100, Llama-2-7B
+# int8 step, one call (scripts/quant_gpu.py "-cudanorm", 2026-11-28): 352.7 / 349.1 tok/s against
+# 352.6 / 349.0 without.
 CUDA_NORM = False
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").

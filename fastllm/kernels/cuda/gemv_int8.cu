@@ -2,16 +2,17 @@
 // on first use; fastllm.kernels.gemv falls back to its Triton kernels where it cannot be built).
 //
 // y[n] = (sum_k q[n, k] x[k]) * s[n] (+ b[n]); q int8 [N, K] row-major, K % 16 == 0, rows 16-byte
-// aligned; x bf16 [K] (SILU: x = bf16(silu(h[k]) * h[K + k]) from h [2K], as the unfused ops round
-// it); s fp32 [N]; b, y bf16 [N].
+// aligned; x bf16 [K] (SILU: x = bf16(silu(h[k]) * h[K + k]) from h [2K]; NORM: the RMSNorm before
+// the layer, see Input; both as the unfused ops round them); s fp32 [N]; b, y bf16 [N].
 //
 // Why not Triton (scripts/cuda_gemv_probe.py, H100, the four GEMVs of a Llama-2-7B layer chained
 // 32 times): the loads alone stream at 2.9 TB/s, the Triton word GEMV at 2.55, held back by the
 // arithmetic between a warp's batches of loads. Here
-// - one row per warp, WARPS (8 or 16) rows per CTA sharing its input's preparation; each lane streams 16-byte chunks c = lane + 32 i of its row,
-//   UNROLL at a time, in two register sets used in turn (no copies between them, which would wait
-//   on the loads), so the next batch is requested before the current one is used; the first
-//   batch before the PDL wait (the weights do not depend on the kernel before);
+// - one row per warp (or, on a persistent grid, a stream of rows per warp), WARPS (8 or 16) warps
+//   per CTA sharing its input's preparation; each lane streams 16-byte chunks c = lane + 32 i of
+//   its row, UNROLL at a time, in two register sets used in turn (no copies between them, which
+//   would wait on the loads), so the next batch is requested before the current one is used; the
+//   first batch before the PDL wait (the weights do not depend on the kernel before);
 // - each CTA prepares the input once, in shared memory: per chunk of 16 values, 16-bit fixed point
 //   against the chunk's largest magnitude (scale = that / 32767), split into a signed high and an
 //   unsigned low byte plane; a weight word meets them in two dp4a, and the chunk's exact integer
