@@ -217,6 +217,7 @@ def launched(out_dir, L: int) -> None:
         chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True),
               f"int8 CUDA GEMV, {warps} rows/CTA{f', persistent {persist} CTAs/SM' if persist else ''}", one)
     CG.PERSIST, CG.WARPS = 0, 16
+    chain(quantize_fp8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True), "fp8 CUDA GEMV", one)
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)

@@ -19,7 +19,7 @@ weight loads after their PDL wait, not before; -head2: their whole pipeline prol
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
--cuda: the int4 GEMVs through the CUDA GEMV; -cudanorm / -nocudanorm: the int8 layers take the
+-cuda: the int4 GEMVs through the CUDA GEMV; -cuda8: the fp8 GEMVs through the CUDA GEMV; -cudanorm / -nocudanorm: the int8 layers take the
 RMSNorm before them into the CUDA GEMV, or not; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
 grid of N CTAs per SM; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
@@ -159,6 +159,7 @@ if "--skip-e2e" not in sys.argv:
             elif q != "bf16":
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.CUDA = "nocuda" not in q.split("-")  # "-nocuda": the int8 GEMVs in Triton, not the CUDA GEMV
+                GV.CUDA_FP8 = "cuda8" in q.split("-")  # "-cuda8": the fp8 GEMVs through the CUDA GEMV too
                 GV4.CUDA = q.endswith("-cuda") or "-cuda-" in q  # "-cuda": the int4 GEMVs in CUDA
                 # "-cudanorm" / "-nocudanorm": the RMSNorms in the CUDA int8 GEMVs, or not (else the default)
                 GV.CUDA_NORM = {"cudanorm": True, "nocudanorm": False}.get(next((t for t in q.split("-") if t.endswith("cudanorm")), ""),
@@ -188,7 +189,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm",
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8",
                             *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):

@@ -103,6 +103,9 @@ def _entry(device_index: int):
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
                    + [ctypes.c_size_t])
+    fn8 = lib.fastllm_gemv_fp8
+    fn8.restype, fn8.argtypes = fn.restype, fn.argtypes
+    fn.fp8 = fn8
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
     fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
@@ -156,9 +159,11 @@ def available(x: torch.Tensor) -> bool:
 
 
 def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False) -> bool:
-    """Whether gemv_int8 takes these operands: bf16 x, int8 [N, K] rows with K % 16 == 0, 16-byte aligned."""
+    """Whether gemv_int8 takes these operands: bf16 x, int8 (or float8 e4m3) [N, K] rows with
+    K % 16 == 0, 16-byte aligned."""
     N, K = qweight.shape
-    return (x.dtype == torch.bfloat16 and qweight.dtype == torch.int8 and K % 16 == 0 and qweight.stride(1) == 1
+    return (x.dtype == torch.bfloat16 and qweight.dtype in (torch.int8, torch.float8_e4m3fn) and K % 16 == 0
+            and qweight.stride(1) == 1
             and qweight.stride(0) == K and qweight.data_ptr() % 16 == 0 and x.numel() == (2 * K if silu_mul else K))
 
 
@@ -173,14 +178,15 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
               eps: float = 1e-6, residual: torch.Tensor | None = None):
     """y [N] bf16 = (q @ x) * scale (+ bias) for one input vector x (bf16 [K], or with silu_mul [2K]:
     x = silu(x[:K]) * x[K:]); see `fits` for the operands it takes. use_pdl: launched as a
-    programmatic dependent of the kernel before (fastllm.kernels.launch).
+    programmatic dependent of the kernel before (fastllm.kernels.launch). float8 e4m3 weights go
+    through gemv_int8.cu's fp8 form (products summed in f16 pairs per chunk of 16, 16 rows per CTA).
 
     norm_weight: multiply by RMSNorm(x) * norm_weight instead, rounded as fastllm.kernels.fused.rms_norm
     rounds it; with a residual, RMSNorm(x + residual) and the result is (y, x + residual) (a new
     tensor; neither input is modified), as fastllm.kernels.gemv.gemv's."""
     N, K = qweight.shape
     if not fits(x, qweight, silu_mul):
-        raise ValueError(f"gemv_int8 takes bf16 x and int8 [N, K % 16 == 0] weights, got {x.dtype} {tuple(x.shape)} "
+        raise ValueError(f"gemv_int8 takes bf16 x and int8 or float8 e4m3 [N, K % 16 == 0] weights, got {x.dtype} {tuple(x.shape)} "
                          f"and {qweight.dtype} {tuple(qweight.shape)}")
     if silu_mul and norm_weight is not None or residual is not None and norm_weight is None:
         raise ValueError("gemv_int8: a norm takes no silu_mul, and a residual comes only with a norm")
@@ -199,9 +205,10 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     res = None if residual is None else _aligned(residual)
     res_out = None if residual is None else torch.empty(K, dtype=torch.bfloat16, device=x.device)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    err = fn(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), ptr(b), y.data_ptr(), N, K, WARPS, int(use_pdl), mode,
-             PERSIST * _sms(_index(x)), ptr(res), ptr(nw), ptr(res_out), float(eps),
-             torch.cuda.current_stream(x.device).cuda_stream)
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    err = (fn.fp8 if fp8 else fn)(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), ptr(b), y.data_ptr(), N, K,
+                                  16 if fp8 else WARPS, int(use_pdl), mode, PERSIST * _sms(_index(x)), ptr(res),
+                                  ptr(nw), ptr(res_out), float(eps), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
     return y if residual is None else (y, res_out)

@@ -97,6 +97,9 @@ CUDA = True
 # int8 step, one call (scripts/quant_gpu.py "-cudanorm", 2026-11-28): 352.7 / 349.1 tok/s against
 # 352.6 / 349.0 without.
 CUDA_NORM = False
+# fp8 (e4m3) GEMVs under bf16 inputs through the CUDA GEMV's fp8 form too: off until timed
+# (scripts/quant_gpu.py "fp8-cuda8").
+CUDA_FP8 = False
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
@@ -154,7 +157,7 @@ def cuda_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether an int8 linear layer should take the RMSNorm before it into its GEMV of x: where the
     CUDA GEMV runs it (CUDA_NORM; the Triton GEMVs' fused norm is slower than a separate norm kernel,
     see fastllm.core.cuda_linear.DecodeLinear.fuse_norm)."""
-    return (CUDA and CUDA_NORM and x.device.type == "cuda" and cuda_gemv.fits(x, weight)
+    return (CUDA and CUDA_NORM and x.device.type == "cuda" and weight.dtype == torch.int8 and cuda_gemv.fits(x, weight)
             and cuda_gemv.available(x))
 
 
@@ -176,7 +179,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     on CUDA devices of compute capability 9.0 and later).
     cuda: an int8 weight under a bf16 input (and a bf16 norm weight, if any) through the CUDA GEMV
     (fastllm.kernels.cuda_gemv) where it can be built (default: the module's CUDA, unless config,
-    words or tma asks for a Triton kernel).
+    words or tma asks for a Triton kernel); an fp8 one too when asked, or by default under CUDA_FP8.
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -190,9 +193,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
             res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
+    asked = cuda is not None
     if cuda is None:
         cuda = CUDA and config is None and words is None and tma is None
-    if (cuda and scale is not None and x.device.type == "cuda" and cuda_gemv.fits(x, weight, silu_mul)
+    if (cuda and scale is not None and x.device.type == "cuda" and (weight.dtype == torch.int8 or CUDA_FP8 or asked)
+            and cuda_gemv.fits(x, weight, silu_mul)
             and (norm_weight is None or norm_weight.dtype == torch.bfloat16) and cuda_gemv.available(x)):
         out = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=flags["USE_PDL"], norm_weight=norm_weight,
                                   eps=eps, residual=residual)

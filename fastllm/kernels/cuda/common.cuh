@@ -1,6 +1,8 @@
 // Helpers shared by fastllm's CUDA GEMVs (gemv_int8.cu, gemv_int4.cu).
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -88,4 +90,30 @@ static int launch_kernel(Kernel kernel, int grid, int block, size_t smem, bool p
     cfg.numAttrs = pdl ? 1 : 0;
     cudaLaunchKernelEx(&cfg, kernel, args...);
     return (int)cudaGetLastError();
+}
+
+// Two e4m3 bytes (the low one first) as an f16 pair, exactly (one cvt on sm_89 and later).
+__device__ __forceinline__ __half2 e4m3x2_to_half2(uint32_t two) {
+    const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
+    return *reinterpret_cast<const __half2 *>(&r);
+}
+
+__device__ __forceinline__ __half2 as_half2(uint32_t w) { return *reinterpret_cast<const __half2 *>(&w); }
+
+// 16 inputs over a power-of-two scale (the smallest above their largest magnitude, so each is in
+// (-1, 1)) as f16 pairs: inputs 0-7 into lo_pairs, 8-15 into hi_pairs (word j: inputs 2j, 2j + 1);
+// returns the scale. bf16 inputs are exact in f16 after the scale, down to 2^-24 of it.
+__device__ __forceinline__ float half_pairs(const float (&v)[16], uint32_t (&lo_pairs)[4], uint32_t (&hi_pairs)[4]) {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(v[i]));
+    int e = 0;
+    frexpf(m, &e);  // m = f 2^e, f in [0.5, 1) (e = 0 for m = 0)
+    const float sc = ldexpf(1.f, e), inv = ldexpf(1.f, -e);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const __half2 p = __floats2half2_rn(v[2 * j] * inv, v[2 * j + 1] * inv);
+        (j < 4 ? lo_pairs[j] : hi_pairs[j - 4]) = *reinterpret_cast<const uint32_t *>(&p);
+    }
+    return sc;
 }

@@ -30,7 +30,13 @@ __device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row,
     }
 }
 
-// xsm: [chunks] high planes, [chunks] low planes (uint4: 16 bytes of one chunk), [chunks] fp32 scales
+// int8 (FP8 false): xsm holds [chunks] high planes, [chunks] low planes (uint4: 16 bytes of one
+// chunk), [chunks] fp32 scales; two dp4a per weight word.
+// fp8 (e4m3 weights): xsm holds [chunks] first and [chunks] second halves of each chunk's inputs as
+// f16 pairs (uint4: 8 halves), [chunks] fp32 power-of-two scales (the inputs / scale in (-1, 1));
+// a weight word gives two f16 pairs by cvt, multiplied into an f16 pair per chunk (|sum| < 16 x 448,
+// rounded at f16's 2^-11 per step), which is scaled into the fp32 sum once per chunk.
+template <bool FP8>
 __device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], const uint4 *xsm, int first,
                                           int chunks) {
 #pragma unroll
@@ -39,11 +45,22 @@ __device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], 
         if (c >= chunks) continue;
         const uint4 h = xsm[c], l = xsm[chunks + c];
         const float sc = reinterpret_cast<const float *>(xsm + 2 * chunks)[c];
-        int ah = dp4a_ss(w[u].x, h.x, 0), al = dp4a_su(w[u].x, l.x, 0);
-        ah = dp4a_ss(w[u].y, h.y, ah), al = dp4a_su(w[u].y, l.y, al);
-        ah = dp4a_ss(w[u].z, h.z, ah), al = dp4a_su(w[u].z, l.z, al);
-        ah = dp4a_ss(w[u].w, h.w, ah), al = dp4a_su(w[u].w, l.w, al);
-        acc = fmaf((float)(ah * 256 + al), sc, acc);  // |ah * 256 + al| <= 16 x 127 x 32767 < 2^31
+        if (FP8) {
+            const uint32_t ww[4] = {w[u].x, w[u].y, w[u].z, w[u].w}, xw[8] = {h.x, h.y, h.z, h.w, l.x, l.y, l.z, l.w};
+            __half2 a = __float2half2_rn(0.f);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                a = __hfma2(e4m3x2_to_half2(ww[j] & 0xffffu), as_half2(xw[2 * j]), a);
+                a = __hfma2(e4m3x2_to_half2(ww[j] >> 16), as_half2(xw[2 * j + 1]), a);
+            }
+            acc = fmaf(__low2float(a) + __high2float(a), sc, acc);
+        } else {
+            int ah = dp4a_ss(w[u].x, h.x, 0), al = dp4a_su(w[u].x, l.x, 0);
+            ah = dp4a_ss(w[u].y, h.y, ah), al = dp4a_su(w[u].y, l.y, al);
+            ah = dp4a_ss(w[u].z, h.z, ah), al = dp4a_su(w[u].z, l.z, al);
+            ah = dp4a_ss(w[u].w, h.w, ah), al = dp4a_su(w[u].w, l.w, al);
+            acc = fmaf((float)(ah * 256 + al), sc, acc);  // |ah * 256 + al| <= 16 x 127 x 32767 < 2^31
+        }
     }
 }
 
@@ -104,7 +121,7 @@ __device__ __forceinline__ void chunk_values(float (&v)[16], const __nv_bfloat16
 // stride: rows between a warp's rows. N (one row per warp): a CTA per WARPS rows; gridDim.x *
 // WARPS (a persistent grid): each warp streams every stride-th row, the next row's first batch
 // requested before the current row's last is used, the input prepared once per CTA.
-template <int WARPS, bool PDL, int MODE, bool BIAS>
+template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
 __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
                                                                    const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
                                                                    __nv_bfloat16 *__restrict__ y, int N, int K, int stride,
@@ -159,8 +176,8 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
                 v[i] = __bfloat162float(__float2bfloat16(
                     __bfloat162float(nv[i]) * __bfloat162float(__float2bfloat16(v[i] * rs))));
         }
-        uint32_t hw[4], lw[4];
-        const float sc = fixed16_planes(v, hw, lw);
+        uint32_t hw[4], lw[4];  // int8: high and low planes; fp8: the first and second 8 halves
+        const float sc = FP8 ? half_pairs(v, hw, lw) : fixed16_planes(v, hw, lw);
         xsm[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
         xsm[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
         reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
@@ -174,28 +191,34 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
         int nrow = row, nbase = base;
         next_batch(nrow, nbase, chunks, stride);
         if (nrow < N) load_batch(wb, w4 + nrow * rstride, nbase + lane, chunks);
-        use_batch(acc, wa, xsm, base + lane, chunks);
+        use_batch<FP8>(acc, wa, xsm, base + lane, chunks);
         if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
         row = nrow, base = nbase;
         if (row >= N) break;
         next_batch(nrow, nbase, chunks, stride);
         if (nrow < N) load_batch(wa, w4 + nrow * rstride, nbase + lane, chunks);
-        use_batch(acc, wb, xsm, base + lane, chunks);
+        use_batch<FP8>(acc, wb, xsm, base + lane, chunks);
         if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
         row = nrow, base = nbase;
         if (row >= N) break;
     }
 }
 
-template <int WARPS, bool PDL, int MODE, bool BIAS>
+template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K, int max_ctas,
                   const void *res, const void *nw, void *res_out, float eps, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
-    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS>, grid, WARPS * 32, (size_t)(K / 16) * 36, PDL, stream,
+    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS, FP8>, grid, WARPS * 32, (size_t)(K / 16) * 36, PDL, stream,
                          (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (const __nv_bfloat16 *)b,
                          (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS, (const __nv_bfloat16 *)res,
                          (const __nv_bfloat16 *)nw, (__nv_bfloat16 *)res_out, eps);
 }
+
+#define PICK(W, P, M, F)                                                                                     \
+    if (warps == W && pdl == P && mode == M)                                                                 \
+        return b ? launch<W, P, M, true, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)        \
+                 : launch<W, P, M, false, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
+#define PICK_M(W, P, F) PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F)
 
 // warps: 8 or 16 rows per CTA; mode: an Input (res, nw, res_out and eps are read in the NORM modes
 // only); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
@@ -204,13 +227,17 @@ extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, co
                                  int warps, int pdl, int mode, int max_ctas, const void *res, const void *nw,
                                  void *res_out, float eps, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
-#define PICK(W, P, M)                                                                                        \
-    if (warps == W && pdl == P && mode == M)                                                                 \
-        return b ? launch<W, P, M, true>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)           \
-                 : launch<W, P, M, false>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
-#define PICK_M(W, P) PICK(W, P, PLAIN) PICK(W, P, SILU) PICK(W, P, NORM) PICK(W, P, NORM_RES)
-    PICK_M(8, 1) PICK_M(8, 0) PICK_M(16, 1) PICK_M(16, 0)
-#undef PICK_M
-#undef PICK
+    PICK_M(8, 1, false) PICK_M(8, 0, false) PICK_M(16, 1, false) PICK_M(16, 0, false)
     return -1;
 }
+
+// The same for float8 e4m3 weights (q: [N, K] bytes), 16 rows per CTA.
+extern "C" int fastllm_gemv_fp8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
+                                int warps, int pdl, int mode, int max_ctas, const void *res, const void *nw,
+                                void *res_out, float eps, uintptr_t stream) {
+    cudaStream_t st = (cudaStream_t)stream;
+    PICK_M(16, 1, true) PICK_M(16, 0, true)
+    return -1;
+}
+#undef PICK_M
+#undef PICK

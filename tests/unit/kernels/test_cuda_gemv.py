@@ -43,7 +43,7 @@ def test_fits_only_what_the_kernel_takes():
     assert CG.fits(x, q) and CG.fits(torch.zeros(64, dtype=torch.bfloat16), q, silu_mul=True)
     assert not CG.fits(x.half(), q)  # bf16 inputs only
     assert not CG.fits(x[:24], q[:, :24])  # K % 16
-    assert not CG.fits(x, q.view(torch.float8_e4m3fn))  # int8 only
+    assert CG.fits(x, q.view(torch.float8_e4m3fn)) and not CG.fits(x, q.view(torch.float8_e5m2))  # int8, e4m3
     assert not CG.fits(torch.zeros(16, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.int8)[:, :16])  # strided
     assert not CG.available(x)  # a CPU tensor
     with pytest.raises(ValueError, match="int8"):
@@ -116,6 +116,49 @@ def test_gemv_routes_int8_to_it_and_agrees_with_the_triton_kernel():
     (yc, hc), (yt, ht) = (G.gemv(x, q, b, scale=s, norm_weight=nw, residual=r, eps=1e-5, cuda=c) for c in (True, False))
     assert yc.shape == yt.shape == (1, 300) and hc.shape == ht.shape == (1, 4096) and torch.equal(hc, ht)
     assert ((yc.double() - yt.double()).norm() / yt.double().norm()).item() < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("N, K", [(1, 16), (37, 528), (129, 4096), (301, 11008), (8, 8208)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("mode", ["plain", "silu", "norm"])
+@pytest.mark.parametrize("persist", [0, 2])
+def test_fp8_matches_float64(N, K, bias, mode, persist, monkeypatch):
+    """float8 e4m3 weights through the CUDA GEMV's fp8 form: within its f16 sums' rounding (2^-11
+    per step, at most eight steps per f16 lane and chunk) of float64, and close to the Triton fp8 GEMV."""
+    from fastllm.kernels import gemv as G
+    from fastllm.stages.quantizers.fp8 import quantize_fp8
+
+    monkeypatch.setattr(CG, "PERSIST", persist)
+    monkeypatch.setattr(CG, "_sms", lambda index: 1)
+    g = torch.Generator().manual_seed(N + K)
+    h = torch.randn(1, 2 * K if mode == "silu" else K, generator=g).to(torch.bfloat16).cuda()
+    if not CG.available(h) or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the CUDA GEMV does not build here, or the card has no fp8")
+    h[0, 5] = 30.0  # one large input: its chunk's neighbours keep their precision
+    q, s = quantize_fp8(torch.randn(N, K, generator=g).cuda())
+    b = torch.randn(N, generator=g).to(torch.bfloat16).cuda() if bias else None
+    w = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16).cuda()
+    kw = dict(norm_weight=w, eps=1e-5) if mode == "norm" else dict(silu_mul=mode == "silu")
+    out = CG.gemv_int8(h, q, s, b, **kw)
+    if mode == "silu":
+        gate, up = h.float().split(K, dim=-1)
+        x = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    elif mode == "norm":
+        x = _rms_norm_ref(h.view(-1), w, 1e-5)[0]
+    else:
+        x = h
+    xd, qd = x.double().view(-1), q.double()
+    ref = (qd @ xd) * s.double() + (b.double() if bias else 0)
+    spread = (qd.abs() @ xd.abs()) * s.double()  # what the f16 sums' rounding is relative to
+    assert out.shape == (N,) and out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert ((out.double() - ref).abs() <= ref.abs() * 2 ** -8 + spread * 2 ** -8 + 1e-6).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+    if mode != "norm":  # the Triton fp8 GEMV, through gemv
+        tri = G.gemv(h, q, b, scale=s, silu_mul=mode == "silu", cuda=False)
+        via = G.gemv(h, q, b, scale=s, silu_mul=mode == "silu", cuda=True)
+        assert torch.equal(via.view(-1), out)
+        assert ((out.double() - tri.double().view(-1)).norm() / ref.norm()).item() < 1e-2
 
 
 def _rms_norm_ref(h, w, eps, r=None):
