@@ -73,12 +73,29 @@ def build(arch: str, cache_dir: Path | None = None) -> Path:
             log.info("building fastllm's CUDA GEMVs for sm_%s with %s (once per card and nvcc)", arch, compiler)
             out.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-            run = subprocess.run([compiler, "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared",
-                                  "-Xcompiler", "-fPIC", "-o", str(tmp), *map(str, SOURCES)],
-                                 capture_output=True, text=True, timeout=600)
-            if run.returncode != 0:
+            objs = [tmp.with_name(f"{tmp.name}.{src.stem}.o") for src in SOURCES]
+            flags = ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC"]
+            procs = [subprocess.Popen([compiler, *flags, "-c", str(src), "-o", str(obj)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+            try:  # each source compiled in its own process (they take about as long), then linked
+                errors = []
+                for pr in procs:
+                    err = pr.communicate(timeout=600)[1]
+                    errors.append(err or f"nvcc exited with {pr.returncode}" if pr.returncode else "")
+                if not any(errors):
+                    link = subprocess.run([compiler, *flags, "-shared", "-o", str(tmp), *map(str, objs)],
+                                          capture_output=True, text=True, timeout=600)
+                    errors.append(link.stderr or "link failed" if link.returncode else "")
+            finally:
+                for pr in procs:
+                    if pr.poll() is None:
+                        pr.kill()
+                        pr.wait()
+                for obj in objs:
+                    obj.unlink(missing_ok=True)
+            if any(errors):
                 tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"nvcc failed on {SOURCE_DIR}:\n{run.stderr[-2000:]}")
+                raise RuntimeError(f"nvcc failed on {SOURCE_DIR}:\n{''.join(errors)[-2000:]}")
             os.replace(tmp, lib)  # atomic: another process sees the whole file or none
     return lib
 

@@ -22,6 +22,19 @@ def test_source_builds_once_into_the_cache(tmp_path, arch):
     assert not list((tmp_path / "cuda").glob("*.tmp"))
 
 
+@needs_nvcc
+def test_a_failed_build_says_why_and_leaves_nothing(monkeypatch, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.cu").write_text("extern \"C\" int ok() { return 0; }\n")
+    (src / "bad.cu").write_text("this is not C++;\n")
+    monkeypatch.setattr(CG, "SOURCE_DIR", src)
+    monkeypatch.setattr(CG, "SOURCES", [src / "good.cu", src / "bad.cu"])
+    with pytest.raises(RuntimeError, match="nvcc failed(.|\n)*bad.cu"):
+        CG.build("80", tmp_path)
+    assert list((tmp_path / "cuda").iterdir()) == []  # no library, no objects, no temporary file
+
+
 def test_without_nvcc_the_build_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(CG, "nvcc", lambda: None)
     with pytest.raises(RuntimeError, match="no nvcc"):
