@@ -1,5 +1,6 @@
 // The int8 weight-only GEMV of batch-1 decode, in CUDA (built by fastllm.kernels.cuda_gemv with nvcc
-// on first use; fastllm.kernels.gemv falls back to its Triton kernels where it cannot be built).
+// on first use; fastllm.kernels.gemv falls back to its Triton kernels where it cannot be built), and
+// its form for float8 e4m3 weights (FP8, fastllm_gemv_fp8; see use_batch).
 //
 // y[n] = (sum_k q[n, k] x[k]) * s[n] (+ b[n]); q int8 [N, K] row-major, K % 16 == 0, rows 16-byte
 // aligned; x bf16 [K] (SILU: x = bf16(silu(h[k]) * h[K + k]) from h [2K]; NORM: the RMSNorm before
