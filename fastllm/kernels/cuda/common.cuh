@@ -73,6 +73,36 @@ __device__ __forceinline__ float fixed16_planes(const float (&v)[16], uint32_t (
     return sc;
 }
 
+// A warp's stream of weight batches: rows row0, row0 + stride, ... below N, each in batches of
+// `step` chunks (base: a batch's first chunk, the same for the whole warp). The batch in `a`, then
+// in `b`, in turn, is used (use(buf, base)) after the one after it (this row's next, else the next
+// row's first) was requested into the other set (load(buf, row, base)), so a warp always has loads
+// in flight; the two sets are never copied (a copy would wait on the loads). finish(row) after a
+// row's last batch. The caller has loaded (row0, 0) into `a`; row0 < N.
+template <class Buf, class Load, class Use, class Finish>
+__device__ __forceinline__ void stream_rows(Buf &a, Buf &b, int row0, int N, int chunks, int stride, int step,
+                                            Load load, Use use, Finish finish) {
+    auto next = [&](int &row, int &base) {
+        base += step;
+        if (base >= chunks) row += stride, base = 0;
+    };
+    for (int row = row0, base = 0;;) {
+        int nrow = row, nbase = base;
+        next(nrow, nbase);
+        if (nrow < N) load(b, nrow, nbase);
+        use(a, base);
+        if (nrow != row) finish(row);
+        row = nrow, base = nbase;
+        if (row >= N) break;
+        next(nrow, nbase);
+        if (nrow < N) load(a, nrow, nbase);
+        use(b, base);
+        if (nrow != row) finish(row);
+        row = nrow, base = nbase;
+        if (row >= N) break;
+    }
+}
+
 // Launch on `stream`, as a programmatic dependent of the kernel before when pdl.
 template <typename Kernel, typename... Args>
 static int launch_kernel(Kernel kernel, int grid, int block, size_t smem, bool pdl, cudaStream_t stream, Args... args) {

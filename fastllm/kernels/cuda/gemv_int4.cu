@@ -18,12 +18,11 @@
 
 #define UNROLL 4
 
-// The batch after (row, base) in a warp's stream of rows row, row + stride, ...: the row's next
-// batch, else the next row's first (base: the batch's first chunk, the same for the whole warp).
-__device__ __forceinline__ void next_batch(int &row, int &base, int chunks, int stride) {
-    base += 32 * UNROLL;
-    if (base >= chunks) row += stride, base = 0;
-}
+// A lane's batch: UNROLL weight chunks and their groups' (scale, zero) pairs.
+struct Batch4 {
+    uint4 w[UNROLL];
+    float2 sz[UNROLL];
+};
 
 // Shared memory per chunk c of 32 inputs: uint4 planes [4][chunks] (even high, even low, odd high,
 // odd low; word w of a plane holds k = 8 w + 2 e (+1 if odd) for e = 0..3), then float2 [chunks]
@@ -92,9 +91,8 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
     const uint4 *w4 = reinterpret_cast<const uint4 *>(packed);
     const float2 *p2 = reinterpret_cast<const float2 *>(pairs);
     const size_t rstride = (size_t)chunks, pstride = (size_t)ng2;
-    uint4 wa[UNROLL], wb[UNROLL];
-    float2 sa[UNROLL], sb[UNROLL];
-    if (row0 < N) load_batch4(wa, sa, w4 + row0 * rstride, p2 + row0 * pstride, lane, chunks, G);
+    Batch4 wa, wb;
+    if (row0 < N) load_batch4(wa.w, wa.sz, w4 + row0 * rstride, p2 + row0 * pstride, lane, chunks, G);
     pdl_wait<PDL>();  // x comes from the kernel before
     // whole chunks of x (and of up, at x + K) on 16-byte boundaries: vector loads
     const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (!SILU || K % 8 == 0);
@@ -152,23 +150,13 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
     __syncthreads();
     if (row0 >= N) return;
     float acc = 0.f;
-    // (row, base): the batch in wa / sa, then in wb / sb, in turn; the one after it (this row's next,
-    // else the warp's next row's first) is requested into the other set before this one is used
-    for (int row = row0, base = 0;;) {
-        int nrow = row, nbase = base;
-        next_batch(nrow, nbase, chunks, stride);
-        if (nrow < N) load_batch4(wb, sb, w4 + nrow * rstride, p2 + nrow * pstride, nbase + lane, chunks, G);
-        use_batch4(acc, wa, sa, xsm, base + lane, chunks);
-        if (nrow != row) finish_row4<BIAS>(acc, lane, row, b, y), acc = 0.f;
-        row = nrow, base = nbase;
-        if (row >= N) break;
-        next_batch(nrow, nbase, chunks, stride);
-        if (nrow < N) load_batch4(wa, sa, w4 + nrow * rstride, p2 + nrow * pstride, nbase + lane, chunks, G);
-        use_batch4(acc, wb, sb, xsm, base + lane, chunks);
-        if (nrow != row) finish_row4<BIAS>(acc, lane, row, b, y), acc = 0.f;
-        row = nrow, base = nbase;
-        if (row >= N) break;
-    }
+    stream_rows(
+        wa, wb, row0, N, chunks, stride, 32 * UNROLL,
+        [&](Batch4 &w, int row, int base) {
+            load_batch4(w.w, w.sz, w4 + row * rstride, p2 + row * pstride, base + lane, chunks, G);
+        },
+        [&](const Batch4 &w, int base) { use_batch4(acc, w.w, w.sz, xsm, base + lane, chunks); },
+        [&](int row) { finish_row4<BIAS>(acc, lane, row, b, y), acc = 0.f; });
 }
 
 template <int WARPS, bool PDL, bool SILU, bool BIAS, int MINB>

@@ -78,13 +78,6 @@ __device__ __forceinline__ void finish_row(float acc, int lane, int row, const f
     }
 }
 
-// The batch after (row, base) in a warp's stream of rows row, row + stride, ...: the row's next
-// batch, else the next row's first (base: the batch's first chunk, the same for the whole warp).
-__device__ __forceinline__ void next_batch(int &row, int &base, int chunks, int stride) {
-    base += 32 * UNROLL;
-    if (base >= chunks) row += stride, base = 0;
-}
-
 // The input modes: x as it is, bf16(silu(h[k]) * h[K + k]) from h [2K], or the RMSNorm before the
 // layer (of x, or of bf16(x + residual), that sum then written to res_out by the first CTA), rounded
 // as fastllm.kernels.fused.rms_norm rounds it: bf16(w[k] * bf16(v[k] * rsqrt(mean(v^2) + eps))).
@@ -186,23 +179,11 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     __syncthreads();
     if (row0 >= N) return;
     float acc = 0.f;
-    // (row, base): the batch in wa, then in wb, in turn; the one after it is requested into the
-    // other set before this one is used
-    for (int row = row0, base = 0;;) {
-        int nrow = row, nbase = base;
-        next_batch(nrow, nbase, chunks, stride);
-        if (nrow < N) load_batch(wb, w4 + nrow * rstride, nbase + lane, chunks);
-        use_batch<FP8>(acc, wa, xsm, base + lane, chunks);
-        if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
-        row = nrow, base = nbase;
-        if (row >= N) break;
-        next_batch(nrow, nbase, chunks, stride);
-        if (nrow < N) load_batch(wa, w4 + nrow * rstride, nbase + lane, chunks);
-        use_batch<FP8>(acc, wb, xsm, base + lane, chunks);
-        if (nrow != row) finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f;
-        row = nrow, base = nbase;
-        if (row >= N) break;
-    }
+    stream_rows(
+        wa, wb, row0, N, chunks, stride, 32 * UNROLL,
+        [&](uint4(&w)[UNROLL], int row, int base) { load_batch(w, w4 + row * rstride, base + lane, chunks); },
+        [&](const uint4(&w)[UNROLL], int base) { use_batch<FP8>(acc, w, xsm, base + lane, chunks); },
+        [&](int row) { finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f; });
 }
 
 template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
