@@ -185,24 +185,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
     assert not (silu_mul and norm_weight is not None)
     xv = x.reshape(-1).contiguous()
-    y = torch.empty(N, dtype=x.dtype, device=x.device)
     has_res = residual is not None
     assert not has_res or norm_weight is not None, "a residual is only added before a norm"
-    res = residual.reshape(K).contiguous() if has_res else xv
-    res_out = torch.empty_like(res) if has_res else y
-    args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
-            res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
-    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
     asked = cuda is not None
     if cuda is None:
         cuda = CUDA and config is None and words is None and tma is None
     if (cuda and scale is not None and x.device.type == "cuda" and (weight.dtype == torch.int8 or CUDA_FP8 or asked)
             and cuda_gemv.fits(x, weight, silu_mul)
             and (norm_weight is None or norm_weight.dtype == torch.bfloat16) and cuda_gemv.available(x)):
-        out = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=flags["USE_PDL"], norm_weight=norm_weight,
-                                  eps=eps, residual=residual)
+        out = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=pdl(x)["USE_PDL"],
+                                  norm_weight=norm_weight, eps=eps, residual=residual)
         lead = x.shape[:-1]
         return (out[0].view(*lead, N), out[1].view(*lead, K)) if has_res else out.view(*lead, N)
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    res = residual.reshape(K).contiguous() if has_res else xv
+    res_out = torch.empty_like(res) if has_res else y
+    args = (xv, weight, bias if bias is not None else y, y, res, norm_weight if norm_weight is not None else y,
+            res_out, scale if scale is not None else y, N, K, weight.stride(0), eps)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=has_res, NORM=norm_weight is not None, SILU_MUL=silu_mul, **pdl(x))
     # the word kernel's int8 offset costs 8 of fp32's 24 bits: far below a bf16 / fp16 output's
     # rounding, not below an fp32 one's
     if words is None:

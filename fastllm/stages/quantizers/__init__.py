@@ -148,8 +148,7 @@ class RowScaledLinear(nn.Module):
         from ...core.cuda_linear import DecodeLinear
         from ...kernels.gemv import cuda_norm
 
-        if not (self._one_token(h) and (DecodeLinear.fuse_norm or self.qweight.dtype == torch.int8
-                                        and h.device.type == "cuda" and cuda_norm(h, self.qweight))):
+        if not (self._one_token(h) and (DecodeLinear.fuse_norm or cuda_norm(h, self.qweight))):
             return None
         if residual is None:
             return self._gemv(h, norm_weight=norm_weight, eps=eps), h
