@@ -19,7 +19,7 @@ weight loads after their PDL wait, not before; -head2: their whole pipeline prol
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
 in their own kernel, not inside decode attention; -upsplits: decode attention's split count rounded
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
--cuda: the int4 GEMVs through the CUDA GEMV; -cuda8: the fp8 GEMVs through the CUDA GEMV; -cudanorm / -nocudanorm: the int8 layers take the
+-cuda: the int4 GEMVs through the CUDA GEMV; -cuda8 / -nocuda8: the fp8 GEMVs through the CUDA GEMV, or in Triton; -cudanorm / -nocudanorm: the int8 layers take the
 RMSNorm before them into the CUDA GEMV, or not; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
 grid of N CTAs per SM; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
@@ -128,7 +128,7 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.stages.attention.paged import PagedAttention
     from fastllm.kernels import paged_attention as PAK
 
-    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM}
+    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -159,7 +159,9 @@ if "--skip-e2e" not in sys.argv:
             elif q != "bf16":
                 GV.WORDS = GV4.WORDS = not q.endswith("-rows")  # "-rows": the GEMVs' row kernels
                 GV.CUDA = "nocuda" not in q.split("-")  # "-nocuda": the int8 GEMVs in Triton, not the CUDA GEMV
-                GV.CUDA_FP8 = "cuda8" in q.split("-")  # "-cuda8": the fp8 GEMVs through the CUDA GEMV too
+                # "-cuda8" / "-nocuda8": the fp8 GEMVs through the CUDA GEMV, or in Triton (else the default)
+                GV.CUDA_FP8 = {"cuda8": True, "nocuda8": False}.get(next((t for t in q.split("-") if t.endswith("cuda8")), ""),
+                                                                   DEFAULTS["CUDA_FP8"])
                 GV4.CUDA = q.endswith("-cuda") or "-cuda-" in q  # "-cuda": the int4 GEMVs in CUDA
                 # "-cudanorm" / "-nocudanorm": the RMSNorms in the CUDA int8 GEMVs, or not (else the default)
                 GV.CUDA_NORM = {"cudanorm": True, "nocudanorm": False}.get(next((t for t in q.split("-") if t.endswith("cudanorm")), ""),
@@ -189,7 +191,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8",
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8",
                             *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):
