@@ -55,28 +55,34 @@ def nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def build(arch: str, cache_dir: Path | None = None) -> Path:
-    """The shared library of SOURCES for compute capability `arch` ("90" for 9.0), compiled into
-    cache_dir/cuda unless it is there already. Raises RuntimeError (no nvcc, or its error output)."""
+def build(arch: str, cache_dir: Path | None = None, sources: list[Path] | None = None, name: str = "gemv",
+          flags: tuple[str, ...] = ()) -> Path:
+    """The shared library of `sources` (SOURCES: the GEMVs) for compute capability `arch` ("90" for
+    9.0, "90a" for Hopper's own instructions), compiled with extra nvcc `flags` into cache_dir/cuda
+    unless it is there already (named by `name` and a hash of the sources, the shared headers, the
+    flags other than include directories, and nvcc's version). Raises RuntimeError (no nvcc, or its
+    error output)."""
     from ..stages.loaders.gguf import default_cache_dir
 
+    sources = SOURCES if sources is None else sources
     compiler = nvcc()
     if compiler is None:
         raise RuntimeError("no nvcc found (CUDA_HOME, CUDA_PATH, /usr/local/cuda, PATH)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    text = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".cu", ".cuh"))
-    key = hashlib.sha256(text + arch.encode() + version.encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in [*sources, *sorted(SOURCE_DIR.glob("*.cuh"))])
+    named = " ".join(f for f in flags if not f.startswith("-I"))  # (not where the headers happen to lie)
+    key = hashlib.sha256(text + arch.encode() + version.encode() + named.encode()).hexdigest()[:16]
     out = (cache_dir or default_cache_dir()) / "cuda"
-    lib = out / f"gemv-sm{arch}-{key}.so"
+    lib = out / f"{name}-sm{arch}-{key}.so"
     with _build_lock:
         if not lib.is_file():
-            log.info("building fastllm's CUDA GEMVs for sm_%s with %s (once per card and nvcc)", arch, compiler)
+            log.info("building fastllm's %s kernels for sm_%s with %s (once per card and nvcc)", name, arch, compiler)
             out.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-            objs = [tmp.with_name(f"{tmp.name}.{src.stem}.o") for src in SOURCES]
-            flags = ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC"]
+            objs = [tmp.with_name(f"{tmp.name}.{src.stem}.o") for src in sources]
+            flags = ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC", *flags]
             procs = [subprocess.Popen([compiler, *flags, "-c", str(src), "-o", str(obj)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+                                      stderr=subprocess.PIPE, text=True) for src, obj in zip(sources, objs)]
             try:  # each source compiled in its own process (they take about as long), then linked
                 errors = []
                 for pr in procs:
@@ -95,7 +101,7 @@ def build(arch: str, cache_dir: Path | None = None) -> Path:
                     obj.unlink(missing_ok=True)
             if any(errors):
                 tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"nvcc failed on {SOURCE_DIR}:\n{''.join(errors)[-2000:]}")
+                raise RuntimeError(f"nvcc failed on {', '.join(p.name for p in sources)}:\n{''.join(errors)[-2000:]}")
             os.replace(tmp, lib)  # atomic: another process sees the whole file or none
     return lib
 

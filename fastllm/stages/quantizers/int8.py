@@ -7,6 +7,9 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 - CPU with bf16 activations: torch's `_weight_int8pack_mm` (when in_features % 32 == 0);
 - CUDA with `activations="dynamic"` (W8A8), 17+ tokens: fastllm.kernels.w8a8 (activations
   quantized per token, int8 x int8 on the tensor cores, scales in the epilogue);
+- CUDA on Hopper (compute capability 9.0, with nvcc and CUTLASS's headers), 128+ tokens, no bias:
+  fastllm.kernels.cutlass_w8a16, CUTLASS's mixed-input GEMM (the weight widened in registers,
+  wgmma, TMA, warp-specialized), or whichever of the two paths below is faster for the shape;
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
   before the tensor-core product; from `Int8Linear.dense_min_tokens` (2,048) the weight is
   dequantized in one pass (qgemm.dequantize_rows) and cuBLAS multiplies it;
@@ -24,6 +27,9 @@ from . import RowScaledLinear, calibration_ids, capture_inputs, check_skip, line
 
 # torch._int_mm's limits (cuBLASLt's int8 GEMM): more than 16 rows, K and N multiples of 8
 INT_MM_MIN_TOKENS = 17
+# From this many tokens, weight-only products on Hopper try fastllm.kernels.cutlass_w8a16 (its
+# MIN_TOKENS; below it, Triton's split-K GEMM was faster on an H100's Llama-3-8B layers)
+CUTLASS_MIN_TOKENS = 128
 
 
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +94,10 @@ class Int8Linear(RowScaledLinear):
                 out = (acc.float() * x_scale * self.scale).to(flat.dtype)
                 if self.bias is not None:
                     out = out + self.bias
+        elif flat.shape[0] >= CUTLASS_MIN_TOKENS and self.bias is None and flat.is_cuda and self._cutlass(flat):
+            from ...kernels.cutlass_w8a16 import w8a16
+
+            out = w8a16(flat, self.qweight, self.scale)
         elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self._words_aligned():
             from ...kernels import qgemm
 
@@ -104,6 +114,12 @@ class Int8Linear(RowScaledLinear):
         else:
             out = F.linear(flat, self.dequantize(flat.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _cutlass(self, flat: torch.Tensor) -> bool:
+        """Whether fastllm.kernels.cutlass_w8a16 takes this product (built on first use)."""
+        from ...kernels import cutlass_w8a16 as C
+
+        return C.fits(flat, self.qweight) and self.scale.dtype == torch.float32 and C.available(flat)
 
     def _int_mm_fits(self, flat: torch.Tensor) -> bool:
         return flat.shape[0] >= INT_MM_MIN_TOKENS and self.in_features % 8 == 0 and self.out_features % 8 == 0

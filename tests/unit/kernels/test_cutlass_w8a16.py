@@ -1,0 +1,92 @@
+"""fastllm.kernels.cutlass_w8a16 (CUTLASS's weight-only int8 GEMM on Hopper): which operands it
+takes, where it finds CUTLASS, that its source builds where nvcc and CUTLASS are (slow: minutes),
+and on an H100 / H200 that every tile matches float64 on odd shapes and Int8Linear routes to it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastllm.kernels import cuda_gemv as CG
+from fastllm.kernels import cutlass_w8a16 as C
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs a Hopper GPU (compute capability 9.0)")
+
+
+def test_fits_only_what_the_kernel_takes():
+    q = torch.zeros(24, 64, dtype=torch.int8)
+    x = torch.zeros(5, 64, dtype=torch.bfloat16)
+    assert C.fits(x, q)
+    assert not C.fits(x.half(), q)  # bf16 inputs only
+    assert not C.fits(x, q.view(torch.float8_e4m3fn))  # int8 weights only
+    assert not C.fits(x[:, :56], q[:, :56])  # strided rows
+    assert not C.fits(torch.zeros(5, 40, dtype=torch.bfloat16), torch.zeros(24, 40, dtype=torch.int8))  # K % 16
+    assert not C.fits(x, torch.zeros(20, 64, dtype=torch.int8))  # N % 8
+    assert not C.fits(x.view(-1)[1:].as_strided((4, 64), (64, 1)), q)  # off a 16-byte boundary
+    assert not C.available(x)  # a CPU tensor
+
+
+def test_cutlass_path_names_the_headers(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    assert C.cutlass_include() is None  # no include/cutlass there
+    for d in ("include/cutlass", "tools/util/include/cutlass"):
+        (tmp_path / d).mkdir(parents=True)
+    assert C.cutlass_include() == [tmp_path / "include", tmp_path / "tools" / "util" / "include"]
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="no CUTLASS headers"):
+        C.build(tmp_path)
+
+
+def test_the_environment_can_turn_it_off(monkeypatch):
+    monkeypatch.setenv("FASTLLM_CUDA_KERNELS", "0")
+    C._entry.cache_clear()
+    try:
+        assert C._entry(0) is None  # (before asking the device anything)
+    finally:
+        C._entry.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CG.nvcc() is None or C.cutlass_include() is None, reason="needs nvcc and CUTLASS's headers")
+def test_source_builds_into_the_cache(tmp_path):
+    lib = C.build(tmp_path)
+    assert lib.is_file() and lib.parent == tmp_path / "cuda" and lib.name.startswith("w8a16-cutlass") and "-sm90a-" in lib.name
+    assert C.build(tmp_path) == lib  # found, not rebuilt
+
+
+def _operands(M, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) * 0.02 + 1e-4
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    return x.cuda(), q.cuda(), s.cuda()
+
+
+@hopper
+@pytest.mark.parametrize("M,N,K", [(1, 8, 16), (37, 136, 272), (300, 1000, 1040), (129, 264, 4096), (2050, 520, 176)])
+def test_every_tile_matches_float64(M, N, K):
+    assert C.available(torch.zeros(1, device="cuda"))
+    x, q, s = _operands(M, N, K)
+    ref = (x.double() @ q.double().T) * s.double()
+    for tile in range(C._entry(0).configs):
+        y = C._run(x, q, s, tile).double()
+        # one bf16 rounding of each output: within 2^-8 of it, plus a little for fp32 sums
+        assert ((y - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4 * ref.abs().max()).all(), tile
+
+
+@hopper
+def test_int8_linear_takes_it_from_128_tokens(monkeypatch):
+    from fastllm.stages.quantizers.int8 import Int8Linear
+
+    lin = torch.nn.Linear(512, 264, bias=False, dtype=torch.bfloat16, device="cuda")
+    layer = Int8Linear(lin)
+    calls = []
+    run = C._run
+    monkeypatch.setattr(C, "_run", lambda *a, **k: calls.append(a[3]) or run(*a, **k))
+    for M in (127, 128, 700):
+        x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+        ref = (x.double() @ layer.qweight.double().T) * layer.scale.double()
+        y = layer(x).double()
+        assert ((y - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3 * ref.abs().max()).all(), M
+        assert bool(calls) == (M >= 128), M  # (the pick among the candidates timed on the first call)
+        calls.clear()
