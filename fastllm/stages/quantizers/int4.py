@@ -5,7 +5,8 @@ A quarter of bf16's weight bytes (plus 2 x fp32 per group). Scale and zero point
 interleaved, `scales_zeros` [N, groups rounded up to even, 2] (padding zero), so the GEMV reads
 them in 16-byte loads; `scales` / `zeros` are views of it. On CUDA, fastllm.kernels.gemv_int4
 (one token) and fastllm.kernels.qgemm (more tokens) read the packed bytes and dequantize in
-registers; on the CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy
+registers; on Hopper, 128+ tokens go through CUTLASS's mixed-input GEMM where it builds
+(fastllm.kernels.cutlass_gemm, which times it against qgemm and dequantize-then-cuBLAS); on the CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy
 of the packed weight is made on first use); elsewhere the weight is dequantized for the call
 (correct; no speed-up). K is padded to a multiple of the group size (SmolLM2's 576 columns in
 groups of 128, for one).
@@ -19,6 +20,7 @@ from torch import nn
 from ...errors import ConfigError
 from ..base import LoadContext
 from . import calibration_ids, capture_inputs, check_skip, is_sparse, linears, norm_fed_linears
+from .int8 import CUTLASS_MIN_TOKENS
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -106,6 +108,18 @@ class Int4Linear(nn.Module):
     # 4,096, against qgemm_int4's 0.33-0.44x (docs/quantization.md). A transient [N, K] buffer per call.
     dense_min_tokens = 256
 
+    def _cutlass(self, flat: torch.Tensor) -> bool:
+        """Whether fastllm.kernels.cutlass_gemm takes this product (built on first use); its group
+        operands made on first use (bf16 scales and -zero * scale, [groups, N]: 4 bytes a group)."""
+        from ...kernels import cutlass_gemm as C
+
+        if not (C.fits_int4(flat, self.packed, self.group_size) and C.available(flat)):
+            return False
+        ops = getattr(self, "_cutlass_operands", None)
+        if ops is None or ops[0].device != flat.device:
+            self._cutlass_operands = C.int4_operands(self.scales, self.zeros)
+        return True
+
     def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """torch's CPU int4 layout, made on first use: (weight, scales_and_zeros [Kp/G, N, 2] bf16);
         tinygemm's zero point is in the float domain: w = (q - 8) * s + (8 - z) * s."""
@@ -129,6 +143,10 @@ class Int4Linear(nn.Module):
 
             out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias,
                             pairs=self.scales_zeros)
+        elif fused and flat.shape[0] >= CUTLASS_MIN_TOKENS and self.bias is None and flat.is_cuda and self._cutlass(flat):
+            from ...kernels.cutlass_gemm import w4a16
+
+            out = w4a16(flat, self.packed, self.scales, self.zeros, self.group_size, self._cutlass_operands)
         elif fused and flat.shape[0] >= self.dense_min_tokens:
             from ...kernels import qgemm
 

@@ -8,7 +8,7 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 - CUDA with `activations="dynamic"` (W8A8), 17+ tokens: fastllm.kernels.w8a8 (activations
   quantized per token, int8 x int8 on the tensor cores, scales in the epilogue);
 - CUDA on Hopper (compute capability 9.0, with nvcc and CUTLASS's headers), 128+ tokens, no bias:
-  fastllm.kernels.cutlass_w8a16, CUTLASS's mixed-input GEMM (the weight widened in registers,
+  fastllm.kernels.cutlass_gemm, CUTLASS's mixed-input GEMM (the weight widened in registers,
   wgmma, TMA, warp-specialized), or whichever of the two paths below is faster for the shape;
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
   before the tensor-core product; from `Int8Linear.dense_min_tokens` (2,048) the weight is
@@ -27,7 +27,7 @@ from . import RowScaledLinear, calibration_ids, capture_inputs, check_skip, line
 
 # torch._int_mm's limits (cuBLASLt's int8 GEMM): more than 16 rows, K and N multiples of 8
 INT_MM_MIN_TOKENS = 17
-# From this many tokens, weight-only products on Hopper try fastllm.kernels.cutlass_w8a16 (its
+# From this many tokens, weight-only products on Hopper try fastllm.kernels.cutlass_gemm (its
 # MIN_TOKENS; below it, Triton's split-K GEMM was faster on an H100's Llama-3-8B layers)
 CUTLASS_MIN_TOKENS = 128
 
@@ -95,7 +95,7 @@ class Int8Linear(RowScaledLinear):
                 if self.bias is not None:
                     out = out + self.bias
         elif flat.shape[0] >= CUTLASS_MIN_TOKENS and self.bias is None and flat.is_cuda and self._cutlass(flat):
-            from ...kernels.cutlass_w8a16 import w8a16
+            from ...kernels.cutlass_gemm import w8a16
 
             out = w8a16(flat, self.qweight, self.scale)
         elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self._words_aligned():
@@ -116,8 +116,8 @@ class Int8Linear(RowScaledLinear):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _cutlass(self, flat: torch.Tensor) -> bool:
-        """Whether fastllm.kernels.cutlass_w8a16 takes this product (built on first use)."""
-        from ...kernels import cutlass_w8a16 as C
+        """Whether fastllm.kernels.cutlass_gemm takes this product (built on first use)."""
+        from ...kernels import cutlass_gemm as C
 
         return C.fits(flat, self.qweight) and self.scale.dtype == torch.float32 and C.available(flat)
 
