@@ -2,9 +2,10 @@
 and dequantize-then-cuBLAS, per Llama-3-8B layer, graph-timed (tests/unit/kernels/test_cutlass_gemm.py
 checks them against float64).
 
-Usage: python scripts/cutlass_gemm_gpu.py OUTDIR [--int4] [--ms=128,1024,4096]; builds the library
-(fastllm's kernel cache); int8 weights, or int4 in groups of 128 with --int4. Prints a table last,
-JSON in OUTDIR. "picked": the candidate cutlass_gemm.w8a16 / w4a16 times and takes for the shape.
+Usage: python scripts/cutlass_gemm_gpu.py OUTDIR [--int4] [--graph-timing] [--ms=128,1024,4096];
+builds the library (fastllm's kernel cache); int8 weights, or int4 in groups of 128 with --int4.
+Prints a table last, JSON in OUTDIR. "picked": the candidate cutlass_gemm.w8a16 / w4a16 times
+and takes for the shape (with --graph-timing, timed inside a CUDA graph: cutlass_gemm.GRAPH_TIMING).
 """
 import json
 import sys
@@ -22,6 +23,7 @@ G = 128
 def main() -> None:
     out = sys.argv[1]
     int4 = "--int4" in sys.argv
+    C.GRAPH_TIMING = "--graph-timing" in sys.argv
     ms = [int(v) for a in sys.argv if a.startswith("--ms=") for v in a[5:].split(",")] or [128, 256, 1024, 4096, 16384]
     assert C.available(torch.zeros(1, device="cuda")), "the CUTLASS library did not build or load (see the log)"
     tiles = C._entry(0).int4.configs if int4 else C._entry(0).configs
@@ -66,7 +68,7 @@ def main() -> None:
             rows.append({"layer": name, "M": M, "N": N, "K": K, "ms": t})
             print(f"{name:8s} M={M:6d} " + " ".join(f"{k}={v * 1e3:8.1f}us" for k, v in t.items()), flush=True)
     fmt = "int4 g128" if int4 else "int8"
-    json.dump({"device": torch.cuda.get_device_name(), "format": fmt, "rows": rows},
+    json.dump({"device": torch.cuda.get_device_name(), "format": fmt, "graph_timing": C.GRAPH_TIMING, "rows": rows},
               open(f"{out}/cutlass-gemm-{'int4' if int4 else 'int8'}.json", "w"), indent=1)
     print(f"\n==== {fmt}: speed-up over cuBLAS bf16 ====")
     for r in rows:

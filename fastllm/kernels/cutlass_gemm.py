@@ -203,14 +203,31 @@ def _int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: to
 _picks: dict[tuple, int] = {}  # (format, device, tokens bucket, N, K) -> the fastest candidate
 
 
+# Time the candidates as `reps` products captured in one CUDA graph, as decode steps run, so host
+# time (ctypes, CUTLASS's argument set-up, Triton's launcher) counts for none of them; eager
+# timing adds it to each, and at 128-256 tokens a layer's product takes 10-50 us. Off: not yet
+# measured on a GPU (scripts/cutlass_gemm_gpu.py --graph-timing).
+GRAPH_TIMING = False
+
+
 def _time(fn, reps: int = 10) -> float:
     fn()  # (Triton's GEMM tunes itself here)
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
+    if GRAPH_TIMING:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        start.record()
+        graph.replay()
+        end.record()
+    else:
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
 
