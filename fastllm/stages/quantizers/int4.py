@@ -6,8 +6,9 @@ interleaved, `scales_zeros` [N, groups rounded up to even, 2] (padding zero), so
 them in 16-byte loads; `scales` / `zeros` are views of it. On CUDA, fastllm.kernels.gemv_int4
 (one token) and fastllm.kernels.qgemm (more tokens) read the packed bytes and dequantize in
 registers; on Hopper, 128+ tokens go through CUTLASS's mixed-input GEMM where it builds
-(fastllm.kernels.cutlass_gemm, which times it against qgemm and dequantize-then-cuBLAS); on the CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy
-of the packed weight is made on first use); elsewhere the weight is dequantized for the call
+(fastllm.kernels.cutlass_gemm, which times it against qgemm and dequantize-then-cuBLAS); on the
+CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy of the packed
+weight is made on first use); elsewhere the weight is dequantized for the call
 (correct; no speed-up). K is padded to a multiple of the group size (SmolLM2's 576 columns in
 groups of 128, for one).
 """

@@ -27,8 +27,8 @@ from . import RowScaledLinear, calibration_ids, capture_inputs, check_skip, line
 
 # torch._int_mm's limits (cuBLASLt's int8 GEMM): more than 16 rows, K and N multiples of 8
 INT_MM_MIN_TOKENS = 17
-# From this many tokens, weight-only products on Hopper try fastllm.kernels.cutlass_gemm (its
-# MIN_TOKENS; below it, Triton's split-K GEMM was faster on an H100's Llama-3-8B layers)
+# From this many tokens, weight-only int8 and int4 products on Hopper go to fastllm.kernels.cutlass_gemm
+# (below it, Triton's split-K GEMM was faster on three of an H100's four Llama-3-8B layers)
 CUTLASS_MIN_TOKENS = 128
 
 
