@@ -7,25 +7,14 @@
 // in registers and fed to wgmma from there. The collective applies each group's scale and zero in
 // registers as scale * q + zero', so the caller passes bf16 scales and zero' = -zero * scale,
 // both [K / G, N] (N fastest). The epilogue rounds the fp32 sums to bf16 and writes y row-major.
-#include <cuda_runtime.h>
-#include <stdint.h>
-
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+#include "cutlass_common.cuh"
 
 using namespace cute;
 
 namespace {
 
-using Wide = cutlass::bfloat16_t;
+using namespace fastllm_cutlass;
 using Narrow = cutlass::uint4b_t;
-using RowMajor = cutlass::layout::RowMajor;
-using ColumnMajor = cutlass::layout::ColumnMajor;
 
 template <class TileShape, class ClusterShape, class MainSchedule, class EpiSchedule>
 struct W4A16 {
@@ -61,19 +50,10 @@ struct W4A16 {
             {{}, nullptr, {}, static_cast<Wide *>(y), cutlass::make_cute_packed_stride(StrideD{}, {N, M, 1})}};
         args.epilogue.thread.alpha = 1.f;
         args.epilogue.thread.beta = 0.f;
-        Gemm gemm;
-        if (gemm.can_implement(args) != cutlass::Status::kSuccess) return -2;
-        if (Gemm::get_workspace_size(args) != 0) return -2;  // (the tile schedulers used need none)
-        if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return -2;
-        if (gemm.run(stream) != cutlass::Status::kSuccess) return (int)cudaGetLastError() ?: -3;
-        return (int)cudaGetLastError();
+        return launch<Gemm>(args, stream);
     }
 };
 
-using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 using Run = int (*)(const void *, const void *, const void *, const void *, void *, int, int, int, int, cudaStream_t);
 
 // per config: (weight rows, tokens, K) per CTA, the cluster, the schedule

@@ -9,26 +9,15 @@
 // rounded to bf16 once, in the epilogue, which writes y^T column-major: y row-major.
 //
 // Needs CUTLASS's headers (the nvidia-cutlass package) and nvcc with sm_90a.
-#include <cuda_runtime.h>
-#include <stdint.h>
-
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+#include "cutlass_common.cuh"
 
 using namespace cute;
 
 namespace {
 
-using Wide = cutlass::bfloat16_t;
+using namespace fastllm_cutlass;
 using Narrow = int8_t;
-using RowMajor = cutlass::layout::RowMajor;
-using ColumnMajor = cutlass::layout::ColumnMajor;
 
 template <class TileShape, class ClusterShape, class MainSchedule, class EpiSchedule>
 struct W8A16 {
@@ -65,19 +54,10 @@ struct W8A16 {
              static_cast<const Wide *>(x), cutlass::make_cute_packed_stride(StrideB{}, {M, K, 1})},
             {{}, nullptr, {}, static_cast<Wide *>(y), cutlass::make_cute_packed_stride(StrideD{}, {N, M, 1})}};
         args.epilogue.thread = {{scale, 0.f, {}}, {}, {}};
-        Gemm gemm;
-        if (gemm.can_implement(args) != cutlass::Status::kSuccess) return -2;
-        if (Gemm::get_workspace_size(args) != 0) return -2;  // (the tile schedulers used need none)
-        if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return -2;
-        if (gemm.run(stream) != cutlass::Status::kSuccess) return (int)cudaGetLastError() ?: -3;
-        return (int)cudaGetLastError();
+        return launch<Gemm>(args, stream);
     }
 };
 
-using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 
 using Run = int (*)(const void *, const float *, const void *, void *, int, int, int, cudaStream_t);
 
