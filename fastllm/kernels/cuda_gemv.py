@@ -168,17 +168,24 @@ def _first_product(device_index: int) -> bool:
     return True
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether the CUDA GEMV runs on x's device (building it, and checking a first product, on the
-    first call outside CUDA-graph capture)."""
+def checked_on_first_use(x: torch.Tensor, checked: dict[int, bool], entry, first_product) -> bool:
+    """Whether a built library runs on x's device: on the first call outside CUDA-graph capture,
+    entry(index) (building and loading it, None on failure) and first_product(index) decide, and
+    `checked` keeps the answer per device; inside a capture, until then, False."""
     if x.device.type != "cuda":
         return False
     i = _index(x)
-    if i not in _checked:
+    if i not in checked:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _checked[i] = _entry(i) is not None and _first_product(i)
-    return _checked[i]
+        checked[i] = entry(i) is not None and first_product(i)
+    return checked[i]
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the CUDA GEMV runs on x's device (building it, and checking a first product, on the
+    first call outside CUDA-graph capture)."""
+    return checked_on_first_use(x, _checked, _entry, _first_product)
 
 
 def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False) -> bool:

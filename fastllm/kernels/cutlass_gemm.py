@@ -121,14 +121,7 @@ def _first_product(device_index: int) -> bool:
 def available(x: torch.Tensor) -> bool:
     """Whether the library runs on x's device (built and checked on the first call outside
     CUDA-graph capture)."""
-    if x.device.type != "cuda":
-        return False
-    i = _index(x)
-    if i not in _checked:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        _checked[i] = _entry(i) is not None and _first_product(i)
-    return _checked[i]
+    return cuda_gemv.checked_on_first_use(x, _checked, _entry, _first_product)
 
 
 def fits(x: torch.Tensor, qweight: torch.Tensor) -> bool:
