@@ -21,7 +21,7 @@ in their own kernel, not inside decode attention; -upsplits: decode attention's 
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
 -cuda: the int4 GEMVs through the CUDA GEMV; -cuda8 / -nocuda8: the fp8 GEMVs through the CUDA GEMV, or in Triton; -cudanorm / -nocudanorm: the int8 layers take the
 RMSNorm before them into the CUDA GEMV, or not; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
-grid of N CTAs per SM; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
+grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -166,6 +166,7 @@ if "--skip-e2e" not in sys.argv:
                 # "-cudanorm" / "-nocudanorm": the RMSNorms in the CUDA int8 GEMVs, or not (else the default)
                 GV.CUDA_NORM = {"cudanorm": True, "nocudanorm": False}.get(next((t for t in q.split("-") if t.endswith("cudanorm")), ""),
                                                                            DEFAULTS["CUDA_NORM"])
+                GV.GLU = "-noglu" not in q  # "-noglu": SiLU-and-mul in down_proj's GEMV, not gate_up_proj's
                 CG.WARPS = 8 if "-cta8" in q else 16  # "-cta8": the CUDA GEMV with 8 rows per CTA, not 16
                 # "-persistN": the CUDA int8 GEMV on a persistent grid of N CTAs per SM
                 CG.PERSIST = next((int(x[7:]) for x in q.split("-") if x.startswith("persist")), 0)
@@ -191,7 +192,7 @@ if "--skip-e2e" not in sys.argv:
                     GV.TMA = GV4.TMA = False
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
-                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8",
+                            "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):

@@ -188,12 +188,12 @@ def available(x: torch.Tensor) -> bool:
     return checked_on_first_use(x, _checked, _entry, _first_product)
 
 
-def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False) -> bool:
+def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False, glu: bool = False) -> bool:
     """Whether gemv_int8 takes these operands: bf16 x, int8 (or float8 e4m3) [N, K] rows with
-    K % 16 == 0, 16-byte aligned."""
+    K % 16 == 0, 16-byte aligned (with glu, N even)."""
     N, K = qweight.shape
     return (x.dtype == torch.bfloat16 and qweight.dtype in (torch.int8, torch.float8_e4m3fn) and K % 16 == 0
-            and qweight.stride(1) == 1
+            and (not glu or N % 2 == 0 and not silu_mul) and qweight.stride(1) == 1
             and qweight.stride(0) == K and qweight.data_ptr() % 16 == 0 and x.numel() == (2 * K if silu_mul else K))
 
 
@@ -205,9 +205,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               silu_mul: bool = False, use_pdl: bool = False, norm_weight: torch.Tensor | None = None,
-              eps: float = 1e-6, residual: torch.Tensor | None = None):
+              eps: float = 1e-6, residual: torch.Tensor | None = None, glu: bool = False):
     """y [N] bf16 = (q @ x) * scale (+ bias) for one input vector x (bf16 [K], or with silu_mul [2K]:
-    x = silu(x[:K]) * x[K:]); see `fits` for the operands it takes. use_pdl: launched as a
+    x = silu(x[:K]) * x[K:]); see `fits` for the operands it takes. glu: q is gate_up_proj's [2I, K]
+    (gate rows, then up rows) and y [I] = silu(gate) * up of its bf16 outputs, rounded as that layer
+    and fastllm.kernels.fused.silu_and_mul round them. use_pdl: launched as a
     programmatic dependent of the kernel before (fastllm.kernels.launch). float8 e4m3 weights go
     through gemv_int8.cu's fp8 form (products summed in f16 pairs per chunk of 16, 16 rows per CTA).
 
@@ -215,11 +217,11 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     rounds it; with a residual, RMSNorm(x + residual) and the result is (y, x + residual) (a new
     tensor; neither input is modified), as fastllm.kernels.gemv.gemv's."""
     N, K = qweight.shape
-    if not fits(x, qweight, silu_mul):
+    if not fits(x, qweight, silu_mul, glu):
         raise ValueError(f"gemv_int8 takes bf16 x and int8 or float8 e4m3 [N, K % 16 == 0] weights, got {x.dtype} {tuple(x.shape)} "
                          f"and {qweight.dtype} {tuple(qweight.shape)}")
-    if silu_mul and norm_weight is not None or residual is not None and norm_weight is None:
-        raise ValueError("gemv_int8: a norm takes no silu_mul, and a residual comes only with a norm")
+    if (silu_mul or glu) and norm_weight is not None or residual is not None and norm_weight is None:
+        raise ValueError("gemv_int8: a norm takes no silu_mul or glu, and a residual comes only with a norm")
     for name, t in (("norm_weight", norm_weight), ("residual", residual)):
         if t is not None and (t.dtype != torch.bfloat16 or t.numel() != K or t.device != x.device):
             raise ValueError(f"gemv_int8: {name} must be bf16 [{K}] on {x.device}, got {t.dtype} {tuple(t.shape)}")
@@ -229,14 +231,15 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     xv = _aligned(x)
     s = scale.reshape(N).to(torch.float32).contiguous()
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
-    y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
-    mode = 1 if silu_mul else 0 if norm_weight is None else 2 if residual is None else 3  # gemv_int8.cu's Input
+    rows = N // 2 if glu else N  # (outputs)
+    y = torch.empty(rows, dtype=torch.bfloat16, device=x.device)
+    mode = 4 if glu else 1 if silu_mul else 0 if norm_weight is None else 2 if residual is None else 3  # gemv_int8.cu's Input
     nw = None if norm_weight is None else _aligned(norm_weight)
     res = None if residual is None else _aligned(residual)
     res_out = None if residual is None else torch.empty(K, dtype=torch.bfloat16, device=x.device)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     fp8 = qweight.dtype == torch.float8_e4m3fn
-    err = (fn.fp8 if fp8 else fn)(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), ptr(b), y.data_ptr(), N, K,
+    err = (fn.fp8 if fp8 else fn)(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), ptr(b), y.data_ptr(), rows, K,
                                   16 if fp8 else WARPS, int(use_pdl), mode, PERSIST * _sms(_index(x)), ptr(res),
                                   ptr(nw), ptr(res_out), float(eps), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:

@@ -101,6 +101,12 @@ CUDA_NORM = False
 # step, one call (scripts/quant_gpu.py "fp8-cuda8", 2026-11-28): 349.0 / 349.5 tok/s against 334.3
 # for the Triton word GEMV (int8's CUDA GEMV: 350.3; bf16: 205.3).
 CUDA_FP8 = True
+# At one token, SiLU-and-mul in gate_up_proj's CUDA GEMV (gemv's `glu`: each warp sums a gate row
+# and its up row), so down_proj's GEMV reads a plain input. Without it down_proj's GEMV takes
+# SiLU-and-mul in (its `silu_mul`), and every CTA of it computes the whole activation again: on an
+# H200 those 32 GEMVs streamed 2.67 TB/s, the layer's other 96 3.55 (scripts/profile_decode.py, int8,
+# 2026-11-28).
+GLU = True
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
 PREFETCH_X = False
@@ -162,10 +168,17 @@ def cuda_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and cuda_gemv.available(x))
 
 
+def glu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv(x, weight, scale=..., glu=True) runs: one bf16 input vector for an int8 (or,
+    under CUDA_FP8, fp8) gate_up_proj weight, where the CUDA GEMV builds and GLU is on."""
+    return (GLU and CUDA and x.device.type == "cuda" and (weight.dtype == torch.int8 or CUDA_FP8)
+            and cuda_gemv.fits(x, weight, glu=True) and cuda_gemv.available(x))
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
          silu_mul: bool = False, scale: torch.Tensor | None = None, config: triton.Config | None = None,
-         words: bool | None = None, tma: bool | None = None, cuda: bool | None = None):
+         words: bool | None = None, tma: bool | None = None, cuda: bool | None = None, glu: bool = False):
     """weight [N, K] (row-major) times one input vector x [1, K] or [K], plus bias [N]; the
     result has x's leading shape and dtype.
 
@@ -181,6 +194,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cuda: an int8 weight under a bf16 input (and a bf16 norm weight, if any) through the CUDA GEMV
     (fastllm.kernels.cuda_gemv) where it can be built (default: the module's CUDA, unless config,
     words or tma asks for a Triton kernel); an fp8 one too when asked, or by default under CUDA_FP8.
+    glu: weight is gate_up_proj's [2I, K] and the result silu(gate) * up [I] (see
+    cuda_gemv.gemv_int8; the CUDA GEMV only: check `glu_fits` first).
     """
     N, K = weight.shape
     assert weight.stride(1) == 1 and x.numel() == (2 * K if silu_mul else K), (x.shape, weight.shape)
@@ -192,12 +207,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if cuda is None:
         cuda = CUDA and config is None and words is None and tma is None
     if (cuda and scale is not None and x.device.type == "cuda" and (weight.dtype == torch.int8 or CUDA_FP8 or asked)
-            and cuda_gemv.fits(x, weight, silu_mul)
+            and cuda_gemv.fits(x, weight, silu_mul, glu)
             and (norm_weight is None or norm_weight.dtype == torch.bfloat16) and cuda_gemv.available(x)):
         out = cuda_gemv.gemv_int8(xv, weight, scale, bias, silu_mul, use_pdl=pdl(x)["USE_PDL"],
-                                  norm_weight=norm_weight, eps=eps, residual=residual)
+                                  norm_weight=norm_weight, eps=eps, residual=residual, glu=glu)
         lead = x.shape[:-1]
-        return (out[0].view(*lead, N), out[1].view(*lead, K)) if has_res else out.view(*lead, N)
+        return (out[0].view(*lead, N), out[1].view(*lead, K)) if has_res else out.view(*lead, out.numel())
+    if glu:
+        raise ValueError("gemv: glu runs in the CUDA GEMV only (see glu_fits)")
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     res = residual.reshape(K).contiguous() if has_res else xv
     res_out = torch.empty_like(res) if has_res else y

@@ -205,8 +205,13 @@ class LlamaDecoderLayer(nn.Module):
         fused into the next RMSNorm."""
         attn = self.self_attn
         qkv, residual = normed_linear(attn.qkv_proj, self.input_layernorm, h, residual)
-        gate_up, residual = normed_linear(self.mlp.gate_up_proj, self.post_attention_layernorm,
-                                          attn.attend(qkv, rope, ctx), residual)
+        h = attn.attend(qkv, rope, ctx)
+        gate_up_proj = self.mlp.gate_up_proj
+        if getattr(gate_up_proj, "glu_fits", None) is not None and gate_up_proj.glu_fits(h):
+            # SiLU-and-mul in gate_up_proj's own kernel (one token, a quantized layer on the CUDA GEMV)
+            x, residual = add_norm(self.post_attention_layernorm, h, residual)
+            return self.mlp.down_proj(gate_up_proj.forward_glu(x)), residual
+        gate_up, residual = normed_linear(gate_up_proj, self.post_attention_layernorm, h, residual)
         return self.mlp.down(gate_up), residual
 
 
@@ -217,8 +222,13 @@ def normed_linear(linear: nn.Module, norm: RMSNorm, h: torch.Tensor, residual: t
     out = fused(h, residual, norm.weight, norm.eps) if fused is not None else None
     if out is not None:
         return out
-    x, residual = (norm(h), h) if residual is None else norm(h, residual)
+    x, residual = add_norm(norm, h, residual)
     return linear(x), residual
+
+
+def add_norm(norm: RMSNorm, h: torch.Tensor, residual: torch.Tensor | None):
+    """(norm(h + residual), h + residual), or (norm(h), h) without a residual."""
+    return (norm(h), h) if residual is None else norm(h, residual)
 
 
 class LlamaModel(nn.Module):

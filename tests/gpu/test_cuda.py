@@ -93,18 +93,26 @@ def test_batch_one_decode_through_the_fused_gemv_matches_cublas(tiny_dir, monkey
 
 def test_int8_decode_through_the_cuda_gemv_matches_the_triton_one(tiny_dir, monkeypatch):
     """A bf16 engine with int8 weights decodes at batch 1 (CUDA graphs, PDL) through the CUDA int8
-    GEMV where it builds (with and without the RMSNorms in it), and through the Triton word GEMV
-    without it: the same greedy tokens."""
+    GEMV where it builds (with and without the RMSNorms in it, with and without SiLU-and-mul in
+    gate_up_proj's GEMV), and through the Triton word GEMV without it: the same greedy tokens."""
     from fastllm.kernels import cuda_gemv, gemv
+    from fastllm.stages.quantizers import RowScaledLinear
 
     prompt = {"prompt_token_ids": torch.randint(0, 300, (21,), generator=torch.Generator().manual_seed(7)).tolist()}
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    glu_calls = []
+    forward_glu = RowScaledLinear.forward_glu
+    monkeypatch.setattr(RowScaledLinear, "forward_glu", lambda self, x: glu_calls.append(x.shape) or forward_glu(self, x))
     runs = {}
-    for use_cuda, norm in ((True, False), (True, True), (False, False)):
+    for use_cuda, norm, glu in ((True, False, True), (True, False, False), (True, True, False), (False, False, False)):
         monkeypatch.setattr(gemv, "CUDA", use_cuda)
         monkeypatch.setattr(gemv, "CUDA_NORM", norm)
+        monkeypatch.setattr(gemv, "GLU", glu)
         with Engine(str(tiny_dir), device="cuda", dtype="bfloat16", quantizer="int8", progress=False) as eng:
-            runs[use_cuda, norm] = eng.generate(prompt, sp)[0].token_ids
+            runs[use_cuda, norm, glu] = eng.generate(prompt, sp)[0].token_ids
+        if (use_cuda, norm, glu) == (True, False, True):
+            took_glu = len(glu_calls)
     if not cuda_gemv.available(torch.zeros(16, dtype=torch.bfloat16, device="cuda")):
         pytest.skip("the CUDA GEMV does not build here")
-    assert runs[True, False] == runs[True, True] == runs[False, False]
+    assert took_glu > 0 and len(glu_calls) == took_glu  # the GLU path ran, and only where on
+    assert runs[True, False, True] == runs[True, False, False] == runs[True, True, False] == runs[False, False, False]

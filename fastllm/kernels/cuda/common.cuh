@@ -40,12 +40,16 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// bf16(silu(g) * u) for bf16 values g, u, as fastllm.kernels.fused.silu_and_mul rounds it.
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * u));
+}
+
 // The layer input value k as the unfused ops round it: x[k], or with SILU bf16(silu(x[k]) * x[K + k]).
 template <bool SILU>
 __device__ __forceinline__ float input_at(const __nv_bfloat16 *x, int K, int k) {
     const float g = __bfloat162float(x[k]);
-    if (!SILU) return g;
-    return __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(x[K + k])));
+    return SILU ? silu_mul(g, __bfloat162float(x[K + k])) : g;
 }
 
 // 16-bit fixed point of v against scale sc's reciprocal inv, as (signed high byte, unsigned low byte)

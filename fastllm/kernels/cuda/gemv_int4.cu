@@ -110,10 +110,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
                 for (int i = 0; i < 4; ++i) up[i] = u4[i];
                 const __nv_bfloat16 *uv = reinterpret_cast<const __nv_bfloat16 *>(up);
 #pragma unroll
-                for (int i = 0; i < 32; ++i) {
-                    const float g = __bfloat162float(v[i]);
-                    v[i] = __float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(uv[i]));
-                }
+                for (int i = 0; i < 32; ++i) v[i] = __float2bfloat16(silu_mul(__bfloat162float(v[i]), __bfloat162float(uv[i])));
             }
         } else {
 #pragma unroll

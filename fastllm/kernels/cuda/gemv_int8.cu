@@ -5,6 +5,8 @@
 // y[n] = (sum_k q[n, k] x[k]) * s[n] (+ b[n]); q int8 [N, K] row-major, K % 16 == 0, rows 16-byte
 // aligned; x bf16 [K] (SILU: x = bf16(silu(h[k]) * h[K + k]) from h [2K]; NORM: the RMSNorm before
 // the layer, see Input; both as the unfused ops round them); s fp32 [N]; b, y bf16 [N].
+// GLU: q [2N, K] holds gate_up_proj's gate rows, then its up rows; y[n] = bf16(silu(g) * u) of the
+// layer's bf16 outputs g (row n) and u (row N + n), as the unfused layer and silu_and_mul round them.
 //
 // Why not Triton (scripts/cuda_gemv_probe.py, H100, the four GEMVs of a Llama-2-7B layer chained
 // 32 times): the loads alone stream at 2.9 TB/s, the Triton word GEMV at 2.55, held back by the
@@ -23,11 +25,14 @@
 
 #define UNROLL 4
 
-__device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row, int first, int chunks) {
+// GLU: a warp's row is gate row `row`'s chunks, then up row `row2`'s (chunks c - chunks).
+template <bool GLU>
+__device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row, const uint4 *row2, int first,
+                                           int chunks) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int c = first + 32 * u;
-        if (c < chunks) w[u] = load_stream(row + c);
+        if (c < (GLU ? 2 * chunks : chunks)) w[u] = load_stream(GLU && c >= chunks ? row2 + (c - chunks) : row + c);
     }
 }
 
@@ -37,13 +42,17 @@ __device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row,
 // f16 pairs (uint4: 8 halves), [chunks] fp32 power-of-two scales (the inputs / scale in (-1, 1));
 // a weight word gives two f16 pairs by cvt, multiplied into an f16 pair per chunk (|sum| < 16 x 448,
 // rounded at f16's 2^-11 per step), which is scaled into the fp32 sum once per chunk.
-template <bool FP8>
-__device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], const uint4 *xsm, int first,
-                                          int chunks) {
+// GLU: chunks past `chunks` are the up row's, summed into acc2.
+template <bool FP8, bool GLU>
+__device__ __forceinline__ void use_batch(float &acc, float &acc2, const uint4 (&w)[UNROLL], const uint4 *xsm,
+                                          int first, int chunks) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-        const int c = first + 32 * u;
-        if (c >= chunks) continue;
+        const int cw = first + 32 * u;
+        if (cw >= (GLU ? 2 * chunks : chunks)) continue;
+        const bool up = GLU && cw >= chunks;
+        const int c = up ? cw - chunks : cw;
+        float &sum = up ? acc2 : acc;
         const uint4 h = xsm[c], l = xsm[chunks + c];
         const float sc = reinterpret_cast<const float *>(xsm + 2 * chunks)[c];
         if (FP8) {
@@ -54,34 +63,43 @@ __device__ __forceinline__ void use_batch(float &acc, const uint4 (&w)[UNROLL], 
                 a = __hfma2(e4m3x2_to_half2(ww[j] & 0xffffu), as_half2(xw[2 * j]), a);
                 a = __hfma2(e4m3x2_to_half2(ww[j] >> 16), as_half2(xw[2 * j + 1]), a);
             }
-            acc = fmaf(__low2float(a) + __high2float(a), sc, acc);
+            sum = fmaf(__low2float(a) + __high2float(a), sc, sum);
         } else {
             int ah = dp4a_ss(w[u].x, h.x, 0), al = dp4a_su(w[u].x, l.x, 0);
             ah = dp4a_ss(w[u].y, h.y, ah), al = dp4a_su(w[u].y, l.y, al);
             ah = dp4a_ss(w[u].z, h.z, ah), al = dp4a_su(w[u].z, l.z, al);
             ah = dp4a_ss(w[u].w, h.w, ah), al = dp4a_su(w[u].w, l.w, al);
-            acc = fmaf((float)(ah * 256 + al), sc, acc);  // |ah * 256 + al| <= 16 x 127 x 32767 < 2^31
+            sum = fmaf((float)(ah * 256 + al), sc, sum);  // |ah * 256 + al| <= 16 x 127 x 32767 < 2^31
         }
     }
 }
 
-// Lane 0 of the warp that summed row `row` writes it.
-template <bool BIAS>
-__device__ __forceinline__ void finish_row(float acc, int lane, int row, const float *__restrict__ s,
+// Lane 0 of the warp that summed row `row` writes it (GLU: with up row N + row's sum acc2).
+template <bool BIAS, bool GLU>
+__device__ __forceinline__ void finish_row(float acc, float acc2, int lane, int row, int N, const float *__restrict__ s,
                                            const __nv_bfloat16 *__restrict__ b, __nv_bfloat16 *__restrict__ y) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    for (int o = 16; o > 0; o >>= 1) {
+        acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (GLU) acc2 += __shfl_xor_sync(0xffffffffu, acc2, o);
+    }
     if (lane == 0) {
         float out = acc * s[row];
         if (BIAS) out += __bfloat162float(b[row]);
+        if (GLU) {
+            float up = acc2 * s[N + row];
+            if (BIAS) up += __bfloat162float(b[N + row]);
+            out = silu_mul(__bfloat162float(__float2bfloat16(out)), __bfloat162float(__float2bfloat16(up)));
+        }
         y[row] = __float2bfloat16(out);
     }
 }
 
 // The input modes: x as it is, bf16(silu(h[k]) * h[K + k]) from h [2K], or the RMSNorm before the
 // layer (of x, or of bf16(x + residual), that sum then written to res_out by the first CTA), rounded
-// as fastllm.kernels.fused.rms_norm rounds it: bf16(w[k] * bf16(v[k] * rsqrt(mean(v^2) + eps))).
-enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3 };
+// as fastllm.kernels.fused.rms_norm rounds it: bf16(w[k] * bf16(v[k] * rsqrt(mean(v^2) + eps)));
+// GLU: x as it is, into gate and up rows (see the top).
+enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3, GLU = 4 };
 
 // The 16 values of chunk c before any norm: x's, silu-and-mul's, or bf16(x + residual)'s.
 template <int MODE>
@@ -95,10 +113,7 @@ __device__ __forceinline__ void chunk_values(float (&v)[16], const __nv_bfloat16
         const uint4 up[2] = {u4[2 * c], u4[2 * c + 1]};
         const __nv_bfloat16 *uv = reinterpret_cast<const __nv_bfloat16 *>(up);
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const float g = __bfloat162float(xv[i]);
-            v[i] = __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)) * __bfloat162float(uv[i])));
-        }
+        for (int i = 0; i < 16; ++i) v[i] = silu_mul(__bfloat162float(xv[i]), __bfloat162float(uv[i]));
     } else if (MODE == NORM_RES) {
         const uint4 *r4 = reinterpret_cast<const uint4 *>(res);
         const uint4 rp[2] = {r4[2 * c], r4[2 * c + 1]};
@@ -129,10 +144,11 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     const uint4 *w4 = reinterpret_cast<const uint4 *>(q);
     const size_t rstride = (size_t)chunks;  // uint4 per row
     uint4 wa[UNROLL], wb[UNROLL];
-    if (row0 < N) load_batch(wa, w4 + row0 * rstride, lane, chunks);
+    constexpr bool G = MODE == GLU;
+    if (row0 < N) load_batch<G>(wa, w4 + row0 * rstride, w4 + (N + row0) * rstride, lane, chunks);
     pdl_wait<PDL>();  // x (and the residual) come from the kernels before
     float rs = 1.f;  // the norm's 1 / rms
-    if (MODE >= NORM) {
+    if (MODE == NORM || MODE == NORM_RES) {
         __shared__ float part[WARPS];
         float ss = 0.f;
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
@@ -161,7 +177,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[16];
         chunk_values<MODE>(v, x, res, K, c);
-        if (MODE >= NORM) {
+        if (MODE == NORM || MODE == NORM_RES) {
             const uint4 *n4 = reinterpret_cast<const uint4 *>(nw);
             const uint4 np[2] = {n4[2 * c], n4[2 * c + 1]};
             const __nv_bfloat16 *nv = reinterpret_cast<const __nv_bfloat16 *>(np);
@@ -178,12 +194,14 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     }
     __syncthreads();
     if (row0 >= N) return;
-    float acc = 0.f;
+    float acc = 0.f, acc2 = 0.f;
     stream_rows(
-        wa, wb, row0, N, chunks, stride, 32 * UNROLL,
-        [&](uint4(&w)[UNROLL], int row, int base) { load_batch(w, w4 + row * rstride, base + lane, chunks); },
-        [&](const uint4(&w)[UNROLL], int base) { use_batch<FP8>(acc, w, xsm, base + lane, chunks); },
-        [&](int row) { finish_row<BIAS>(acc, lane, row, s, b, y), acc = 0.f; });
+        wa, wb, row0, N, G ? 2 * chunks : chunks, stride, 32 * UNROLL,
+        [&](uint4(&w)[UNROLL], int row, int base) {
+            load_batch<G>(w, w4 + row * rstride, w4 + (N + row) * rstride, base + lane, chunks);
+        },
+        [&](const uint4(&w)[UNROLL], int base) { use_batch<FP8, G>(acc, acc2, w, xsm, base + lane, chunks); },
+        [&](int row) { finish_row<BIAS, G>(acc, acc2, lane, row, N, s, b, y), acc = 0.f, acc2 = 0.f; });
 }
 
 template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
@@ -200,10 +218,10 @@ static int launch(const void *q, const void *x, const void *s, const void *b, vo
     if (warps == W && pdl == P && mode == M)                                                                 \
         return b ? launch<W, P, M, true, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)        \
                  : launch<W, P, M, false, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
-#define PICK_M(W, P, F) PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F)
+#define PICK_M(W, P, F) PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F) PICK(W, P, GLU, F)
 
 // warps: 8 or 16 rows per CTA; mode: an Input (res, nw, res_out and eps are read in the NORM modes
-// only); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
+// only; GLU: N output rows of a [2N, K] weight); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
 // (0: one row per warp). Returns a cudaError_t (0: launched on `stream`), -1 for other warps / modes.
 extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
                                  int warps, int pdl, int mode, int max_ctas, const void *res, const void *nw,

@@ -159,5 +159,16 @@ class RowScaledLinear(nn.Module):
 
         return self._gemv(gate_up, silu_mul=True) if DecodeLinear.fuse_silu_mul and self._one_token(gate_up) else None
 
+    def glu_fits(self, x) -> bool:
+        """Whether forward_glu takes x: one token where the CUDA GEMV runs it (fastllm.kernels.gemv.glu_fits)."""
+        from ...kernels.gemv import glu_fits
+
+        return self._one_token(x) and x.is_cuda and glu_fits(x, self.qweight)
+
+    def forward_glu(self, x):
+        """silu(gate) * up [1, out_features / 2] of this layer's output for x (gate_up_proj: its gate
+        rows, then its up rows) in one kernel; see glu_fits."""
+        return self._gemv(x, glu=True)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.dtype} per row"

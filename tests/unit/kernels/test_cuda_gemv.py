@@ -174,6 +174,61 @@ def test_fp8_matches_float64(N, K, bias, mode, persist, monkeypatch):
         assert ((out.double() - tri.double().view(-1)).norm() / ref.norm()).item() < 1e-2
 
 
+@gpu
+@pytest.mark.parametrize("I, K", [(1, 16), (37, 528), (129, 4096), (64, 2064)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("warps, persist", [(16, 0), (8, 0), (16, 3)])
+def test_glu_matches_the_layer_then_silu_and_mul(I, K, bias, fp8, warps, persist, monkeypatch):
+    """gate_up_proj's [2I, K] weight with SiLU-and-mul in the GEMV (each warp sums gate row n and up
+    row I + n; K's chunks of 16 need not fill a warp's batches) against the GEMV's [2I] output then
+    silu(gate) * up in float, rounded to bf16 as the unfused ops round it, and against float64."""
+    from fastllm.kernels import gemv as G
+    from fastllm.kernels.fused import silu_and_mul
+    from fastllm.stages.quantizers.fp8 import quantize_fp8
+
+    monkeypatch.setattr(CG, "WARPS", warps)
+    monkeypatch.setattr(CG, "PERSIST", persist)
+    monkeypatch.setattr(CG, "_sms", lambda index: 1)
+    gen = torch.Generator().manual_seed(I * K)
+    x = torch.randn(1, K, generator=gen).to(torch.bfloat16).cuda()
+    if not CG.available(x) or fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the CUDA GEMV does not build here, or the card has no fp8")
+    if fp8:
+        q, s = quantize_fp8(torch.randn(2 * I, K, generator=gen).cuda())
+    else:
+        q, s, _ = _layer(2 * I, K, seed=I + K)
+        s = s / 64
+    b = torch.randn(2 * I, generator=gen).to(torch.bfloat16).cuda() if bias else None
+    act = CG.gemv_int8(x, q, s, b, glu=True)
+    assert act.shape == (I,) and act.dtype == torch.bfloat16 and not act.isnan().any()
+    gate_up = CG.gemv_int8(x, q, s, b)  # the layer alone, [2I]
+    unfused = silu_and_mul(gate_up.view(1, -1)).view(-1)
+    g, u = gate_up.double().split(I)
+    near = torch.nn.functional.silu(g) * u
+    # the same sums but for their lanes' order: within a bf16 rounding or two of the unfused path
+    assert ((act.double() - unfused.double()).abs() <= near.abs() * 2 ** -6 + 1e-6).all()
+    qd = q.double() * s.double()[:, None]
+    ref = qd @ x.double().view(-1) + (b.double() if bias else 0)
+    ref = torch.nn.functional.silu(ref[:I]) * ref[I:]
+    assert ((act.double() - ref).norm() / ref.norm()).item() < 2e-2
+    monkeypatch.setattr(G, "CUDA_FP8", True)
+    assert G.glu_fits(x, q) and torch.equal(G.gemv(x, q, b, scale=s, glu=True).view(-1), act)
+    monkeypatch.setattr(G, "GLU", False)
+    assert not G.glu_fits(x, q)
+
+
+def test_glu_needs_the_cuda_gemv():
+    from fastllm.kernels import gemv as G
+
+    q = torch.zeros(8, 32, dtype=torch.int8)
+    x = torch.zeros(1, 32, dtype=torch.bfloat16)
+    assert CG.fits(x, q, glu=True) and not CG.fits(x, q[:7], glu=True)  # gate and up rows: an even count
+    assert not G.glu_fits(x, q)  # a CPU tensor
+    with pytest.raises(ValueError, match="glu"):
+        G.gemv(x, q, scale=torch.ones(8), glu=True)
+
+
 def _rms_norm_ref(h, w, eps, r=None):
     """fastllm.kernels.fused.rms_norm's rounding, in torch: (bf16 input of the GEMV, bf16(h + r))."""
     v = h if r is None else (h.float() + r.float()).to(torch.bfloat16)
