@@ -98,8 +98,20 @@ __device__ __forceinline__ void finish_row(float acc, float acc2, int lane, int 
 // The input modes: x as it is, bf16(silu(h[k]) * h[K + k]) from h [2K], or the RMSNorm before the
 // layer (of x, or of bf16(x + residual), that sum then written to res_out by the first CTA), rounded
 // as fastllm.kernels.fused.rms_norm rounds it: bf16(w[k] * bf16(v[k] * rsqrt(mean(v^2) + eps)));
-// GLU: x as it is, into gate and up rows (see the top).
-enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3, GLU = 4 };
+// GLU: x as it is, into gate and up rows (see the top); PLANES: x is not bf16 but the input already
+// prepared (input_planes), copied into shared memory as it is.
+enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3, GLU = 4, PLANES = 5 };
+
+// Chunk c's 16 values prepared for use_batch: planes (or f16 halves) at p[c] and p[chunks + c], the
+// scale among the floats after p + 2 chunks.
+template <bool FP8>
+__device__ __forceinline__ void store_chunk(uint4 *p, int chunks, int c, const float (&v)[16]) {
+    uint32_t hw[4], lw[4];  // int8: high and low planes; fp8: the first and second 8 halves
+    const float sc = FP8 ? half_pairs(v, hw, lw) : fixed16_planes(v, hw, lw);
+    p[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+    p[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+    reinterpret_cast<float *>(p + 2 * chunks)[c] = sc;
+}
 
 // The 16 values of chunk c before any norm: x's, silu-and-mul's, or bf16(x + residual)'s.
 template <int MODE>
@@ -174,7 +186,11 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
         for (int w = 0; w < WARPS; ++w) ss += part[w];
         rs = rsqrtf(ss / K + eps);
     }
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    if (MODE == PLANES) {  // (36 bytes per chunk: 16-byte words, the scales' last one possibly partial)
+        const uint4 *planes = reinterpret_cast<const uint4 *>(x);
+        for (int i = threadIdx.x; i < (36 * chunks + 15) / 16; i += blockDim.x) xsm[i] = planes[i];
+    }
+    for (int c = threadIdx.x; MODE != PLANES && c < chunks; c += blockDim.x) {
         float v[16];
         chunk_values<MODE>(v, x, res, K, c);
         if (MODE == NORM || MODE == NORM_RES) {
@@ -186,11 +202,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
                 v[i] = __bfloat162float(__float2bfloat16(
                     __bfloat162float(nv[i]) * __bfloat162float(__float2bfloat16(v[i] * rs))));
         }
-        uint32_t hw[4], lw[4];  // int8: high and low planes; fp8: the first and second 8 halves
-        const float sc = FP8 ? half_pairs(v, hw, lw) : fixed16_planes(v, hw, lw);
-        xsm[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-        xsm[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
-        reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
+        store_chunk<FP8>(xsm, chunks, c, v);
     }
     __syncthreads();
     if (row0 >= N) return;
@@ -204,11 +216,15 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
         [&](int row) { finish_row<BIAS, G>(acc, acc2, lane, row, N, s, b, y), acc = 0.f, acc2 = 0.f; });
 }
 
+// Bytes of the prepared input (shared memory, or input_planes' output): 36 per chunk of 16, in whole
+// 16-byte words.
+static size_t planes_bytes(int K) { return ((size_t)(K / 16) * 36 + 15) / 16 * 16; }
+
 template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K, int max_ctas,
                   const void *res, const void *nw, void *res_out, float eps, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
-    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS, FP8>, grid, WARPS * 32, (size_t)(K / 16) * 36, PDL, stream,
+    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS, FP8>, grid, WARPS * 32, planes_bytes(K), PDL, stream,
                          (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (const __nv_bfloat16 *)b,
                          (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS, (const __nv_bfloat16 *)res,
                          (const __nv_bfloat16 *)nw, (__nv_bfloat16 *)res_out, eps);
@@ -218,7 +234,8 @@ static int launch(const void *q, const void *x, const void *s, const void *b, vo
     if (warps == W && pdl == P && mode == M)                                                                 \
         return b ? launch<W, P, M, true, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)        \
                  : launch<W, P, M, false, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
-#define PICK_M(W, P, F) PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F) PICK(W, P, GLU, F)
+#define PICK_M(W, P, F) \
+    PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F) PICK(W, P, GLU, F) PICK(W, P, PLANES, F)
 
 // warps: 8 or 16 rows per CTA; mode: an Input (res, nw, res_out and eps are read in the NORM modes
 // only; GLU: N output rows of a [2N, K] weight); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
@@ -241,3 +258,26 @@ extern "C" int fastllm_gemv_fp8(const void *q, const void *x, const void *s, con
 }
 #undef PICK_M
 #undef PICK
+
+// The input as the GEMVs prepare it in shared memory (store_chunk), once, into planes (36 bytes per
+// chunk of 16, 16-byte aligned), for the PLANES mode: one thread per chunk.
+template <bool PDL, bool FP8>
+__global__ void input_planes(const __nv_bfloat16 *__restrict__ x, uint4 *__restrict__ planes, int K) {
+    pdl_wait<PDL>();
+    const int chunks = K >> 4, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= chunks) return;
+    float v[16];
+    chunk_values<PLAIN>(v, x, nullptr, K, c);
+    store_chunk<FP8>(planes, chunks, c, v);
+}
+
+extern "C" int fastllm_input_planes(const void *x, void *planes, int K, int fp8, int pdl, uintptr_t stream) {
+    cudaStream_t st = (cudaStream_t)stream;
+    const int grid = (K / 16 + 127) / 128;
+    const auto *xb = (const __nv_bfloat16 *)x;
+    auto *p = (uint4 *)planes;
+    return fp8 ? (pdl ? launch_kernel(input_planes<true, true>, grid, 128, 0, true, st, xb, p, K)
+                      : launch_kernel(input_planes<false, true>, grid, 128, 0, false, st, xb, p, K))
+               : (pdl ? launch_kernel(input_planes<true, false>, grid, 128, 0, true, st, xb, p, K)
+                      : launch_kernel(input_planes<false, false>, grid, 128, 0, false, st, xb, p, K));
+}
