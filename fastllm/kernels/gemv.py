@@ -102,10 +102,10 @@ CUDA_NORM = False
 # for the Triton word GEMV (int8's CUDA GEMV: 350.3; bf16: 205.3).
 CUDA_FP8 = True
 # At one token, SiLU-and-mul in gate_up_proj's CUDA GEMV (gemv's `glu`: each warp sums a gate row
-# and its up row), so down_proj's GEMV reads a plain input. Without it down_proj's GEMV takes
-# SiLU-and-mul in (its `silu_mul`), and every CTA of it computes the whole activation again: on an
-# H200 those 32 GEMVs streamed 2.67 TB/s, the layer's other 96 3.55 (scripts/profile_decode.py, int8,
-# 2026-11-28).
+# and its up row), so down_proj's GEMV reads a plain input; without it down_proj's GEMV takes
+# SiLU-and-mul in (its `silu_mul`) and each of its CTAs computes the whole activation. H200,
+# Llama-2-7B int8 step, three calls (scripts/quant_gpu.py "-noglu", 2026-11-28): 442.1 tok/s mean
+# of six runs against 436.9 of four without (+1.2%); fp8 the same with and without.
 GLU = True
 # The word kernel requests its inputs a tile ahead (see _gemv_bytes_kernel): off until measured
 # on a GPU against the present kernel (scripts/sweep_gemv.py "-px" kinds, scripts/quant_gpu.py "-px").
