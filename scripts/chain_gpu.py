@@ -245,8 +245,9 @@ def launched(out_dir, L: int) -> None:
 def prep_cost(out_dir, L: int) -> None:
     """--prep: what the CUDA int8 GEMV's input preparation costs, per Llama-2-7B layer shape: L
     launches of that shape (distinct weights, one input, PDL on) with the preparation in the kernel,
-    with the prepared input given (PLANES: none in the kernel), and with it made by its own kernel
-    (cuda_gemv.input_planes) before each GEMV; the bf16 GEMV beside them."""
+    with the prepared input given (PLANES: none in the kernel), with it made by its own kernel
+    (cuda_gemv.input_planes) before each GEMV, and the cp.async-staged persistent experiment
+    (cuda_gemv.gemv_int8_staged); the bf16 GEMV beside them."""
     from fastllm.kernels import cuda_gemv as CG
 
     dev = torch.device("cuda")
@@ -255,7 +256,7 @@ def prep_cost(out_dir, L: int) -> None:
         x = torch.randn(1, K, dtype=torch.bfloat16, device=dev)
         planes = CG.input_planes(x)
         for kind in ("int8, preparation in the GEMV", "int8, prepared input given", "int8, input_planes then GEMV",
-                     "bf16 GEMV"):
+                     "int8, staged 4 deep, persistent", "int8, staged 6 deep, persistent", "bf16 GEMV"):
             ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5 for _ in range(L)]
             if kind.startswith("int8"):
                 ws = [quantize_int8(w) for w in ws]
@@ -268,6 +269,8 @@ def prep_cost(out_dir, L: int) -> None:
                         y = G.gemv(x, w)
                     elif kind.endswith("given"):
                         y = CG.gemv_int8(x, w[0], w[1], use_pdl=True, planes=planes)
+                    elif "staged" in kind:
+                        y = CG.gemv_int8_staged(x, w[0], w[1], stages=int(kind.split()[2]), use_pdl=True)
                     elif kind.endswith("then GEMV"):
                         y = CG.gemv_int8(x, w[0], w[1], use_pdl=True, planes=CG.input_planes(x, use_pdl=True))
                     else:

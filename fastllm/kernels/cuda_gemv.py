@@ -137,6 +137,10 @@ def _entry(device_index: int):
     fnp.restype = ctypes.c_int
     fnp.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_size_t]
     fn.planes = fnp
+    fns = lib.fastllm_gemv_int8_staged
+    fns.restype = ctypes.c_int
+    fns.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_size_t]
+    fn.staged = fns
     return fn
 
 
@@ -276,6 +280,28 @@ def input_planes(x: torch.Tensor, fp8: bool = False, use_pdl: bool = False) -> t
     if err != 0:
         raise RuntimeError(f"fastllm CUDA input planes launch failed: cudaError {err}")
     return planes
+
+
+def gemv_int8_staged(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     stages: int = 4, use_pdl: bool = False) -> torch.Tensor:
+    """An experiment (scripts/chain_gpu.py --prep), on no layer's path: gemv_int8's product for int8
+    weights and a plain input, with each warp's weight batches staged in shared memory by cp.async
+    `stages` (4 or 6) deep, on a persistent grid of one 16-warp CTA per SM (gemv_int8.cu)."""
+    N, K = qweight.shape
+    if not fits(x, qweight) or qweight.dtype != torch.int8 or stages not in (4, 6):
+        raise ValueError("gemv_int8_staged takes what gemv_int8 takes for int8 weights, and 4 or 6 stages")
+    fn = _entry(_index(x))
+    if fn is None:
+        raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
+    xv = _aligned(x)
+    s = scale.reshape(N).to(torch.float32).contiguous()
+    b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
+    y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
+    err = fn.staged(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                    N, K, stages, int(use_pdl), _sms(_index(x)), torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"fastllm CUDA GEMV (staged) launch failed: cudaError {err}")
+    return y
 
 
 def fits_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,

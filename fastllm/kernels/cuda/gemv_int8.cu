@@ -216,6 +216,74 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
         [&](int row) { finish_row<BIAS, G>(acc, acc2, lane, row, N, s, b, y), acc = 0.f, acc2 = 0.f; });
 }
 
+// 16-byte words of the prepared input.
+__device__ __host__ __forceinline__ int planes_words(int K) { return (K / 16 * 36 + 15) / 16; }
+
+// An experiment (scripts/chain_gpu.py --prep), not on any layer's path: the int8 GEMV of a plain
+// input with each warp's weights staged in shared memory by cp.async, STAGES batches deep, on a
+// persistent grid (a CTA of 16 warps per SM, each warp streaming every (CTAs x 16)-th row), so a
+// warp keeps STAGES - 1 batches in flight whatever its arithmetic is doing; the register GEMV above
+// keeps one or two. The same batches, lanes and sums as gemv_int8's: the same results, bit for bit.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(d), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING)); }
+
+template <int STAGES, bool PDL, bool BIAS>
+__global__ void __launch_bounds__(512, 1) gemv_int8_staged(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
+                                                          const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
+                                                          __nv_bfloat16 *__restrict__ y, int N, int K, int stride) {
+    extern __shared__ uint4 smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = K >> 4, step = 32 * UNROLL;
+    uint4 *ring = smem + (planes_words(K) + warp * STAGES * step);  // this warp's STAGES batches
+    uint4 *xsm = smem;
+    const uint4 *w4 = reinterpret_cast<const uint4 *>(q);
+    // the batch stream: (row, base) advancing by `step` chunks, then to the warp's next row
+    int irow = blockIdx.x * 16 + warp, ibase = 0;  // the next batch to request
+    auto request = [&](int slot) {
+        if (irow < N) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int c = ibase + lane + 32 * u;
+                if (c < chunks) cp_async16(ring + slot * step + lane + 32 * u, w4 + (size_t)irow * chunks + c);
+            }
+            ibase += step;
+            if (ibase >= chunks) irow += stride, ibase = 0;
+        }
+        cp_async_commit();  // (an empty group past the end keeps the count)
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) request(i);
+    pdl_wait<PDL>();
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        float v[16];
+        chunk_values<PLAIN>(v, x, nullptr, K, c);
+        store_chunk<false>(xsm, chunks, c, v);
+    }
+    __syncthreads();
+    float acc = 0.f, unused = 0.f;
+    int row = blockIdx.x * 16 + warp, base = 0;
+    for (int i = 0; row < N; ++i) {
+        request((i + STAGES - 1) % STAGES);
+        cp_async_wait<STAGES - 1>();  // batch i has landed
+        uint4 w[UNROLL];
+        const uint4 *slot = ring + (i % STAGES) * step;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) w[u] = slot[lane + 32 * u];
+        use_batch<false, false>(acc, unused, w, xsm, base + lane, chunks);
+        base += step;
+        if (base >= chunks) {
+            finish_row<BIAS, false>(acc, 0.f, lane, row, N, s, b, y);
+            acc = 0.f, row += stride, base = 0;
+        }
+    }
+    cp_async_wait<0>();
+}
+
 // Bytes of the prepared input (shared memory, or input_planes' output): 36 per chunk of 16, in whole
 // 16-byte words.
 static size_t planes_bytes(int K) { return ((size_t)(K / 16) * 36 + 15) / 16 * 16; }
@@ -258,6 +326,29 @@ extern "C" int fastllm_gemv_fp8(const void *q, const void *x, const void *s, con
 }
 #undef PICK_M
 #undef PICK
+
+// stages: 4 or 6; max_ctas: the grid (CTAs of 16 warps); returns a cudaError_t, -1 for other stages.
+extern "C" int fastllm_gemv_int8_staged(const void *q, const void *x, const void *s, const void *b, void *y, int N,
+                                        int K, int stages, int pdl, int max_ctas, uintptr_t stream) {
+    cudaStream_t st = (cudaStream_t)stream;
+    const int grid = min((N + 15) / 16, max_ctas), stride = grid * 16;
+    const auto *qq = (const int8_t *)q;
+    const auto *xb = (const __nv_bfloat16 *)x;
+    const auto *sf = (const float *)s;
+    const auto *bb = (const __nv_bfloat16 *)b;
+    auto *yb = (__nv_bfloat16 *)y;
+#define STAGED(S)                                                                                              \
+    if (stages == S) {                                                                                         \
+        const size_t smem = (size_t)(planes_words(K) + 16 * S * 32 * UNROLL) * 16;                             \
+        if (b) return pdl ? launch_kernel(gemv_int8_staged<S, true, true>, grid, 512, smem, true, st, qq, xb, sf, bb, yb, N, K, stride) \
+                          : launch_kernel(gemv_int8_staged<S, false, true>, grid, 512, smem, false, st, qq, xb, sf, bb, yb, N, K, stride); \
+        return pdl ? launch_kernel(gemv_int8_staged<S, true, false>, grid, 512, smem, true, st, qq, xb, sf, bb, yb, N, K, stride) \
+                   : launch_kernel(gemv_int8_staged<S, false, false>, grid, 512, smem, false, st, qq, xb, sf, bb, yb, N, K, stride); \
+    }
+    STAGED(4) STAGED(6)
+#undef STAGED
+    return -1;
+}
 
 // The input as the GEMVs prepare it in shared memory (store_chunk), once, into planes (36 bytes per
 // chunk of 16, 16-byte aligned), for the PLANES mode: one thread per chunk.

@@ -239,6 +239,22 @@ def test_prepared_input_planes_give_the_same_product(N, K, fp8):
         CG.gemv_int8(x, q, s, planes=planes[:-16])
 
 
+@gpu
+@pytest.mark.parametrize("N, K", [(37, 528), (301, 4096), (4100, 11008), (2, 16)])
+@pytest.mark.parametrize("stages", [4, 6])
+@pytest.mark.parametrize("bias", [False, True])
+def test_staged_experiment_gives_the_same_product(N, K, stages, bias):
+    """The cp.async-staged persistent GEMV (an experiment) sums the same batches in the same lanes
+    as gemv_int8: the same output, bit for bit; rows past one pass of the grid included."""
+    gen = torch.Generator().manual_seed(N * K + stages)
+    x = torch.randn(1, K, generator=gen).to(torch.bfloat16).cuda()
+    if not CG.available(x):
+        pytest.skip("the CUDA GEMV does not build here")
+    q, s, b = _layer(N, K, seed=N)
+    out = CG.gemv_int8_staged(x, q, s, b if bias else None, stages=stages)
+    assert not out.isnan().any() and torch.equal(out, CG.gemv_int8(x, q, s, b if bias else None))
+
+
 def test_glu_needs_the_cuda_gemv():
     from fastllm.kernels import gemv as G
 
