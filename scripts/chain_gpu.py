@@ -18,9 +18,7 @@ rest of the step; --only=int8,bf16 keeps the chains whose names start so (for a 
 `ncu --graph-profiling graph --section MemoryWorkloadAnalysis --section WarpStateStats` on one
 chain's graph replays, which keeps the kernels' PDL overlap that a per-kernel profile loses).
 
---prep: the CUDA int8 GEMV's input preparation, per layer shape (see prep_cost).
-
-Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream | --launched [--only=...] | --prep]; prints a table last,
+Usage: python scripts/chain_gpu.py OUTDIR [--layers=32] [--stream | --launched [--only=...]]; prints a table last,
 JSON in OUTDIR.
 """
 import json
@@ -242,59 +240,11 @@ def launched(out_dir, L: int) -> None:
     print("\n==== summary ====\n" + "\n".join(lines))
 
 
-def prep_cost(out_dir, L: int) -> None:
-    """--prep: what the CUDA int8 GEMV's input preparation costs, per Llama-2-7B layer shape: L
-    launches of that shape (distinct weights, one input, PDL on) with the preparation in the kernel,
-    with the prepared input given (PLANES: none in the kernel), with it made by its own kernel
-    (cuda_gemv.input_planes) before each GEMV, and the cp.async-staged persistent experiment
-    (cuda_gemv.gemv_int8_staged); the bf16 GEMV beside them."""
-    from fastllm.kernels import cuda_gemv as CG
-
-    dev = torch.device("cuda")
-    results, lines = [], []
-    for name, (N, K) in LLAMA2_7B_LINEARS.items():
-        x = torch.randn(1, K, dtype=torch.bfloat16, device=dev)
-        planes = CG.input_planes(x)
-        for kind in ("int8, preparation in the GEMV", "int8, prepared input given", "int8, input_planes then GEMV",
-                     "int8, staged 4 deep, persistent", "int8, staged 6 deep, persistent", "bf16 GEMV"):
-            ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5 for _ in range(L)]
-            if kind.startswith("int8"):
-                ws = [quantize_int8(w) for w in ws]
-                CG.gemv_int8(x, *ws[0])  # (built and checked before the capture)
-            nbytes = N * K * (2 if kind.startswith("bf16") else 1)
-
-            def fn(kind=kind, ws=ws):
-                for w in ws:
-                    if kind.startswith("bf16"):
-                        y = G.gemv(x, w)
-                    elif kind.endswith("given"):
-                        y = CG.gemv_int8(x, w[0], w[1], use_pdl=True, planes=planes)
-                    elif "staged" in kind:
-                        y = CG.gemv_int8_staged(x, w[0], w[1], stages=int(kind.split()[2]), use_pdl=True)
-                    elif kind.endswith("then GEMV"):
-                        y = CG.gemv_int8(x, w[0], w[1], use_pdl=True, planes=CG.input_planes(x, use_pdl=True))
-                    else:
-                        y = CG.gemv_int8(x, w[0], w[1], use_pdl=True)
-                return y
-            assert torch.isfinite(fn().float()).all(), kind
-            t = graph_time(fn, iters=1, replays=20) / L
-            results.append(dict(layer=name, N=N, K=K, kind=kind, us=t * 1e6, TBps=nbytes / t / 1e12))
-            lines.append(f"{name:8s} {kind:34s} {t * 1e6:7.2f} us {nbytes / t / 1e12:5.2f} TB/s")
-            print(lines[-1], flush=True)
-            del ws
-            torch.cuda.empty_cache()
-    (out_dir / "chain_prep.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "launches": L,
-                                                         "results": results}, indent=1))
-    print("\n==== summary ====\n" + "\n".join(lines))
-
-
 def main() -> None:
     out_dir = script_out_dir(__doc__)
     L = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--layers=")), 32)
     if "--launched" in sys.argv:
         return launched(out_dir, L)
-    if "--prep" in sys.argv:
-        return prep_cost(out_dir, L)
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     shapes = LLAMA2_7B_LINEARS

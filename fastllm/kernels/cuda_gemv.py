@@ -133,14 +133,6 @@ def _entry(device_index: int):
     fn4.restype = ctypes.c_int
     fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
     fn.int4 = fn4
-    fnp = lib.fastllm_input_planes
-    fnp.restype = ctypes.c_int
-    fnp.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_size_t]
-    fn.planes = fnp
-    fns = lib.fastllm_gemv_int8_staged
-    fns.restype = ctypes.c_int
-    fns.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_size_t]
-    fn.staged = fns
     return fn
 
 
@@ -213,13 +205,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               silu_mul: bool = False, use_pdl: bool = False, norm_weight: torch.Tensor | None = None,
-              eps: float = 1e-6, residual: torch.Tensor | None = None, glu: bool = False,
-              planes: torch.Tensor | None = None):
+              eps: float = 1e-6, residual: torch.Tensor | None = None, glu: bool = False):
     """y [N] bf16 = (q @ x) * scale (+ bias) for one input vector x (bf16 [K], or with silu_mul [2K]:
     x = silu(x[:K]) * x[K:]); see `fits` for the operands it takes. glu: q is gate_up_proj's [2I, K]
     (gate rows, then up rows) and y [I] = silu(gate) * up of its bf16 outputs, rounded as that layer
-    and fastllm.kernels.fused.silu_and_mul round them. planes: x as input_planes(x) prepared it (then
-    only x's size and dtype are read; fp8 planes for fp8 weights), for no input preparation in the kernel. use_pdl: launched as a
+    and fastllm.kernels.fused.silu_and_mul round them. use_pdl: launched as a
     programmatic dependent of the kernel before (fastllm.kernels.launch). float8 e4m3 weights go
     through gemv_int8.cu's fp8 form (products summed in f16 pairs per chunk of 16, 16 rows per CTA).
 
@@ -232,22 +222,18 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
                          f"and {qweight.dtype} {tuple(qweight.shape)}")
     if (silu_mul or glu) and norm_weight is not None or residual is not None and norm_weight is None:
         raise ValueError("gemv_int8: a norm takes no silu_mul or glu, and a residual comes only with a norm")
-    if planes is not None and (silu_mul or glu or norm_weight is not None or planes.numel() != _planes_bytes(K)
-                               or planes.dtype != torch.uint8 or planes.device != x.device):
-        raise ValueError(f"gemv_int8: planes come from input_planes of a [{K}] input, with no silu_mul, glu or norm")
     for name, t in (("norm_weight", norm_weight), ("residual", residual)):
         if t is not None and (t.dtype != torch.bfloat16 or t.numel() != K or t.device != x.device):
             raise ValueError(f"gemv_int8: {name} must be bf16 [{K}] on {x.device}, got {t.dtype} {tuple(t.shape)}")
     fn = _entry(_index(x))
     if fn is None:
         raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
-    xv = planes if planes is not None else _aligned(x)
+    xv = _aligned(x)
     s = scale.reshape(N).to(torch.float32).contiguous()
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     rows = N // 2 if glu else N  # (outputs)
     y = torch.empty(rows, dtype=torch.bfloat16, device=x.device)
-    mode = (5 if planes is not None else 4 if glu else 1 if silu_mul else 0 if norm_weight is None  # gemv_int8.cu's Input
-            else 2 if residual is None else 3)
+    mode = 4 if glu else 1 if silu_mul else 0 if norm_weight is None else 2 if residual is None else 3  # gemv_int8.cu's Input
     nw = None if norm_weight is None else _aligned(norm_weight)
     res = None if residual is None else _aligned(residual)
     res_out = None if residual is None else torch.empty(K, dtype=torch.bfloat16, device=x.device)
@@ -259,49 +245,6 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
     return y if residual is None else (y, res_out)
-
-
-def _planes_bytes(K: int) -> int:
-    return (K // 16 * 36 + 15) // 16 * 16
-
-
-def input_planes(x: torch.Tensor, fp8: bool = False, use_pdl: bool = False) -> torch.Tensor:
-    """x (bf16 [K], K % 16 == 0) prepared as gemv_int8 prepares its input in shared memory (for int8
-    weights, or fp8 ones), for its `planes`: uint8 [36 bytes per 16 values, in 16-byte words]."""
-    K = x.numel()
-    if x.dtype != torch.bfloat16 or K % 16 or not x.is_cuda:
-        raise ValueError(f"input_planes takes a CUDA bf16 input of K % 16 == 0 values, got {x.dtype} {tuple(x.shape)}")
-    fn = _entry(_index(x))
-    if fn is None:
-        raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
-    planes = torch.empty(_planes_bytes(K), dtype=torch.uint8, device=x.device)
-    err = fn.planes(_aligned(x).data_ptr(), planes.data_ptr(), K, int(fp8), int(use_pdl),
-                    torch.cuda.current_stream(x.device).cuda_stream)
-    if err != 0:
-        raise RuntimeError(f"fastllm CUDA input planes launch failed: cudaError {err}")
-    return planes
-
-
-def gemv_int8_staged(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                     stages: int = 4, use_pdl: bool = False) -> torch.Tensor:
-    """An experiment (scripts/chain_gpu.py --prep), on no layer's path: gemv_int8's product for int8
-    weights and a plain input, with each warp's weight batches staged in shared memory by cp.async
-    `stages` (4 or 6) deep, on a persistent grid of one 16-warp CTA per SM (gemv_int8.cu)."""
-    N, K = qweight.shape
-    if not fits(x, qweight) or qweight.dtype != torch.int8 or stages not in (4, 6):
-        raise ValueError("gemv_int8_staged takes what gemv_int8 takes for int8 weights, and 4 or 6 stages")
-    fn = _entry(_index(x))
-    if fn is None:
-        raise RuntimeError("the CUDA GEMV is not available on this machine (see the log)")
-    xv = _aligned(x)
-    s = scale.reshape(N).to(torch.float32).contiguous()
-    b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
-    y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
-    err = fn.staged(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                    N, K, stages, int(use_pdl), _sms(_index(x)), torch.cuda.current_stream(x.device).cuda_stream)
-    if err != 0:
-        raise RuntimeError(f"fastllm CUDA GEMV (staged) launch failed: cudaError {err}")
-    return y
 
 
 def fits_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,

@@ -98,20 +98,8 @@ __device__ __forceinline__ void finish_row(float acc, float acc2, int lane, int 
 // The input modes: x as it is, bf16(silu(h[k]) * h[K + k]) from h [2K], or the RMSNorm before the
 // layer (of x, or of bf16(x + residual), that sum then written to res_out by the first CTA), rounded
 // as fastllm.kernels.fused.rms_norm rounds it: bf16(w[k] * bf16(v[k] * rsqrt(mean(v^2) + eps)));
-// GLU: x as it is, into gate and up rows (see the top); PLANES: x is not bf16 but the input already
-// prepared (input_planes), copied into shared memory as it is.
-enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3, GLU = 4, PLANES = 5 };
-
-// Chunk c's 16 values prepared for use_batch: planes (or f16 halves) at p[c] and p[chunks + c], the
-// scale among the floats after p + 2 chunks.
-template <bool FP8>
-__device__ __forceinline__ void store_chunk(uint4 *p, int chunks, int c, const float (&v)[16]) {
-    uint32_t hw[4], lw[4];  // int8: high and low planes; fp8: the first and second 8 halves
-    const float sc = FP8 ? half_pairs(v, hw, lw) : fixed16_planes(v, hw, lw);
-    p[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-    p[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
-    reinterpret_cast<float *>(p + 2 * chunks)[c] = sc;
-}
+// GLU: x as it is, into gate and up rows (see the top).
+enum Input { PLAIN = 0, SILU = 1, NORM = 2, NORM_RES = 3, GLU = 4 };
 
 // The 16 values of chunk c before any norm: x's, silu-and-mul's, or bf16(x + residual)'s.
 template <int MODE>
@@ -186,11 +174,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
         for (int w = 0; w < WARPS; ++w) ss += part[w];
         rs = rsqrtf(ss / K + eps);
     }
-    if (MODE == PLANES) {  // (36 bytes per chunk: 16-byte words, the scales' last one possibly partial)
-        const uint4 *planes = reinterpret_cast<const uint4 *>(x);
-        for (int i = threadIdx.x; i < (36 * chunks + 15) / 16; i += blockDim.x) xsm[i] = planes[i];
-    }
-    for (int c = threadIdx.x; MODE != PLANES && c < chunks; c += blockDim.x) {
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[16];
         chunk_values<MODE>(v, x, res, K, c);
         if (MODE == NORM || MODE == NORM_RES) {
@@ -202,7 +186,11 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
                 v[i] = __bfloat162float(__float2bfloat16(
                     __bfloat162float(nv[i]) * __bfloat162float(__float2bfloat16(v[i] * rs))));
         }
-        store_chunk<FP8>(xsm, chunks, c, v);
+        uint32_t hw[4], lw[4];  // int8: high and low planes; fp8: the first and second 8 halves
+        const float sc = FP8 ? half_pairs(v, hw, lw) : fixed16_planes(v, hw, lw);
+        xsm[c] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+        xsm[chunks + c] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+        reinterpret_cast<float *>(xsm + 2 * chunks)[c] = sc;
     }
     __syncthreads();
     if (row0 >= N) return;
@@ -216,83 +204,11 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
         [&](int row) { finish_row<BIAS, G>(acc, acc2, lane, row, N, s, b, y), acc = 0.f, acc2 = 0.f; });
 }
 
-// 16-byte words of the prepared input.
-__device__ __host__ __forceinline__ int planes_words(int K) { return (K / 16 * 36 + 15) / 16; }
-
-// An experiment (scripts/chain_gpu.py --prep), not on any layer's path: the int8 GEMV of a plain
-// input with each warp's weights staged in shared memory by cp.async, STAGES batches deep, on a
-// persistent grid (a CTA of 16 warps per SM, each warp streaming every (CTAs x 16)-th row), so a
-// warp keeps STAGES - 1 batches in flight whatever its arithmetic is doing; the register GEMV above
-// keeps one or two. The same batches, lanes and sums as gemv_int8's: the same results, bit for bit.
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(d), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING)); }
-
-template <int STAGES, bool PDL, bool BIAS>
-__global__ void __launch_bounds__(512, 1) gemv_int8_staged(const int8_t *__restrict__ q, const __nv_bfloat16 *__restrict__ x,
-                                                          const float *__restrict__ s, const __nv_bfloat16 *__restrict__ b,
-                                                          __nv_bfloat16 *__restrict__ y, int N, int K, int stride) {
-    extern __shared__ uint4 smem[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int chunks = K >> 4, step = 32 * UNROLL;
-    uint4 *ring = smem + (planes_words(K) + warp * STAGES * step);  // this warp's STAGES batches
-    uint4 *xsm = smem;
-    const uint4 *w4 = reinterpret_cast<const uint4 *>(q);
-    // the batch stream: (row, base) advancing by `step` chunks, then to the warp's next row
-    int irow = blockIdx.x * 16 + warp, ibase = 0;  // the next batch to request
-    auto request = [&](int slot) {
-        if (irow < N) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const int c = ibase + lane + 32 * u;
-                if (c < chunks) cp_async16(ring + slot * step + lane + 32 * u, w4 + (size_t)irow * chunks + c);
-            }
-            ibase += step;
-            if (ibase >= chunks) irow += stride, ibase = 0;
-        }
-        cp_async_commit();  // (an empty group past the end keeps the count)
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) request(i);
-    pdl_wait<PDL>();
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        float v[16];
-        chunk_values<PLAIN>(v, x, nullptr, K, c);
-        store_chunk<false>(xsm, chunks, c, v);
-    }
-    __syncthreads();
-    float acc = 0.f, unused = 0.f;
-    int row = blockIdx.x * 16 + warp, base = 0;
-    for (int i = 0; row < N; ++i) {
-        request((i + STAGES - 1) % STAGES);
-        cp_async_wait<STAGES - 1>();  // batch i has landed
-        uint4 w[UNROLL];
-        const uint4 *slot = ring + (i % STAGES) * step;
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) w[u] = slot[lane + 32 * u];
-        use_batch<false, false>(acc, unused, w, xsm, base + lane, chunks);
-        base += step;
-        if (base >= chunks) {
-            finish_row<BIAS, false>(acc, 0.f, lane, row, N, s, b, y);
-            acc = 0.f, row += stride, base = 0;
-        }
-    }
-    cp_async_wait<0>();
-}
-
-// Bytes of the prepared input (shared memory, or input_planes' output): 36 per chunk of 16, in whole
-// 16-byte words.
-static size_t planes_bytes(int K) { return ((size_t)(K / 16) * 36 + 15) / 16 * 16; }
-
 template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K, int max_ctas,
                   const void *res, const void *nw, void *res_out, float eps, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
-    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS, FP8>, grid, WARPS * 32, planes_bytes(K), PDL, stream,
+    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS, FP8>, grid, WARPS * 32, (size_t)(K / 16) * 36, PDL, stream,
                          (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (const __nv_bfloat16 *)b,
                          (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS, (const __nv_bfloat16 *)res,
                          (const __nv_bfloat16 *)nw, (__nv_bfloat16 *)res_out, eps);
@@ -302,8 +218,7 @@ static int launch(const void *q, const void *x, const void *s, const void *b, vo
     if (warps == W && pdl == P && mode == M)                                                                 \
         return b ? launch<W, P, M, true, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)        \
                  : launch<W, P, M, false, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
-#define PICK_M(W, P, F) \
-    PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F) PICK(W, P, GLU, F) PICK(W, P, PLANES, F)
+#define PICK_M(W, P, F) PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F) PICK(W, P, GLU, F)
 
 // warps: 8 or 16 rows per CTA; mode: an Input (res, nw, res_out and eps are read in the NORM modes
 // only; GLU: N output rows of a [2N, K] weight); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
@@ -326,49 +241,3 @@ extern "C" int fastllm_gemv_fp8(const void *q, const void *x, const void *s, con
 }
 #undef PICK_M
 #undef PICK
-
-// stages: 4 or 6; max_ctas: the grid (CTAs of 16 warps); returns a cudaError_t, -1 for other stages.
-extern "C" int fastllm_gemv_int8_staged(const void *q, const void *x, const void *s, const void *b, void *y, int N,
-                                        int K, int stages, int pdl, int max_ctas, uintptr_t stream) {
-    cudaStream_t st = (cudaStream_t)stream;
-    const int grid = min((N + 15) / 16, max_ctas), stride = grid * 16;
-    const auto *qq = (const int8_t *)q;
-    const auto *xb = (const __nv_bfloat16 *)x;
-    const auto *sf = (const float *)s;
-    const auto *bb = (const __nv_bfloat16 *)b;
-    auto *yb = (__nv_bfloat16 *)y;
-#define STAGED(S)                                                                                              \
-    if (stages == S) {                                                                                         \
-        const size_t smem = (size_t)(planes_words(K) + 16 * S * 32 * UNROLL) * 16;                             \
-        if (b) return pdl ? launch_kernel(gemv_int8_staged<S, true, true>, grid, 512, smem, true, st, qq, xb, sf, bb, yb, N, K, stride) \
-                          : launch_kernel(gemv_int8_staged<S, false, true>, grid, 512, smem, false, st, qq, xb, sf, bb, yb, N, K, stride); \
-        return pdl ? launch_kernel(gemv_int8_staged<S, true, false>, grid, 512, smem, true, st, qq, xb, sf, bb, yb, N, K, stride) \
-                   : launch_kernel(gemv_int8_staged<S, false, false>, grid, 512, smem, false, st, qq, xb, sf, bb, yb, N, K, stride); \
-    }
-    STAGED(4) STAGED(6)
-#undef STAGED
-    return -1;
-}
-
-// The input as the GEMVs prepare it in shared memory (store_chunk), once, into planes (36 bytes per
-// chunk of 16, 16-byte aligned), for the PLANES mode: one thread per chunk.
-template <bool PDL, bool FP8>
-__global__ void input_planes(const __nv_bfloat16 *__restrict__ x, uint4 *__restrict__ planes, int K) {
-    pdl_wait<PDL>();
-    const int chunks = K >> 4, c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= chunks) return;
-    float v[16];
-    chunk_values<PLAIN>(v, x, nullptr, K, c);
-    store_chunk<FP8>(planes, chunks, c, v);
-}
-
-extern "C" int fastllm_input_planes(const void *x, void *planes, int K, int fp8, int pdl, uintptr_t stream) {
-    cudaStream_t st = (cudaStream_t)stream;
-    const int grid = (K / 16 + 127) / 128;
-    const auto *xb = (const __nv_bfloat16 *)x;
-    auto *p = (uint4 *)planes;
-    return fp8 ? (pdl ? launch_kernel(input_planes<true, true>, grid, 128, 0, true, st, xb, p, K)
-                      : launch_kernel(input_planes<false, true>, grid, 128, 0, false, st, xb, p, K))
-               : (pdl ? launch_kernel(input_planes<true, false>, grid, 128, 0, true, st, xb, p, K)
-                      : launch_kernel(input_planes<false, false>, grid, 128, 0, false, st, xb, p, K));
-}

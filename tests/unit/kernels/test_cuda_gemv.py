@@ -218,43 +218,6 @@ def test_glu_matches_the_layer_then_silu_and_mul(I, K, bias, fp8, warps, persist
     assert not G.glu_fits(x, q)
 
 
-@gpu
-@pytest.mark.parametrize("N, K", [(37, 528), (129, 4096), (9, 11008)])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_prepared_input_planes_give_the_same_product(N, K, fp8):
-    """The input prepared once by input_planes and copied by the GEMV (PLANES) gives exactly what the
-    GEMV's own preparation gives."""
-    from fastllm.stages.quantizers.fp8 import quantize_fp8
-
-    gen = torch.Generator().manual_seed(N + K)
-    x = torch.randn(1, K, generator=gen).to(torch.bfloat16).cuda()
-    if not CG.available(x) or fp8 and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("the CUDA GEMV does not build here, or the card has no fp8")
-    q, s = quantize_fp8(torch.randn(N, K, generator=gen).cuda()) if fp8 else _layer(N, K)[:2]
-    planes = CG.input_planes(x, fp8=fp8)
-    assert planes.dtype == torch.uint8 and planes.numel() == (K // 16 * 36 + 15) // 16 * 16
-    out = CG.gemv_int8(x, q, s, planes=planes)
-    assert not out.isnan().any() and torch.equal(out, CG.gemv_int8(x, q, s))
-    with pytest.raises(ValueError, match="planes"):
-        CG.gemv_int8(x, q, s, planes=planes[:-16])
-
-
-@gpu
-@pytest.mark.parametrize("N, K", [(37, 528), (301, 4096), (4100, 11008), (2, 16)])
-@pytest.mark.parametrize("stages", [4, 6])
-@pytest.mark.parametrize("bias", [False, True])
-def test_staged_experiment_gives_the_same_product(N, K, stages, bias):
-    """The cp.async-staged persistent GEMV (an experiment) sums the same batches in the same lanes
-    as gemv_int8: the same output, bit for bit; rows past one pass of the grid included."""
-    gen = torch.Generator().manual_seed(N * K + stages)
-    x = torch.randn(1, K, generator=gen).to(torch.bfloat16).cuda()
-    if not CG.available(x):
-        pytest.skip("the CUDA GEMV does not build here")
-    q, s, b = _layer(N, K, seed=N)
-    out = CG.gemv_int8_staged(x, q, s, b if bias else None, stages=stages)
-    assert not out.isnan().any() and torch.equal(out, CG.gemv_int8(x, q, s, b if bias else None))
-
-
 def test_glu_needs_the_cuda_gemv():
     from fastllm.kernels import gemv as G
 
