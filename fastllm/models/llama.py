@@ -207,7 +207,8 @@ class LlamaDecoderLayer(nn.Module):
         qkv, residual = normed_linear(attn.qkv_proj, self.input_layernorm, h, residual)
         h = attn.attend(qkv, rope, ctx)
         gate_up_proj = self.mlp.gate_up_proj
-        if getattr(gate_up_proj, "glu_fits", None) is not None and gate_up_proj.glu_fits(h):
+        glu_fits = getattr(gate_up_proj, "glu_fits", None)
+        if glu_fits is not None and glu_fits(h):
             # SiLU-and-mul in gate_up_proj's own kernel (one token, a quantized layer on the CUDA GEMV)
             x, residual = add_norm(self.post_attention_layernorm, h, residual)
             return self.mlp.down_proj(gate_up_proj.forward_glu(x)), residual

@@ -163,7 +163,7 @@ class RowScaledLinear(nn.Module):
         """Whether forward_glu takes x: one token where the CUDA GEMV runs it (fastllm.kernels.gemv.glu_fits)."""
         from ...kernels.gemv import glu_fits
 
-        return self._one_token(x) and x.is_cuda and glu_fits(x, self.qweight)
+        return self._one_token(x) and glu_fits(x, self.qweight)
 
     def forward_glu(self, x):
         """silu(gate) * up [1, out_features / 2] of this layer's output for x (gate_up_proj: its gate
