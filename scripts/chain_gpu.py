@@ -217,6 +217,9 @@ def launched(out_dir, L: int) -> None:
         chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True),
               f"int8 CUDA GEMV, {warps} rows/CTA{f', persistent {persist} CTAs/SM' if persist else ''}", one)
     CG.PERSIST, CG.WARPS = 0, 16
+    # gate_up_proj in the GLU mode (SiLU-and-mul of its gate and up rows; down_proj reads its I outputs)
+    chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True, glu=q[0].shape[0] == shapes["gate_up"][0]),
+          "int8 CUDA GEMV, GLU", one)
     chain(quantize_fp8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True), "fp8 CUDA GEMV", one)
 
     def q4(w):

@@ -21,7 +21,7 @@ in their own kernel, not inside decode attention; -upsplits: decode attention's 
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
 -cuda: the int4 GEMVs through the CUDA GEMV; -cuda8 / -nocuda8: the fp8 GEMVs through the CUDA GEMV, or in Triton; -cudanorm / -nocudanorm: the int8 layers take the
 RMSNorm before them into the CUDA GEMV, or not; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
-grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
+grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -waitfirst: the RMSNorm and decode attention kernels wait before they let the next kernel launch; -xnorm / -xattn (timing only, wrong outputs): the RMSNorms left out, or the decode attention replaced by a copy; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -128,7 +128,11 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.stages.attention.paged import PagedAttention
     from fastllm.kernels import paged_attention as PAK
 
-    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8}
+    from fastllm.models import llama as LM
+    from fastllm.kernels import launch as LAUNCH
+    ORIGINAL = {"norm": LM.RMSNorm.forward, "attn": PagedAttention.forward_rope}
+    DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8,
+                "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -151,6 +155,15 @@ if "--skip-e2e" not in sys.argv:
                 t.cache.clear()
             opts = {"max_num_seqs": batch}  # graphs up to the batch only: each size autotunes the GEMMs
             PagedAttention.fuse_rope_decode = "-noattn" not in q  # "-noattn": RoPE and KV store in their own kernel
+            # "-waitfirst": the RMSNorm and decode attention kernels wait for the kernel before, then let the
+            # next one launch (else the default, fastllm.kernels.launch.TRIGGER_FIRST)
+            LAUNCH.TRIGGER_FIRST = DEFAULTS["TRIGGER_FIRST"] and "-waitfirst" not in q
+            # "-xnorm" / "-xattn": timing only, wrong outputs: the RMSNorms (and their residual adds) left
+            # out, or the decode attention replaced by a copy of q
+            LM.RMSNorm.forward = ((lambda self, x, residual=None: x if residual is None else (x, residual))
+                                  if "-xnorm" in q else ORIGINAL["norm"])
+            PagedAttention.forward_rope = ((lambda self, layer, qk, v, rope, meta: qk[:, :self.spec.num_heads].contiguous())
+                                           if "-xattn" in q else ORIGINAL["attn"])
             PAK.SPLITS_ROUND_DOWN = "-upsplits" not in q  # "-upsplits": decode attention's splits rounded up
             # "-splitsN": at most N splits
             PAK.MAX_SPLITS = next((int(x[6:]) for x in q.split("-") if x.startswith("splits")), 32)
@@ -193,6 +206,7 @@ if "--skip-e2e" not in sys.argv:
                 # "+head": the LM head quantized too
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
+                            "-xnorm", "-xattn", "-waitfirst",
                             *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):

@@ -17,8 +17,11 @@ from .launch import pdl
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
+    if USE_PDL == 2:  # the next kernel may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -43,7 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res = residual.reshape(-1, N) if residual is not None else x2
     _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), N, eps,
                                      HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
-                                     **pdl(x2))
+                                     **pdl(x2, first=True))
     return out.view(x.shape)
 
 

@@ -7,7 +7,8 @@ at each boundary. Every kernel launched this way must wait before it touches mem
 earlier kernel writes (the wait is transitive: each kernel waits for the one before it). Work
 that reads only constant memory may come before the wait: the GEMVs request their first weight
 tile there, so the weight stream runs on through the boundary. A kernel lets the next one
-launch (`gdc_launch_dependents`) right after its own wait or after its main loop.
+launch (`gdc_launch_dependents`) right after its own wait or after its main loop; the step's small
+kernels (the RMSNorm, decode attention's two) before it (TRIGGER_FIRST).
 """
 from __future__ import annotations
 
@@ -30,12 +31,21 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def pdl(t: torch.Tensor) -> dict:
-    """Launch options for a kernel with a USE_PDL constexpr, for tensors on t's device."""
+# The small kernels of a decode step (the RMSNorm, decode attention's split and merge kernels: a
+# wave or less) let the next kernel launch before they wait for the one before (USE_PDL = 2): the
+# next GEMV's programs then take the room they leave on the SMs and request their first weights
+# while these run, not after. (The next kernel still waits for this one to complete, and this one
+# for the one before, so it sees every earlier kernel's writes.)
+TRIGGER_FIRST = True
+
+
+def pdl(t: torch.Tensor, first: bool = False) -> dict:
+    """Launch options for a kernel with a USE_PDL constexpr, for tensors on t's device; first: the
+    kernel takes USE_PDL = 2 as "let the next kernel launch before waiting" (see TRIGGER_FIRST)."""
     if not ENABLED or t.device.type != "cuda" or not _supported(t.device.index if t.device.index is not None
                                                   else torch.cuda.current_device()):
         return {"USE_PDL": False}
-    return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": 2 if first and TRIGGER_FIRST else True, "launch_pdl": True}
 
 
 def tma_supported(t: torch.Tensor) -> bool:

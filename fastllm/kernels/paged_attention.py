@@ -83,6 +83,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     split = tl.program_id(2)
     # seq_lens is written before the step's first kernel, which every earlier kernel waited for
     seq_len = tl.load(seq_lens_ptr + b)
+    if USE_PDL == 2:  # the merge may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:  # q and the new keys come from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
     # On the device, so the grid stays graph-safe. (Not tl.cdiv: a @jit helper that the CPU
@@ -107,7 +109,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, end, offs_g,
                                      qk_scale, kvh * stride_ch, stride_cb, stride_cr, offs_d, mask_d,
                                      BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
-    if USE_PDL:
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
 
     # An empty split (seq_len 0, or fewer keys than splits) stores o = 0, lse = -inf.
@@ -127,8 +129,11 @@ def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
     # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_PDL == 2:  # the next kernel may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:  # the partial results come from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -247,7 +252,7 @@ def _merge_splits(scratch: torch.Tensor, out: torch.Tensor, num_splits: int) -> 
     batch, h, d = out.shape
     _decode_merge_kernel[(batch, h)](
         scratch, out, num_splits, scratch.stride(0), scratch.stride(1), scratch.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d), **pdl(out))
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d), **pdl(out, first=True))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -279,7 +284,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         scratch.stride(0), scratch.stride(1), scratch.stride(2),
         GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_N=DECODE_BLOCK_N, **_dot_args(q.dtype),
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(q))
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(q, first=True))
     _merge_splits(scratch, out, num_splits)
 
 
@@ -315,7 +320,7 @@ def paged_decode_rope(qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
         NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_R=triton.next_power_of_2(group),
         BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_HALF=max(triton.next_power_of_2(d // 2), 16), BLOCK_N=DECODE_BLOCK_N, **_dot_args(qk.dtype),
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(qk))
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl(qk, first=True))
     _merge_splits(scratch, out, num_splits)
 
 

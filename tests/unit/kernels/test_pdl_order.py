@@ -1,7 +1,8 @@
 """Kernels under programmatic dependent launch, compiled for Hopper (PTX, no GPU needed), in a
 fresh process, since the test session runs Triton interpreted: the TMA GEMVs (HEAD_START) request
 weight tiles before the PDL wait, inputs never; the fused RoPE-and-decode attention kernel reads its
-first tile of cached keys and values before the wait."""
+first tile of cached keys and values before the wait; the step's small kernels let the next kernel
+launch before they wait (USE_PDL = 2, fastllm.kernels.launch.TRIGGER_FIRST), or after (True)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,8 @@ except Exception as e:  # no CUDA backend in this Triton
     print(json.dumps({"skip": repr(e)})); sys.exit(0)
 from fastllm.kernels.gemv_bytes import _gemv_bytes_tma_kernel
 from fastllm.kernels.gemv_int4 import _gemv_int4_tma_kernel
-from fastllm.kernels.paged_attention import _decode_rope_split_kernel
+from fastllm.kernels.fused import _rms_norm_kernel
+from fastllm.kernels.paged_attention import _decode_merge_kernel, _decode_rope_split_kernel, _decode_split_kernel
 
 
 def ptx(fn, sig, cons, warps, stages=1):
@@ -42,6 +44,8 @@ def kinds_of(text):
         line = line.strip()
         if line.startswith("griddepcontrol.wait"):
             kinds.append("wait")
+        elif line.startswith("griddepcontrol.launch_dependents"):
+            kinds.append("launch")
         elif "cp.async.bulk.tensor" in line:
             kinds.append("tma")
         elif re.search(r"\bld\.global\.v4\b", line):
@@ -66,14 +70,32 @@ for head in (0, 1, 2):
         out[f"{name} head={head}"] = [k.replace("load16", "load") for k in kinds_of(text)]
 strides = ["stride_qb", "stride_qh", "stride_vb", "stride_vh", "stride_cb", "stride_cr", "stride_ch", "stride_bt",
            "stride_sb", "stride_sh", "stride_ss"]
-attn = ptx(_decode_rope_split_kernel,
-           {"qk_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
-            "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "slot_ptr": "*i64", "pos_ptr": "*i64",
-            "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "qk_scale": "fp32",
-            "num_splits": "i32", **{n: "i32" for n in strides}},
-           dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_R=1, BLOCK_G=16, BLOCK_HALF=64, BLOCK_N=32,
-                DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=True), 4, 2)
-out["decode_rope"] = kinds_of(attn)
+cache = {"k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32"}
+for use in (True, 2):
+    attn = ptx(_decode_rope_split_kernel,
+               {"qk_ptr": "*bf16", "v_ptr": "*bf16", **cache, "slot_ptr": "*i64", "pos_ptr": "*i64",
+                "inv_freq_ptr": "*fp32", "rope_scale": "fp32", "scratch_ptr": "*fp32", "qk_scale": "fp32",
+                "num_splits": "i32", **{n: "i32" for n in strides}},
+               dict(NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_R=1, BLOCK_G=16, BLOCK_HALF=64,
+                    BLOCK_N=32, DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=use), 4, 2)
+    out[f"decode_rope {use}"] = kinds_of(attn)
+    split = ptx(_decode_split_kernel,
+                {"q_ptr": "*bf16", **cache, "scratch_ptr": "*fp32", "qk_scale": "fp32", "num_splits": "i32",
+                 **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_cb", "stride_cr", "stride_ch", "stride_bt",
+                                       "stride_sb", "stride_sh", "stride_ss")}},
+                dict(GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=16, BLOCK_D=128, BLOCK_N=32,
+                     DOT_PRECISION="tf32", UPCAST_DOT=False, USE_PDL=use), 4, 2)
+    merge = ptx(_decode_merge_kernel,
+                {"scratch_ptr": "*fp32", "out_ptr": "*bf16", "num_splits": "i32",
+                 **{n: "i32" for n in ("stride_sb", "stride_sh", "stride_ss", "stride_ob", "stride_oh")}},
+                dict(HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128, USE_PDL=use), 4)
+    norm = ptx(_rms_norm_kernel,
+               {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32",
+                "stride_r": "i32", "stride_o": "i32", "N": "i32", "eps": "fp32"},
+               dict(HAS_RES=True, BLOCK=4096, USE_PDL=use), 4)
+    for name, text in (("decode_split", split), ("decode_merge", merge), ("rms_norm", norm)):
+        out[f"{name} {use}"] = kinds_of(text)
+out["decode_rope"] = out["decode_rope True"]
 print(json.dumps(out))
 """
 
@@ -118,3 +140,11 @@ def test_fused_decode_attention_reads_the_cache_before_the_wait(order):
     first_wait = kinds.index("wait")
     assert kinds[:first_wait].count("load16") >= 8
     assert {"load", "load16"} & set(kinds[first_wait + 1:])
+
+
+@pytest.mark.parametrize("kernel", ["decode_rope", "decode_split", "decode_merge", "rms_norm"])
+def test_small_kernels_let_the_next_launch_before_they_wait_only_when_asked(order, kernel):
+    first = [k for k in order[f"{kernel} 2"] if k in ("wait", "launch")]
+    after = [k for k in order[f"{kernel} True"] if k in ("wait", "launch")]
+    assert first == ["launch", "wait"]  # USE_PDL = 2: once each, the launch first
+    assert after == ["wait", "launch"]
