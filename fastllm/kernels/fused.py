@@ -17,14 +17,17 @@ from .launch import pdl
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    # The weight does not depend on the kernel before: read before the wait (after it, its read
+    # would follow the residual's store, which it may not pass, and cost one more memory latency).
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if USE_PDL == 2:  # the next kernel may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
         tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
         tl.extra.cuda.gdc_wait()
     if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -34,7 +37,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     var = tl.sum(x * x, axis=0) / N
     # round the normalised value to the model dtype before the weight, as the torch model does
     y = (x * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -148,3 +148,10 @@ def test_small_kernels_let_the_next_launch_before_they_wait_only_when_asked(orde
     after = [k for k in order[f"{kernel} True"] if k in ("wait", "launch")]
     assert first == ["launch", "wait"]  # USE_PDL = 2: once each, the launch first
     assert after == ["wait", "launch"]
+
+
+@pytest.mark.parametrize("use", ["True", "2"])
+def test_the_rms_norm_reads_its_weight_before_the_wait(order, use):
+    kinds = order[f"rms_norm {use}"]
+    assert any(k.startswith("load") for k in kinds[:kinds.index("wait")])  # the weight
+    assert any(k.startswith("load") for k in kinds[kinds.index("wait") + 1:])  # x and the residual
