@@ -26,9 +26,13 @@
 #define UNROLL 4
 
 // GLU: a warp's row is gate row `row`'s chunks, then up row `row2`'s (chunks c - chunks).
+// A batch wholly in one of the two rows (the warp-uniform base = first & ~31 tells) takes the plain
+// path, without a test per chunk.
 template <bool GLU>
 __device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row, const uint4 *row2, int first,
                                            int chunks) {
+    if (GLU && (first & ~31) + 32 * UNROLL <= chunks) return load_batch<false>(w, row, row, first, chunks);
+    if (GLU && (first & ~31) >= chunks) return load_batch<false>(w, row2, row2, first - chunks, chunks);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int c = first + 32 * u;
@@ -46,6 +50,8 @@ __device__ __forceinline__ void load_batch(uint4 (&w)[UNROLL], const uint4 *row,
 template <bool FP8, bool GLU>
 __device__ __forceinline__ void use_batch(float &acc, float &acc2, const uint4 (&w)[UNROLL], const uint4 *xsm,
                                           int first, int chunks) {
+    if (GLU && (first & ~31) + 32 * UNROLL <= chunks) return use_batch<FP8, false>(acc, acc2, w, xsm, first, chunks);
+    if (GLU && (first & ~31) >= chunks) return use_batch<FP8, false>(acc2, acc, w, xsm, first - chunks, chunks);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int cw = first + 32 * u;
