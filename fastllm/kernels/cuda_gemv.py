@@ -189,10 +189,12 @@ def available(x: torch.Tensor) -> bool:
 
 
 def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False, glu: bool = False) -> bool:
-    """Whether gemv_int8 takes these operands: bf16 x, int8 (or float8 e4m3) [N, K] rows with
-    K % 16 == 0, 16-byte aligned (with glu, N even)."""
+    """Whether gemv_int8 takes these operands: bf16 x, int8 (or float8 e4m3, on CUDA devices of compute
+    capability 8.9+) [N, K] rows with K % 16 == 0, 16-byte aligned (with glu, N even)."""
     N, K = qweight.shape
-    return (x.dtype == torch.bfloat16 and qweight.dtype in (torch.int8, torch.float8_e4m3fn) and K % 16 == 0
+    fp8_ok = not qweight.is_cuda or torch.cuda.get_device_capability(qweight.device) >= (8, 9)
+    return (x.dtype == torch.bfloat16 and (qweight.dtype == torch.int8 or qweight.dtype == torch.float8_e4m3fn and fp8_ok)
+            and K % 16 == 0
             and (not glu or N % 2 == 0 and not silu_mul) and qweight.stride(1) == 1
             and qweight.stride(0) == K and qweight.data_ptr() % 16 == 0 and x.numel() == (2 * K if silu_mul else K))
 
@@ -218,7 +220,8 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     tensor; neither input is modified), as fastllm.kernels.gemv.gemv's."""
     N, K = qweight.shape
     if not fits(x, qweight, silu_mul, glu):
-        raise ValueError(f"gemv_int8 takes bf16 x and int8 or float8 e4m3 [N, K % 16 == 0] weights, got {x.dtype} {tuple(x.shape)} "
+        raise ValueError(f"gemv_int8 takes bf16 x and int8 or float8 e4m3 (compute capability 8.9+) [N, K % 16 == 0] "
+                         f"weights, got {x.dtype} {tuple(x.shape)} "
                          f"and {qweight.dtype} {tuple(qweight.shape)}")
     if (silu_mul or glu) and norm_weight is not None or residual is not None and norm_weight is None:
         raise ValueError("gemv_int8: a norm takes no silu_mul or glu, and a residual comes only with a norm")
