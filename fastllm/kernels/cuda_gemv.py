@@ -137,6 +137,11 @@ def _entry(device_index: int):
 
 
 @functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.cache
 def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -192,9 +197,8 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool = False, glu: bo
     """Whether gemv_int8 takes these operands: bf16 x, int8 (or float8 e4m3, on CUDA devices of compute
     capability 8.9+) [N, K] rows with K % 16 == 0, 16-byte aligned (with glu, N even)."""
     N, K = qweight.shape
-    fp8_ok = not qweight.is_cuda or torch.cuda.get_device_capability(qweight.device) >= (8, 9)
-    return (x.dtype == torch.bfloat16 and (qweight.dtype == torch.int8 or qweight.dtype == torch.float8_e4m3fn and fp8_ok)
-            and K % 16 == 0
+    fp8_ok = qweight.dtype == torch.float8_e4m3fn and (not qweight.is_cuda or _capability(_index(qweight)) >= (8, 9))
+    return (x.dtype == torch.bfloat16 and (qweight.dtype == torch.int8 or fp8_ok) and K % 16 == 0
             and (not glu or N % 2 == 0 and not silu_mul) and qweight.stride(1) == 1
             and qweight.stride(0) == K and qweight.data_ptr() % 16 == 0 and x.numel() == (2 * K if silu_mul else K))
 

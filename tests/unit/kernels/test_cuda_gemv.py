@@ -68,7 +68,7 @@ def test_fp8_weights_need_compute_capability_8_9(monkeypatch):
     # the library's fp8 kernels are empty below 8.9 (no e4m3 conversion there), so they must never run
     q = torch.zeros(8, 32, dtype=torch.int8, device="cuda")
     x = torch.zeros(32, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(CG, "_capability", lambda index: (8, 0))
     assert CG.fits(x, q) and not CG.fits(x, q.view(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="8.9"):
         CG.gemv_int8(x, q.view(torch.float8_e4m3fn), torch.ones(8, device="cuda"))
