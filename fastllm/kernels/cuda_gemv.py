@@ -113,7 +113,7 @@ def _entry(device_index: int):
     if os.environ.get("FASTLLM_CUDA_KERNELS", "1") == "0":
         log.info("fastllm CUDA GEMV off (FASTLLM_CUDA_KERNELS=0); Triton kernels only")
         return None
-    major, minor = torch.cuda.get_device_capability(device_index)
+    major, minor = _capability(device_index)
     if (major, minor) < (6, 1):  # dp4a
         log.info("fastllm CUDA GEMV: compute capability %d.%d has no dp4a; Triton kernels only", major, minor)
         return None

@@ -5,6 +5,7 @@ paged_attention's decode kernels."""
 from __future__ import annotations
 
 from .kv_store import _jit, tl
+from .launch import pdl_wait
 
 
 @_jit
@@ -93,10 +94,7 @@ def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tab
     head_off = kvh * stride_ch
     pos, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, end, head_off, stride_cb, stride_cr, cols,
                          mask_c, BLOCK_SIZE, BLOCK_N)
-    if USE_PDL == 2:  # the merge may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:  # q, k and v come from the kernel before (see fastllm.kernels.launch)
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL, False)  # q, k and v come from the kernel before (see fastllm.kernels.launch)
 
     # The group's BLOCK_R query heads (GROUP padded to a power of two) are rotated once, then each
     # repeated REP times to the BLOCK_G rows tl.dot needs: row r holds head r // REP.
@@ -130,7 +128,7 @@ def _decode_rope_split_kernel(qk_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_tab
                              mask_c, BLOCK_SIZE, BLOCK_N)
         acc, l_i, m_i = _attend_kv(acc, l_i, m_i, q, pos, k, v, k_new, v_new, last, end, qk_scale, DOT_PRECISION,
                                    UPCAST_DOT)
-    if USE_PDL == 1:
+    if USE_PDL == 1:  # (USE_PDL = 2 let the next kernel launch before the wait)
         tl.extra.cuda.gdc_launch_dependents()
 
     nonempty = l_i > 0.0

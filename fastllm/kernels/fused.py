@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl
+from .launch import pdl, pdl_wait
 
 
 @triton.jit
@@ -22,12 +22,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     # The weight does not depend on the kernel before: read before the wait (after it, its read
     # would follow the residual's store, which it may not pass, and cost one more memory latency).
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if USE_PDL == 2:  # the next kernel may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:  # x comes from the kernel before (see fastllm.kernels.launch)
-        tl.extra.cuda.gdc_wait()
-    if USE_PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_PDL, True)  # x comes from the kernel before (see fastllm.kernels.launch)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)

@@ -50,6 +50,25 @@ def pdl(t: torch.Tensor, first: bool = False) -> dict:
     return {"USE_PDL": 2 if first and TRIGGER_FIRST else True, "launch_pdl": True}
 
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # (the kernels that call it need Triton anyway)
+    pdl_wait = None
+else:
+    @triton.jit
+    def pdl_wait(USE_PDL: tl.constexpr, LAUNCH_AFTER: tl.constexpr):
+        """In a kernel launched with pdl(): wait for the kernel before. USE_PDL = 2 (pdl(t, first=True))
+        lets the next kernel launch first; otherwise LAUNCH_AFTER lets it launch right after the wait
+        (else the kernel calls gdc_launch_dependents itself, later)."""
+        if USE_PDL == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        if USE_PDL == 1 and LAUNCH_AFTER:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
 def tma_supported(t: torch.Tensor) -> bool:
     """Whether t's device has TMA (tensor descriptors in Triton): CUDA, compute capability 9.0+."""
     return t.device.type == "cuda" and _supported(t.device.index if t.device.index is not None

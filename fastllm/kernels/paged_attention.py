@@ -27,7 +27,7 @@ import torch
 from .kv_store import _check_cache, _jit, rope_store_kv, store_kv, tl, triton  # noqa: F401
 # the fused RoPE-and-decode kernel (paged_decode_rope's) lives in decode_rope
 from .decode_rope import _decode_rope_split_kernel
-from .launch import pdl
+from .launch import pdl, pdl_wait
 
 LOG2E = 1.4426950408889634
 # Tiles (scripts/check_kernels.py --sweep, H200, Llama shapes, bf16): decode BLOCK_N 32 / 4 warps was
@@ -83,10 +83,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     split = tl.program_id(2)
     # seq_lens is written before the step's first kernel, which every earlier kernel waited for
     seq_len = tl.load(seq_lens_ptr + b)
-    if USE_PDL == 2:  # the merge may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:  # q and the new keys come from the kernel before (see fastllm.kernels.launch)
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL, False)  # q and the new keys come from the kernel before (see fastllm.kernels.launch)
     # On the device, so the grid stays graph-safe. (Not tl.cdiv: a @jit helper that the CPU
     # interpreter cannot call when triton was imported before TRITON_INTERPRET was set.)
     per_split = (seq_len + num_splits - 1) // num_splits
@@ -109,7 +106,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table_ptr, n0, end, offs_g,
                                      qk_scale, kvh * stride_ch, stride_cb, stride_cr, offs_d, mask_d,
                                      BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
-    if USE_PDL == 1:
+    if USE_PDL == 1:  # (USE_PDL = 2 let the next kernel launch before the wait)
         tl.extra.cuda.gdc_launch_dependents()
 
     # An empty split (seq_len 0, or fewer keys than splits) stores o = 0, lse = -inf.
@@ -129,12 +126,7 @@ def _decode_merge_kernel(scratch_ptr, out_ptr, num_splits,
     # Grid (B, H): o = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m), 0 when every split is empty.
     b = tl.program_id(0)
     h = tl.program_id(1)
-    if USE_PDL == 2:  # the next kernel may launch now (fastllm.kernels.launch.TRIGGER_FIRST)
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:  # the partial results come from the kernel before (see fastllm.kernels.launch)
-        tl.extra.cuda.gdc_wait()
-    if USE_PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_PDL, True)  # the partial results come from the kernel before (see fastllm.kernels.launch)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_splits
