@@ -218,13 +218,9 @@ def launched(out_dir, L: int) -> None:
               f"int8 CUDA GEMV, {warps} rows/CTA{f', persistent {persist} CTAs/SM' if persist else ''}", one)
     CG.PERSIST, CG.WARPS = 0, 16
     # gate_up_proj in the GLU mode (SiLU-and-mul of its gate and up rows; down_proj reads its I outputs)
-    for pf in (0, 1, 2):  # the rows each warp asks into L2 as it starts (cuda_gemv.PREFETCH)
-        CG.PREFETCH = pf
-        tag = f", L2 prefetch {pf}" if pf else ""
-        chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True, glu=q[0].shape[0] == shapes["gate_up"][0]),
-              f"int8 CUDA GEMV, GLU{tag}", one)
-        chain(quantize_fp8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True), f"fp8 CUDA GEMV{tag}", one)
-    CG.PREFETCH = 0
+    chain(quantize_int8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True, glu=q[0].shape[0] == shapes["gate_up"][0]),
+          "int8 CUDA GEMV, GLU", one)
+    chain(quantize_fp8, lambda x, q: G.gemv(x, q[0], scale=q[1], cuda=True), "fp8 CUDA GEMV", one)
 
     def q4(w):
         p, s, z = quantize_int4(w, 128)
@@ -232,14 +228,12 @@ def launched(out_dir, L: int) -> None:
     chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=False), "int4 g128 (default GEMV)",
           lambda N, K: N * K // 2 + N * (K // 128) * 8)
     # (rows per CTA, registers capped for this many CTAs per SM, persistent grid CTAs per SM or 0)
-    # and the rows asked into L2 (cuda_gemv.PREFETCH)
-    for warps, minb, persist, pf in ((16, 1, 0, 0), (16, 2, 0, 0), (8, 3, 0, 0), (16, 1, 1, 0), (16, 2, 2, 0),
-                                     (8, 3, 3, 0), (16, 2, 0, 1), (16, 2, 0, 2), (16, 1, 0, 1), (8, 3, 0, 2)):
-        CG.WARPS, CG.INT4_MINB, CG.PERSIST4, CG.PREFETCH = warps, minb, persist, pf
+    for warps, minb, persist in ((16, 1, 0), (16, 2, 0), (8, 3, 0), (16, 1, 1), (16, 2, 2), (8, 3, 3)):
+        CG.WARPS, CG.INT4_MINB, CG.PERSIST4 = warps, minb, persist
         chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=True),
-              f"int4 g128 CUDA GEMV, {warps} rows/CTA, {minb} CTAs/SM{f', persistent' if persist else ''}"
-              f"{f', L2 prefetch {pf}' if pf else ''}", lambda N, K: N * K // 2 + N * (K // 128) * 8)
-    CG.WARPS, CG.INT4_MINB, CG.PERSIST4, CG.PREFETCH = 16, 1, 0, 0
+              f"int4 g128 CUDA GEMV, {warps} rows/CTA, {minb} CTAs/SM{f', persistent' if persist else ''}",
+              lambda N, K: N * K // 2 + N * (K // 128) * 8)
+    CG.WARPS, CG.INT4_MINB, CG.PERSIST4 = 16, 1, 0
     for kind in ("", ", no PDL"):
         PDL.ENABLED = "no PDL" not in kind
         chain(lambda w: w, lambda x, w: G.gemv(x, w), f"bf16 GEMV{kind}", lambda N, K: 2 * N * K)

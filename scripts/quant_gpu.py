@@ -21,7 +21,7 @@ in their own kernel, not inside decode attention; -upsplits: decode attention's 
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
 -cuda: the int4 GEMVs through the CUDA GEMV; -cuda8 / -nocuda8: the fp8 GEMVs through the CUDA GEMV, or in Triton; -cudanorm / -nocudanorm: the int8 layers take the
 RMSNorm before them into the CUDA GEMV, or not; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
-grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -waitfirst: the RMSNorm and decode attention kernels wait before they let the next kernel launch; -xnorm / -xattn (timing only, wrong outputs): the RMSNorms left out, or the decode attention replaced by a copy; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; -pfN: the CUDA GEMVs' warps ask N rows into L2 as they start (cuda_gemv.PREFETCH); suffixes combine; e2e
+grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -waitfirst: the RMSNorm and decode attention kernels wait before they let the next kernel launch; -xnorm / -xattn (timing only, wrong outputs): the RMSNorms left out, or the decode attention replaced by a copy; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -132,7 +132,7 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.kernels import launch as LAUNCH
     ORIGINAL = {"norm": LM.RMSNorm.forward, "attn": PagedAttention.forward_rope}
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8,
-                "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST, "PREFETCH": CG.PREFETCH}
+                "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -186,9 +186,6 @@ if "--skip-e2e" not in sys.argv:
                 CG.PERSIST4 = CG.PERSIST  # (int4 too, with "-cuda")
                 # "-minbN": the CUDA int4 GEMV's registers capped for N CTAs per SM
                 CG.INT4_MINB = next((int(x[4:]) for x in q.split("-") if x.startswith("minb")), 1)
-                # "-pfN": the CUDA GEMVs' warps ask rows into L2 as they start (cuda_gemv.PREFETCH = N)
-                CG.PREFETCH = next((int(x[2:]) for x in q.split("-") if x.startswith("pf") and x[2:].isdigit()),
-                                   DEFAULTS["PREFETCH"])
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
@@ -210,7 +207,7 @@ if "--skip-e2e" not in sys.argv:
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             "-xnorm", "-xattn", "-waitfirst",
-                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-pf0", "-pf1", "-pf2")
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

@@ -44,9 +44,6 @@ PERSIST = 0
 # eager step's GEMVs 2,094 us against 1,876): fastllm.kernels.gemv_int4.CUDA stays off (H100, 2026-11-28).
 INT4_MINB = 1
 PERSIST4 = 0
-# The rows the CUDA GEMVs' warps ask into L2 as they start, in one bulk request each (sm_90+): 0 none,
-# 1 each warp's first row, 2 also the row of the warp that takes its place a wave of CTAs later.
-PREFETCH = 0
 _build_lock = threading.Lock()
 
 
@@ -127,14 +124,14 @@ def _entry(device_index: int):
         return None
     fn = lib.fastllm_gemv_int8
     fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_int]
+    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
                    + [ctypes.c_size_t])
     fn8 = lib.fastllm_gemv_fp8
     fn8.restype, fn8.argtypes = fn.restype, fn.argtypes
     fn.fp8 = fn8
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
-    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 11 + [ctypes.c_size_t]
+    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
     fn.int4 = fn4
     return fn
 
@@ -251,8 +248,7 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     fp8 = qweight.dtype == torch.float8_e4m3fn
     err = (fn.fp8 if fp8 else fn)(qweight.data_ptr(), xv.data_ptr(), s.data_ptr(), ptr(b), y.data_ptr(), rows, K,
                                   16 if fp8 else WARPS, int(use_pdl), mode, PERSIST * _sms(_index(x)), ptr(res),
-                                  ptr(nw), ptr(res_out), float(eps), PREFETCH,
-                                  torch.cuda.current_stream(x.device).cuda_stream)
+                                  ptr(nw), ptr(res_out), float(eps), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV launch failed: cudaError {err}")
     return y if residual is None else (y, res_out)
@@ -290,7 +286,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
     err = fn.int4(packed.data_ptr(), pairs.data_ptr(), xv.data_ptr(), None if b is None else b.data_ptr(),
                   y.data_ptr(), N, K, Kp, group_size, pairs.shape[1], WARPS, int(use_pdl), int(silu_mul),
-                  INT4_MINB, PERSIST4 * _sms(_index(x)), PREFETCH, torch.cuda.current_stream(x.device).cuda_stream)
+                  INT4_MINB, PERSIST4 * _sms(_index(x)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV (int4) launch failed: cudaError {err}")
     return y

@@ -14,21 +14,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4 *p) {
     return v;
 }
 
-// Ask for `bytes` (a multiple of 16) at p (16-byte aligned) to be brought into L2, in one bulk
-// request that holds no register (sm_90+; nothing before).
-__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-// The rows a warp asks into L2 as it starts (prefetch 1: its first row, row0; 2: also row0 + ahead,
-// the row of the warp that takes its place in the next wave of CTAs); -1 for none.
-__device__ __forceinline__ int prefetch_row(int k, int prefetch, int row0, int ahead, int N) {
-    const int r = k == 0 ? row0 : row0 + ahead;
-    return k < prefetch && (k == 0 || ahead > 0) && r < N ? r : -1;
-}
-
 // dp4a_XY(a, b, c): c + the dot product of a's and b's four bytes, X / Y: a's / b's bytes signed (s)
 // or unsigned (u)
 #define FASTLLM_DP4A(NAME, A, B)                                                  \
@@ -120,17 +105,6 @@ __device__ __forceinline__ void stream_rows(Buf &a, Buf &b, int row0, int N, int
         row = nrow, base = nbase;
         if (row >= N) break;
     }
-}
-
-// How many CTAs of `kernel` are resident at once on the current device (a wave): CTAs per SM x SMs.
-template <typename Kernel>
-static int wave_ctas(Kernel kernel, int block, size_t smem) {
-    int per_sm = 0, sms = 0, dev = 0;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    cudaGetDevice(&dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, smem);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    return per_sm * sms;
 }
 
 // Launch on `stream`, as a programmatic dependent of the kernel before when pdl.

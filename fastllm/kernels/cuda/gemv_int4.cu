@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
                                                               const __nv_bfloat16 *__restrict__ x,
                                                               const __nv_bfloat16 *__restrict__ b,
                                                               __nv_bfloat16 *__restrict__ y, int N, int K, int Kp,
-                                                              int G, int ng2, int stride, int prefetch, int ahead) {
+                                                              int G, int ng2, int stride) {
     extern __shared__ uint4 xsm[];
     const int lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
@@ -92,11 +92,6 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
     const float2 *p2 = reinterpret_cast<const float2 *>(pairs);
     const size_t rstride = (size_t)chunks, pstride = (size_t)ng2;
     Batch4 wa, wb;
-    for (int k = 0; k < 2 && lane == 0; ++k) {  // (rows into L2: see prefetch_row)
-        const int r = prefetch_row(k, prefetch, row0, ahead, N);
-        if (r >= 0) prefetch_l2(packed + (size_t)r * (Kp / 2), Kp / 2);
-        if (r >= 0 && reinterpret_cast<uintptr_t>(pairs) % 16 == 0) prefetch_l2(p2 + r * pstride, ng2 * 8);
-    }
     if (row0 < N) load_batch4(wa.w, wa.sz, w4 + row0 * rstride, p2 + row0 * pstride, lane, chunks, G);
     pdl_wait<PDL>();  // x comes from the kernel before
     // whole chunks of x (and of up, at x + K) on 16-byte boundaries: vector loads
@@ -163,27 +158,24 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
 
 template <int WARPS, bool PDL, bool SILU, bool BIAS, int MINB>
 static int launch4(const void *packed, const void *pairs, const void *x, const void *b, void *y, int N, int K, int Kp,
-                   int G, int ng2, int max_ctas, int prefetch, cudaStream_t stream) {
+                   int G, int ng2, int max_ctas, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
-    const auto kernel = gemv_int4<WARPS, PDL, SILU, BIAS, MINB>;
-    const size_t smem = (size_t)(Kp / 32) * 72;
-    const int ahead = prefetch > 1 && grid == ctas ? wave_ctas(kernel, WARPS * 32, smem) : 0;
-    return launch_kernel(kernel, grid, WARPS * 32, smem, PDL, stream, (const uint8_t *)packed, (const float *)pairs,
-                         (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, Kp, G, ng2,
-                         grid == ctas ? N : grid * WARPS, prefetch, ahead * WARPS);
+    return launch_kernel(gemv_int4<WARPS, PDL, SILU, BIAS, MINB>, grid, WARPS * 32, (size_t)(Kp / 32) * 72, PDL, stream,
+                         (const uint8_t *)packed, (const float *)pairs, (const __nv_bfloat16 *)x,
+                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, Kp, G, ng2, grid == ctas ? N : grid * WARPS);
 }
 
 // warps: 8 or 16 rows per CTA; minb: 1, or the registers capped for that many CTAs per SM (2 x 16 or
-// 3 x 8 warps); max_ctas, pf: as fastllm_gemv_int8's. Returns a cudaError_t (0: launched on `stream`),
+// 3 x 8 warps); max_ctas: as fastllm_gemv_int8's. Returns a cudaError_t (0: launched on `stream`),
 // -1 for other warps / minb.
 extern "C" int fastllm_gemv_int4(const void *packed, const void *pairs, const void *x, const void *b, void *y, int N,
                                  int K, int Kp, int G, int ng2, int warps, int pdl, int silu, int minb, int max_ctas,
-                                 int pf, uintptr_t stream) {
+                                 uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
 #define PICK(W, P, S, M)                                                                                    \
     if (warps == W && pdl == P && silu == S && minb == M)                                                   \
-        return b ? launch4<W, P, S, true, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, pf, st)        \
-                 : launch4<W, P, S, false, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, pf, st);
+        return b ? launch4<W, P, S, true, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, st)        \
+                 : launch4<W, P, S, false, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, st);
 #define PICK_M(W, P, S, M2) PICK(W, P, S, 1) PICK(W, P, S, M2)
     PICK_M(8, 1, 1, 3) PICK_M(8, 1, 0, 3) PICK_M(8, 0, 1, 3) PICK_M(8, 0, 0, 3)
     PICK_M(16, 1, 1, 2) PICK_M(16, 1, 0, 2) PICK_M(16, 0, 1, 2) PICK_M(16, 0, 0, 2)

@@ -146,8 +146,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
                                                                    __nv_bfloat16 *__restrict__ y, int N, int K, int stride,
                                                                    const __nv_bfloat16 *__restrict__ res,
                                                                    const __nv_bfloat16 *__restrict__ nw,
-                                                                   __nv_bfloat16 *__restrict__ res_out, float eps,
-                                                                   int prefetch, int ahead) {
+                                                                   __nv_bfloat16 *__restrict__ res_out, float eps) {
     extern __shared__ uint4 xsm[];
     const int lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
@@ -156,11 +155,6 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     const size_t rstride = (size_t)chunks;  // uint4 per row
     uint4 wa[UNROLL], wb[UNROLL];
     constexpr bool G = MODE == GLU;
-    for (int k = 0; k < 2 && lane == 0; ++k) {  // (rows into L2: see prefetch_row)
-        const int r = prefetch_row(k, prefetch, row0, ahead, N);
-        if (r >= 0) prefetch_l2(q + (size_t)r * K, K);
-        if (r >= 0 && G) prefetch_l2(q + (size_t)(N + r) * K, K);
-    }
     if (row0 < N) load_batch<G>(wa, w4 + row0 * rstride, w4 + (N + row0) * rstride, lane, chunks);
     pdl_wait<PDL>();  // x (and the residual) come from the kernels before
     float rs = 1.f;  // the norm's 1 / rms
@@ -222,29 +216,26 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
 
 template <int WARPS, bool PDL, int MODE, bool BIAS, bool FP8>
 static int launch(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K, int max_ctas,
-                  const void *res, const void *nw, void *res_out, float eps, int prefetch, cudaStream_t stream) {
+                  const void *res, const void *nw, void *res_out, float eps, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
-    const auto kernel = gemv_int8<WARPS, PDL, MODE, BIAS, FP8>;
-    const size_t smem = (size_t)(K / 16) * 36;
-    const int ahead = prefetch > 1 && grid == ctas ? wave_ctas(kernel, WARPS * 32, smem) : 0;
-    return launch_kernel(kernel, grid, WARPS * 32, smem, PDL, stream, (const int8_t *)q, (const __nv_bfloat16 *)x,
-                         (const float *)s, (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K,
-                         grid == ctas ? N : grid * WARPS, (const __nv_bfloat16 *)res, (const __nv_bfloat16 *)nw,
-                         (__nv_bfloat16 *)res_out, eps, prefetch, ahead * WARPS);
+    return launch_kernel(gemv_int8<WARPS, PDL, MODE, BIAS, FP8>, grid, WARPS * 32, (size_t)(K / 16) * 36, PDL, stream,
+                         (const int8_t *)q, (const __nv_bfloat16 *)x, (const float *)s, (const __nv_bfloat16 *)b,
+                         (__nv_bfloat16 *)y, N, K, grid == ctas ? N : grid * WARPS, (const __nv_bfloat16 *)res,
+                         (const __nv_bfloat16 *)nw, (__nv_bfloat16 *)res_out, eps);
 }
 
 #define PICK(W, P, M, F)                                                                                     \
     if (warps == W && pdl == P && mode == M)                                                                 \
-        return b ? launch<W, P, M, true, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, pf, st)        \
-                 : launch<W, P, M, false, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, pf, st);
+        return b ? launch<W, P, M, true, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st)        \
+                 : launch<W, P, M, false, F>(q, x, s, b, y, N, K, max_ctas, res, nw, res_out, eps, st);
 #define PICK_M(W, P, F) PICK(W, P, PLAIN, F) PICK(W, P, SILU, F) PICK(W, P, NORM, F) PICK(W, P, NORM_RES, F) PICK(W, P, GLU, F)
 
 // warps: 8 or 16 rows per CTA; mode: an Input (res, nw, res_out and eps are read in the NORM modes
 // only; GLU: N output rows of a [2N, K] weight); max_ctas > 0: at most that many CTAs, each warp then streaming every (CTAs x warps)-th row
-// (0: one row per warp); pf: the rows asked into L2 as warps start (prefetch_row). Returns a cudaError_t (0: launched on `stream`), -1 for other warps / modes.
+// (0: one row per warp). Returns a cudaError_t (0: launched on `stream`), -1 for other warps / modes.
 extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
                                  int warps, int pdl, int mode, int max_ctas, const void *res, const void *nw,
-                                 void *res_out, float eps, int pf, uintptr_t stream) {
+                                 void *res_out, float eps, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
     PICK_M(8, 1, false) PICK_M(8, 0, false) PICK_M(16, 1, false) PICK_M(16, 0, false)
     return -1;
@@ -253,7 +244,7 @@ extern "C" int fastllm_gemv_int8(const void *q, const void *x, const void *s, co
 // The same for float8 e4m3 weights (q: [N, K] bytes), 16 rows per CTA.
 extern "C" int fastllm_gemv_fp8(const void *q, const void *x, const void *s, const void *b, void *y, int N, int K,
                                 int warps, int pdl, int mode, int max_ctas, const void *res, const void *nw,
-                                void *res_out, float eps, int pf, uintptr_t stream) {
+                                void *res_out, float eps, uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
     PICK_M(16, 1, true) PICK_M(16, 0, true)
     return -1;

@@ -383,35 +383,3 @@ def test_gemv_int4_routes_to_it_when_asked_and_agrees_with_the_triton_kernel():
     triton_ = G4.gemv_int4(x, packed, scales, zeros, 128, pairs=pairs, cuda=False)
     assert cuda.shape == triton_.shape == (1, 300)
     assert ((cuda.double() - triton_.double()).norm() / triton_.double().norm()).item() < 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("kind", ["int8", "fp8", "glu", "int4"])
-@pytest.mark.parametrize("N, K", [(37, 528), (4099, 1040), (301, 11008)])
-def test_rows_asked_into_l2_change_no_output(kind, N, K, monkeypatch):
-    """PREFETCH only asks rows into L2 (each warp's first, then also the next wave's): the outputs are
-    bit for bit those without, on grids of one CTA to many waves (4,099 rows) and odd row lengths."""
-    from fastllm.stages.quantizers.int4 import pack_scales, quantize_int4
-
-    x = torch.randn(K).to(torch.bfloat16).cuda()
-    if not CG.available(x):
-        pytest.skip("the CUDA GEMV does not build here")
-    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 weights need compute capability 8.9")
-    g = torch.Generator().manual_seed(N)
-    if kind == "int4":
-        G = 32 if K % 64 else 64
-        packed, scales, zeros = quantize_int4(torch.randn(N, K, generator=g).cuda(), G)
-        pairs = pack_scales(scales, zeros)
-        run = lambda: CG.gemv_int4(x, packed, pairs, G)  # noqa: E731
-    else:
-        q, s, _ = _layer(2 * N if kind == "glu" else N, K, seed=N)
-        q = q.view(torch.int8).float().div(4).to(torch.float8_e4m3fn) if kind == "fp8" else q
-        run = lambda: CG.gemv_int8(x, q, s, glu=kind == "glu")  # noqa: E731
-    outs = []
-    for mode in (0, 1, 2):
-        monkeypatch.setattr(CG, "PREFETCH", mode)
-        outs.append(run())
-    torch.cuda.synchronize()
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
