@@ -383,3 +383,47 @@ def test_gemv_int4_routes_to_it_when_asked_and_agrees_with_the_triton_kernel():
     triton_ = G4.gemv_int4(x, packed, scales, zeros, 128, pairs=pairs, cuda=False)
     assert cuda.shape == triton_.shape == (1, 300)
     assert ((cuda.double() - triton_.double()).norm() / triton_.double().norm()).item() < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("N, K, sms", [(301, 4096, 1), (4099, 544, 3), (1024, 1024, 1)])
+def test_int4_rows_taken_from_tickets_match_the_static_grid(N, K, sms, monkeypatch):
+    """On a persistent grid (1 CTA per SM, the SM count taken as `sms`) the warps take their rows past
+    the first from the layer's counter: the outputs equal the static grid's bit for bit, launch after
+    launch, with the counter back at zero after each, and chained on the same weights under PDL in a
+    CUDA graph (each launch takes rows only after the one before has reset it)."""
+    from fastllm.stages.quantizers.int4 import pack_scales, quantize_int4
+
+    monkeypatch.setattr(CG, "PERSIST4", 1)
+    monkeypatch.setattr(CG, "_sms", lambda index: sms)
+    x = torch.randn(K).to(torch.bfloat16).cuda()
+    if not CG.available(x):
+        pytest.skip("the CUDA GEMV does not build here")
+    packed, scales, zeros = quantize_int4(torch.randn(N, K, generator=torch.Generator().manual_seed(N)).cuda(), 32)
+    pairs = pack_scales(scales, zeros) / 8
+
+    def chain(v, n=3):
+        for _ in range(n):
+            v = CG.gemv_int4(v[:K], packed, pairs, 32, use_pdl=True)
+        return v
+
+    monkeypatch.setattr(CG, "TICKETS", False)
+    static = [CG.gemv_int4(x, packed, pairs, 32), chain(x)]
+    monkeypatch.setattr(CG, "TICKETS", True)
+    counter = None
+    for _ in range(3):
+        assert torch.equal(CG.gemv_int4(x, packed, pairs, 32), static[0])
+        counter = CG._tickets[(x.device.index or 0, packed.data_ptr())]
+        assert counter.tolist() == [0, 0]
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, static[1]) and counter.tolist() == [0, 0]
