@@ -233,10 +233,7 @@ def launched(out_dir, L: int) -> None:
         chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=True),
               f"int4 g128 CUDA GEMV, {warps} rows/CTA, {minb} CTAs/SM{f', persistent' if persist else ''}",
               lambda N, K: N * K // 2 + N * (K // 128) * 8)
-    CG.WARPS, CG.INT4_MINB, CG.PERSIST4, CG.TICKETS = 16, 2, 2, False  # rows assigned, not taken from a counter
-    chain(q4, lambda x, q: G4.gemv_int4(x, q[0], q[1], q[2], 128, pairs=q[3], cuda=True),
-          "int4 g128 CUDA GEMV, 16 rows/CTA, 2 CTAs/SM, persistent, static", lambda N, K: N * K // 2 + N * (K // 128) * 8)
-    CG.WARPS, CG.INT4_MINB, CG.PERSIST4, CG.TICKETS = 16, 1, 0, True
+    CG.WARPS, CG.INT4_MINB, CG.PERSIST4 = 16, 1, 0
     for kind in ("", ", no PDL"):
         PDL.ENABLED = "no PDL" not in kind
         chain(lambda w: w, lambda x, w: G.gemv(x, w), f"bf16 GEMV{kind}", lambda N, K: 2 * N * K)

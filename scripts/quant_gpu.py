@@ -21,7 +21,7 @@ in their own kernel, not inside decode attention; -upsplits: decode attention's 
 up, not down; -splitsN: at most N splits; -nocuda: the int8 GEMVs in Triton, not the CUDA GEMV;
 -cuda: the int4 GEMVs through the CUDA GEMV; -cuda8 / -nocuda8: the fp8 GEMVs through the CUDA GEMV, or in Triton; -cudanorm / -nocudanorm: the int8 layers take the
 RMSNorm before them into the CUDA GEMV, or not; -cta8: the CUDA GEMV with 8 rows per CTA, not 16; -persistN: the CUDA GEMVs on a persistent
-grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -waitfirst: the RMSNorm and decode attention kernels wait before they let the next kernel launch; -xnorm / -xattn (timing only, wrong outputs): the RMSNorms left out, or the decode attention replaced by a copy; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; -static: on a persistent grid its warps stream every (CTAs x warps)-th row, not rows taken from a counter (cuda_gemv.TICKETS); suffixes combine; e2e
+grid of N CTAs per SM; -noglu: SiLU-and-mul in down_proj's CUDA GEMV, not in gate_up_proj's; -waitfirst: the RMSNorm and decode attention kernels wait before they let the next kernel launch; -xnorm / -xattn (timing only, wrong outputs): the RMSNorms left out, or the decode attention replaced by a copy; -minbN: the CUDA int4 GEMV's registers capped for N CTAs per SM; suffixes combine; e2e
 only; bf16-SUFFIX rows are bf16 with the suffix).
 --retune=N runs each quantized e2e row N times, each autotuning afresh; every row's JSON records
 the autotuner's picks. Prints a table last; JSON in OUTDIR.
@@ -186,7 +186,6 @@ if "--skip-e2e" not in sys.argv:
                 CG.PERSIST4 = CG.PERSIST  # (int4 too, with "-cuda")
                 # "-minbN": the CUDA int4 GEMV's registers capped for N CTAs per SM
                 CG.INT4_MINB = next((int(x[4:]) for x in q.split("-") if x.startswith("minb")), 1)
-                CG.TICKETS = "-static" not in q  # "-static": a persistent int4 grid's rows assigned, not taken
                 GV.PREFETCH_X = q.endswith("-px")  # "-px": int8 / fp8 word GEMVs request inputs a tile ahead
                 Int4Linear.fuse_silu_mul = q.endswith("-silu")  # "-silu": SiLU-and-mul in int4's down_proj GEMV
                 # "-notma": the register-prefetch word GEMVs (as "-px" needs); "-tma": the TMA GEMVs for
@@ -208,7 +207,7 @@ if "--skip-e2e" not in sys.argv:
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             "-xnorm", "-xattn", "-waitfirst",
-                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-static")
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

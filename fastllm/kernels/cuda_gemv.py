@@ -44,11 +44,6 @@ PERSIST = 0
 # eager step's GEMVs 2,094 us against 1,876): fastllm.kernels.gemv_int4.CUDA stays off (H100, 2026-11-28).
 INT4_MINB = 1
 PERSIST4 = 0
-# On a persistent int4 grid, the warps take their rows past the first from a counter of the layer's
-# (TICKETS), so a CTA that starts late (its SM still busy with the kernel before) takes fewer rows;
-# else each warp streams every (CTAs x WARPS)-th row.
-TICKETS = True
-_tickets: dict[tuple[int, int], torch.Tensor] = {}  # (device index, weight address) -> int32 [2], zero between launches
 _build_lock = threading.Lock()
 
 
@@ -136,7 +131,7 @@ def _entry(device_index: int):
     fn.fp8 = fn8
     fn4 = lib.fastllm_gemv_int4
     fn4.restype = ctypes.c_int
-    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_void_p, ctypes.c_size_t]
+    fn4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
     fn.int4 = fn4
     return fn
 
@@ -289,15 +284,9 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_
     K = xv.numel() // 2 if silu_mul else xv.numel()
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     y = torch.empty(N, dtype=torch.bfloat16, device=x.device)
-    ticket = None
-    if PERSIST4 and TICKETS:
-        key = (_index(packed), packed.data_ptr())
-        if key not in _tickets:
-            _tickets[key] = torch.zeros(2, dtype=torch.int32, device=packed.device)
-        ticket = _tickets[key].data_ptr()
     err = fn.int4(packed.data_ptr(), pairs.data_ptr(), xv.data_ptr(), None if b is None else b.data_ptr(),
                   y.data_ptr(), N, K, Kp, group_size, pairs.shape[1], WARPS, int(use_pdl), int(silu_mul),
-                  INT4_MINB, PERSIST4 * _sms(_index(x)), ticket, torch.cuda.current_stream(x.device).cuda_stream)
+                  INT4_MINB, PERSIST4 * _sms(_index(x)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm CUDA GEMV (int4) launch failed: cudaError {err}")
     return y

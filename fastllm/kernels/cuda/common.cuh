@@ -77,36 +77,18 @@ __device__ __forceinline__ float fixed16_planes(const float (&v)[16], uint32_t (
     return sc;
 }
 
-// A persistent grid's warps take their rows past the first stride (gridDim.x x warps rows, one
-// each as they start) from a ticket counter, ticket[0]: lane 0 asks (ask_ticket), and the warp
-// learns the row (ticket_row) a row later, so the atomic's latency stays hidden.
-__device__ __forceinline__ int ask_ticket(int *ticket, int lane) { return lane == 0 ? atomicAdd(ticket, 1) : 0; }
-__device__ __forceinline__ int ticket_row(int t, int stride) { return stride + __shfl_sync(0xffffffffu, t, 0); }
-
-// A warp's stream of weight batches: rows row0, then row0 + stride, row0 + 2 stride, ... below N
-// (ticket null), or rows taken in turn from ticket (see ask_ticket: a warp whose CTA started late
-// takes fewer rows), each in batches of `step` chunks (base: a batch's first chunk, the same for the
-// whole warp). The batch in `a`, then in `b`, in turn, is used (use(buf, base)) after the one after
-// it (this row's next, else the next row's first) was requested into the other set (load(buf, row,
-// base)), so a warp always has loads in flight; the two sets are never copied (a copy would wait on
-// the loads). finish(row) after a row's last batch. The caller has loaded (row0, 0) into `a`;
-// row0 < N. With a ticket, the grid's last warp to finish sets ticket[0] and ticket[1] (its count of
-// finished warps) back to 0 for the next launch (which may take rows only after its PDL wait).
+// A warp's stream of weight batches: rows row0, row0 + stride, ... below N, each in batches of
+// `step` chunks (base: a batch's first chunk, the same for the whole warp). The batch in `a`, then
+// in `b`, in turn, is used (use(buf, base)) after the one after it (this row's next, else the next
+// row's first) was requested into the other set (load(buf, row, base)), so a warp always has loads
+// in flight; the two sets are never copied (a copy would wait on the loads). finish(row) after a
+// row's last batch. The caller has loaded (row0, 0) into `a`; row0 < N.
 template <class Buf, class Load, class Use, class Finish>
 __device__ __forceinline__ void stream_rows(Buf &a, Buf &b, int row0, int N, int chunks, int stride, int step,
-                                            int *ticket, int lane, Load load, Use use, Finish finish) {
-    // with a ticket: the row after this one, and lane 0's ticket for the row after that
-    int after = ticket ? ticket_row(ask_ticket(ticket, lane), stride) : 0, ahead = ticket ? ask_ticket(ticket, lane) : 0;
+                                            Load load, Use use, Finish finish) {
     auto next = [&](int &row, int &base) {
         base += step;
-        if (base < chunks) return;
-        base = 0;
-        if (!ticket) {
-            row += stride;
-            return;
-        }
-        row = after, after = ticket_row(ahead, stride);
-        if (row < N) ahead = ask_ticket(ticket, lane);
+        if (base >= chunks) row += stride, base = 0;
     };
     for (int row = row0, base = 0;;) {
         int nrow = row, nbase = base;
@@ -122,13 +104,6 @@ __device__ __forceinline__ void stream_rows(Buf &a, Buf &b, int row0, int N, int
         if (nrow != row) finish(row);
         row = nrow, base = nbase;
         if (row >= N) break;
-    }
-    if (ticket && lane == 0) {
-        __threadfence();  // this warp's claims before its count
-        if (atomicAdd(ticket + 1, 1) == (int)(gridDim.x * (blockDim.x >> 5)) - 1) {
-            __threadfence();
-            ticket[0] = 0, ticket[1] = 0;
-        }
     }
 }
 

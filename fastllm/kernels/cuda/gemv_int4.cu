@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
                                                               const __nv_bfloat16 *__restrict__ x,
                                                               const __nv_bfloat16 *__restrict__ b,
                                                               __nv_bfloat16 *__restrict__ y, int N, int K, int Kp,
-                                                              int G, int ng2, int stride, int *ticket) {
+                                                              int G, int ng2, int stride) {
     extern __shared__ uint4 xsm[];
     const int lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
     if (row0 >= N) return;
     float acc = 0.f;
     stream_rows(
-        wa, wb, row0, N, chunks, stride, 32 * UNROLL, ticket, lane,
+        wa, wb, row0, N, chunks, stride, 32 * UNROLL,
         [&](Batch4 &w, int row, int base) {
             load_batch4(w.w, w.sz, w4 + row * rstride, p2 + row * pstride, base + lane, chunks, G);
         },
@@ -158,27 +158,24 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_int4(const uint8_t *__r
 
 template <int WARPS, bool PDL, bool SILU, bool BIAS, int MINB>
 static int launch4(const void *packed, const void *pairs, const void *x, const void *b, void *y, int N, int K, int Kp,
-                   int G, int ng2, int max_ctas, int *ticket, cudaStream_t stream) {
+                   int G, int ng2, int max_ctas, cudaStream_t stream) {
     const int ctas = (N + WARPS - 1) / WARPS, grid = max_ctas > 0 ? min(ctas, max_ctas) : ctas;
     return launch_kernel(gemv_int4<WARPS, PDL, SILU, BIAS, MINB>, grid, WARPS * 32, (size_t)(Kp / 32) * 72, PDL, stream,
                          (const uint8_t *)packed, (const float *)pairs, (const __nv_bfloat16 *)x,
-                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, Kp, G, ng2, grid == ctas ? N : grid * WARPS,
-                         grid == ctas ? nullptr : ticket);
+                         (const __nv_bfloat16 *)b, (__nv_bfloat16 *)y, N, K, Kp, G, ng2, grid == ctas ? N : grid * WARPS);
 }
 
 // warps: 8 or 16 rows per CTA; minb: 1, or the registers capped for that many CTAs per SM (2 x 16 or
-// 3 x 8 warps); max_ctas: as fastllm_gemv_int8's; ticket: null, or on a persistent grid two zeroed
-// ints of the caller's that this layer's launches alone use (the warps then take rows from it, see
-// stream_rows; back to zero as the kernel ends). Returns a cudaError_t (0: launched on `stream`),
+// 3 x 8 warps); max_ctas: as fastllm_gemv_int8's. Returns a cudaError_t (0: launched on `stream`),
 // -1 for other warps / minb.
 extern "C" int fastllm_gemv_int4(const void *packed, const void *pairs, const void *x, const void *b, void *y, int N,
                                  int K, int Kp, int G, int ng2, int warps, int pdl, int silu, int minb, int max_ctas,
-                                 int *ticket, uintptr_t stream) {
+                                 uintptr_t stream) {
     cudaStream_t st = (cudaStream_t)stream;
 #define PICK(W, P, S, M)                                                                                    \
     if (warps == W && pdl == P && silu == S && minb == M)                                                   \
-        return b ? launch4<W, P, S, true, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, ticket, st)        \
-                 : launch4<W, P, S, false, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, ticket, st);
+        return b ? launch4<W, P, S, true, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, st)        \
+                 : launch4<W, P, S, false, M>(packed, pairs, x, b, y, N, K, Kp, G, ng2, max_ctas, st);
 #define PICK_M(W, P, S, M2) PICK(W, P, S, 1) PICK(W, P, S, M2)
     PICK_M(8, 1, 1, 3) PICK_M(8, 1, 0, 3) PICK_M(8, 0, 1, 3) PICK_M(8, 0, 0, 3)
     PICK_M(16, 1, 1, 2) PICK_M(16, 1, 0, 2) PICK_M(16, 0, 1, 2) PICK_M(16, 0, 0, 2)

@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(WARPS * 32, 32 / WARPS) gemv_int8(const int8_t
     if (row0 >= N) return;
     float acc = 0.f, acc2 = 0.f;
     stream_rows(
-        wa, wb, row0, N, G ? 2 * chunks : chunks, stride, 32 * UNROLL, nullptr, lane,
+        wa, wb, row0, N, G ? 2 * chunks : chunks, stride, 32 * UNROLL,
         [&](uint4(&w)[UNROLL], int row, int base) {
             load_batch<G>(w, w4 + row * rstride, w4 + (N + row) * rstride, base + lane, chunks);
         },
