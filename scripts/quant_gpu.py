@@ -13,7 +13,7 @@ GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON (of the layers
---pin-shapes=o,down names, where given); -nodp4a: the int4 TMA GEMVs in
+--pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
@@ -192,7 +192,8 @@ if "--skip-e2e" not in sys.argv:
                 # int8 / fp8 too
                 GV.TMA, GV4.TMA = DEFAULTS["TMA"]
                 DecodeLinear.fuse_norm = "-norm" in q  # "-norm": the RMSNorms taken into the GEMVs after them
-                GV4.PINNED_TMA = PIN4 if "-pin" in q else PIN4_DEFAULT
+                # "-nopin": the int4 TMA GEMVs autotuned, none pinned
+                GV4.PINNED_TMA = PIN4 if "-pin" in q else {} if "-nopin" in q else PIN4_DEFAULT
                 GV4._pinned_tma.cache_clear()
                 GV4.DP4A = DEFAULTS["DP4A"] and "-nodp4a" not in q  # "-nodp4a": the int4 TMA GEMV in floats
                 # "-nohead": the TMA GEMVs wait for the kernel before ahead of their first weight tiles;
@@ -207,7 +208,7 @@ if "--skip-e2e" not in sys.argv:
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             "-xnorm", "-xattn", "-waitfirst",
-                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3")
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin")
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))

@@ -272,7 +272,13 @@ HEAD_START = 1
 PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (32, 64, 2, 3),
               ("NVIDIA H100 80GB HBM3", 4096, 4096, 128): (16, 128, 2, 3),
               ("NVIDIA H100 80GB HBM3", 22016, 4096, 128): (32, 64, 2, 3),
-              ("NVIDIA H100 80GB HBM3", 4096, 11008, 128): (32, 128, 4, 3)}
+              ("NVIDIA H100 80GB HBM3", 4096, 11008, 128): (32, 128, 4, 3),
+              # H200: the autotuner's picks in the faster of two runs of one call (517.8 against 482.2 tok/s,
+              # which had o's and down's swapped; scripts/quant_gpu.py, 2026-11-28)
+              ("NVIDIA H200", 12288, 4096, 128): (32, 128, 4, 3),
+              ("NVIDIA H200", 4096, 4096, 128): (32, 128, 4, 3),
+              ("NVIDIA H200", 22016, 4096, 128): (32, 64, 2, 3),
+              ("NVIDIA H200", 4096, 11008, 128): (16, 128, 2, 3)}
 
 
 @functools.lru_cache(maxsize=None)
