@@ -273,12 +273,13 @@ PINNED_TMA = {("NVIDIA H100 80GB HBM3", 12288, 4096, 128): (32, 64, 2, 3),
               ("NVIDIA H100 80GB HBM3", 4096, 4096, 128): (16, 128, 2, 3),
               ("NVIDIA H100 80GB HBM3", 22016, 4096, 128): (32, 64, 2, 3),
               ("NVIDIA H100 80GB HBM3", 4096, 11008, 128): (32, 128, 4, 3),
-              # H200: the autotuner's picks in the faster of two runs of one call (517.8 against 482.2 tok/s,
-              # which had o's and down's swapped; scripts/quant_gpu.py, 2026-11-28)
+              # H200 (scripts/sweep_tma.py --int4-only --dp4a-only, 2026-11-28): the sweep's best per layer. The
+              # int4 step (scripts/quant_gpu.py "-pin" / "-nopin", one call): 514.9 and 522.2 tok/s with them,
+              # 471.0 and 520.2 autotuned in each run (the autotuner's picks for o_proj and down_proj move)
               ("NVIDIA H200", 12288, 4096, 128): (32, 128, 4, 3),
               ("NVIDIA H200", 4096, 4096, 128): (32, 128, 4, 3),
               ("NVIDIA H200", 22016, 4096, 128): (32, 64, 2, 3),
-              ("NVIDIA H200", 4096, 11008, 128): (16, 128, 2, 3)}
+              ("NVIDIA H200", 4096, 11008, 128): (32, 128, 4, 3)}
 
 
 @functools.lru_cache(maxsize=None)
