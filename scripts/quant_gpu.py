@@ -13,7 +13,7 @@ GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON (of the layers
---pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -nodp4a: the int4 TMA GEMVs in
+--pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -cutlassN (N in 2, 8, 16, 32, 64, 128): weight-only int8 / int4 products of N or more tokens to the CUTLASS GEMM's timed pick (int8.CUTLASS_MIN_TOKENS); -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
@@ -125,6 +125,7 @@ if "--skip-e2e" not in sys.argv:
                 "gemv_int4_tma": GV4._tuned_tma}
 
     from fastllm.kernels import cuda_gemv as CG, gemv as GV, gemv_int4 as GV4
+    from fastllm.stages.quantizers import int4 as Q4, int8 as Q8
     from fastllm.stages.attention.paged import PagedAttention
     from fastllm.kernels import paged_attention as PAK
 
@@ -132,7 +133,7 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.kernels import launch as LAUNCH
     ORIGINAL = {"norm": LM.RMSNorm.forward, "attn": PagedAttention.forward_rope}
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8,
-                "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST}
+                "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST, "CUTLASS_MIN_TOKENS": Q8.CUTLASS_MIN_TOKENS}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -192,6 +193,10 @@ if "--skip-e2e" not in sys.argv:
                 # int8 / fp8 too
                 GV.TMA, GV4.TMA = DEFAULTS["TMA"]
                 DecodeLinear.fuse_norm = "-norm" in q  # "-norm": the RMSNorms taken into the GEMVs after them
+                # "-cutlassN": weight-only int8 / int4 products of N+ tokens to the CUTLASS GEMM's timed pick
+                cutlass_min = next((int(x[7:]) for x in q.split("-") if x.startswith("cutlass") and x[7:].isdigit()),
+                                   DEFAULTS["CUTLASS_MIN_TOKENS"])
+                Q8.CUTLASS_MIN_TOKENS = Q4.CUTLASS_MIN_TOKENS = cutlass_min
                 # "-nopin": the int4 TMA GEMVs autotuned, none pinned
                 GV4.PINNED_TMA = PIN4 if "-pin" in q else {} if "-nopin" in q else PIN4_DEFAULT
                 GV4._pinned_tma.cache_clear()
@@ -208,7 +213,8 @@ if "--skip-e2e" not in sys.argv:
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             "-xnorm", "-xattn", "-waitfirst",
-                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin")
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin",
+                            *(f"-cutlass{n}" for n in (2, 8, 16, 32, 64, 128)))
                 name = q
                 while name.endswith(suffixes):
                     name = next(name.removesuffix(x) for x in suffixes if name.endswith(x))
