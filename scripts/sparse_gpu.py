@@ -63,7 +63,7 @@ for name, (N, K) in SHAPES.items():
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ref = x.float() @ dense[0].float().T
         it = iter(range(10 ** 9))
-        t_d = event_time(lambda: F.linear(x, dense[next(it) % 4]))
+        t_d = event_time(lambda d=dense: F.linear(x, d[next(it) % 4]))
         row = dict(shape=name, N=N, K=K, M=M, dense_us=t_d * 1e6)
         cells = []
         for backend, ws in sparse.items():
