@@ -44,7 +44,7 @@ def describe(name: str, sass: str, regs: int) -> str:
 tiles = [tuple(int(v) for v in a.split(",")) for a in sys.argv[1:]] or [(256, 128, 64, 8, 3), (128, 128, 64, 4, 4)]
 ints = ("M", "N", "K", "Kw", "M_BUCKET", "stride_xm", "stride_w", "stride_s", "stride_sg", "stride_ym")
 ptr = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "z_ptr": "*fp32",
-       "y32_ptr": "*fp32"}
+       "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 for bm, bn, bk, warps, stages in tiles:
     tile = f"({bm}, {bn}, {bk}), {warps} warps, {stages} stages"
     sig = {n: ptr.get(n, "i32" if n in ints else "constexpr") for n in Q._qgemm_kernel.arg_names}

@@ -15,10 +15,12 @@ grid walks N tiles in bands so that programs running together share x rows in L2
 
 Split-K: with few tokens a layer has few output tiles (o_proj at 64 tokens: 32 of 64 x 128),
 too few programs to stream the weight at the card's bandwidth. There each tile's K range is
-split over SPLIT_K programs (`_split_k`: about two programs per SM), which add their fp32 partial
-sums into a zeroed fp32 buffer; one elementwise pass then adds the bias and rounds to x's dtype.
-(The adds are atomic, so the order of the partial sums, and the last bit of a result, may vary
-from call to call.)
+split over SPLIT_K programs (`_split_k`: about two programs per SM). Each writes its fp32 partial
+sum to its own slice of a workspace and counts itself in on the tile's counter; the program that
+arrives last sums the slices in split order, adds the bias and stores the tile. No buffer to zero
+and no pass after the kernel (two launches fewer per product), and the result is the same bit for
+bit from call to call. The counters (`_counters`: one zeroed buffer per device and stream, the
+last program of a tile sets its counter back to zero) let products on one stream share them.
 """
 from __future__ import annotations
 
@@ -39,7 +41,11 @@ CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw},
                                      (64, 128, 128, 4, 3, False), (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
                                      (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 3, True), (32, 128, 128, 4, 3, True),
                                      (64, 128, 128, 4, 3, True), (128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, True),
-                                     (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True)]]
+                                     (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
+                                     # BLOCK_K 128 (int4 at g128 takes no other) in 8 warps or on 64 weight rows:
+                                     # 4 warps on 128 x 128 hold the int4 tile in 255 registers, spilling (Triton 3.9, sm_90)
+                                     (64, 128, 128, 8, 3, True), (64, 128, 128, 8, 3, False), (64, 64, 128, 4, 4, True),
+                                     (32, 64, 128, 4, 4, True), (128, 128, 128, 8, 3, True)]]
 
 
 SPLIT_K_MAX_TOKENS = 256  # above this, layers have tiles enough to fill the card
@@ -64,12 +70,26 @@ def _split_k(m_bucket: int, N: int, Kw: int, block_m: int, block_n: int, block_k
 
 
 @functools.lru_cache(maxsize=None)
-def _may_split(m_bucket: int, N: int, Kw: int, int4: bool, G: int, max_tokens: int) -> bool:
-    """Whether some tile the autotuner may pick splits K (so the call needs a partial-sum buffer);
-    cached, as it runs on every GEMM call (max_tokens: SPLIT_K_MAX_TOKENS, part of the key)."""
+def _max_split(m_bucket: int, N: int, Kw: int, int4: bool, G: int, max_tokens: int) -> int:
+    """The largest split-K among the tiles the autotuner may pick (the workspace holds that many
+    slices); cached, as it runs on every GEMM call (max_tokens: SPLIT_K_MAX_TOKENS, part of the key)."""
     if m_bucket > max_tokens:
-        return False
-    return any(c.kwargs["SPLIT_K"] > 1 for c in _prune(CONFIGS, dict(G=G, INT4=int4, M_BUCKET=m_bucket, N=N, Kw=Kw)))
+        return 1
+    return max(c.kwargs["SPLIT_K"] for c in _prune(CONFIGS, dict(G=G, INT4=int4, M_BUCKET=m_bucket, N=N, Kw=Kw)))
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K's per-tile arrival counters for device's current stream: zeroed once, and each
+    tile's last program sets its counter back to zero, so the products of one stream share them
+    (those of a CUDA graph's capture stream get their own)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < tiles:
+        cnt = _COUNTERS[key] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    return cnt
 
 
 def _prune(configs, named_args, **kwargs):
@@ -122,7 +142,7 @@ def _dot_acc(acc, w, x, SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION:
 
 
 @triton.jit
-def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w,
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, M_BUCKET, stride_xm, stride_w,
                   stride_s, stride_sg, stride_ym, INT4: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
@@ -179,29 +199,28 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, y32_ptr, M, N, K, Kw
         acc = tl.trans(acc)
     if not INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if SPLIT_K > 1:  # partial sums into the fp32 buffer [M, N]; _split_k_out adds the bias and rounds
-        tl.atomic_add(y32_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc,
-                      mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
-    else:
+    ok = m_ok[:, None] & n_ok[None, :]
+    last = True
+    if SPLIT_K > 1:  # this split's partial sum into its workspace slice [M, N]; the tile's last program sums them
+        cell = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + cell, acc, mask=ok)
+        tl.debug_barrier()  # every thread's slice stored before the count (released at GPU scope)
+        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        if last:
+            acc = tl.load(ws_ptr + cell, mask=ok, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):  # in split order, whichever program came last
+                acc += tl.load(ws_ptr + s * M * N + cell, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # ready for the next product
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+                 mask=ok)
 
 
-@triton.jit
-def _split_k_out_kernel(y32_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    # Grid (M, N / BLOCK): y = y32 + bias, rounded to y's dtype.
-    m = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.load(y32_ptr + m.to(tl.int64) * N + n, mask=n < N, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
-
-
-_tuned = autotune(CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"], reset_to_zero=["y32_ptr"],
-                         prune_configs_by={"early_config_prune": _prune})(_qgemm_kernel)
+_tuned = autotune(CONFIGS, key=["M_BUCKET", "N", "K", "INT4", "G"],
+                  prune_configs_by={"early_config_prune": _prune})(_qgemm_kernel)
 
 
 def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
@@ -209,11 +228,13 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     assert x.stride(1) == 1 and w.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     m_bucket = triton.next_power_of_2(M)
-    splits = (config.kwargs.get("SPLIT_K", 1) > 1 if config is not None
-              else _may_split(m_bucket, N, Kw, int4, G, SPLIT_K_MAX_TOKENS))
-    y32 = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits else y  # split-K's partial sums
+    splits = (config.kwargs.get("SPLIT_K", 1) if config is not None
+              else _max_split(m_bucket, N, Kw, int4, G, SPLIT_K_MAX_TOKENS))
+    # split-K: a workspace slice [M, N] per split, and a counter per output tile (16 x 64 the smallest)
+    ws = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    cnt = _counters(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 64)) if splits > 1 else y
     upcast = type(_qgemm_kernel).__name__ == "InterpretedFunction" and x.dtype != torch.float32
-    args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, y32, M, N, K, Kw,
+    args = (x, w, s, z if z is not None else s, bias if bias is not None else y, y, ws, cnt, M, N, K, Kw,
             m_bucket, x.stride(0), w.stride(0), s.stride(0), s.stride(-1), y.stride(0))
     # fp32 inputs: tf32x3 (near-fp32 on the tensor cores); plain tf32 is too coarse
     # EVEN_K: every K step of every tile whole (each BLOCK_K divides 256), so loads need no mask
@@ -222,15 +243,10 @@ def _launch(x, w, s, z, bias, N, Kw, int4, G, config):
     if config is None:
         _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *args, **flags)
-        config = _tuned.best_config
     else:
         kw = config.kwargs
         _qgemm_kernel[(triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]), kw.get("SPLIT_K", 1))](
             *args, **flags, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.kwargs.get("SPLIT_K", 1) > 1:
-        block = min(1024, triton.next_power_of_2(N))
-        _split_k_out_kernel[(M, triton.cdiv(N, block))](y32, args[4], y, M, N, y.stride(0), HAS_BIAS=bias is not None,
-                                                        BLOCK=block)
     return y
 
 

@@ -139,9 +139,10 @@ def _with_split(qgemm, cfg: int, split: int):
 @pytest.mark.parametrize("split", [2, 3, 4])
 @pytest.mark.parametrize("cfg", [0, 6])  # a plain tile and a SWAP one
 def test_split_k(qgemm, cfg, split):
-    """K split over programs whose fp32 partial sums meet in one buffer, then bias and rounding:
-    the same products as one program per tile, for int8 rows (K = 5 steps of 128 over 2-4 splits,
-    so some splits are short or empty) and int4 (K padded to its group)."""
+    """K split over programs whose fp32 partial sums the tile's last program adds, with the bias,
+    then rounds: the same products as one program per tile, for int8 rows (K = 5 steps of 128 over
+    2-4 splits, so some splits are short or empty) and int4 (K padded to its group). The same bits
+    on a second call, and the counters back at zero after each."""
     from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
     from fastllm.stages.quantizers.int8 import quantize_int8
 
@@ -150,6 +151,9 @@ def test_split_k(qgemm, cfg, split):
     q, s = quantize_int8(torch.randn(N, K))
     out = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), b.to(DEV), config=_with_split(qgemm, cfg, split))
     _check(out.cpu(), x.double() @ (q.double() * s.double()[:, None]).T + b.double(), torch.float32, (M, N))
+    again = qgemm.qgemm_rows(x.to(DEV), q.to(DEV), s.to(DEV), b.to(DEV), config=_with_split(qgemm, cfg, split))
+    assert torch.equal(again, out)
+    assert all(not c.any() for c in qgemm._COUNTERS.values())
     packed, scales, zeros = quantize_int4(torch.randn(N, 300), 64)
     x4 = torch.randn(M, 300)
     out = qgemm.qgemm_int4(x4.to(DEV), packed.to(DEV), scales.to(DEV), zeros.to(DEV), 64,
@@ -170,9 +174,9 @@ def test_split_k_choice(qgemm, monkeypatch):
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in pruned) and max(c.kwargs["SPLIT_K"] for c in pruned) > 1
     assert {c.kwargs["SPLIT_K"] for c in qgemm._prune(qgemm.CONFIGS, dict(G=128, INT4=True, M_BUCKET=1024,
                                                                               N=4096, Kw=4096))} == {1}
-    assert qgemm._may_split.__wrapped__(64, 4096, 4096, False, 1, 256)
-    assert not qgemm._may_split.__wrapped__(1024, 4096, 4096, True, 128, 256)
-    assert not qgemm._may_split.__wrapped__(64, 4096, 4096, False, 1, 0)  # split-K off (SPLIT_K_MAX_TOKENS = 0)
+    assert qgemm._max_split.__wrapped__(64, 4096, 4096, False, 1, 256) == 16  # 64 x 256 tiles: 16 -> 256 programs
+    assert qgemm._max_split.__wrapped__(1024, 4096, 4096, True, 128, 256) == 1
+    assert qgemm._max_split.__wrapped__(64, 4096, 4096, False, 1, 0) == 1  # split-K off (SPLIT_K_MAX_TOKENS = 0)
 
 
 def test_int4_last_tile_reads_no_group_past_the_weight(qgemm):
@@ -189,3 +193,25 @@ def test_int4_last_tile_reads_no_group_past_the_weight(qgemm):
     out = qgemm.qgemm_int4(x.to(DEV), packed.to(DEV), wide[0, :, :5].to(DEV), wide[1, :, :5].to(DEV), 32,
                            config=qgemm.CONFIGS[cfg])
     _check(out.cpu(), x.double() @ dequantize_int4(packed, scales, zeros, 160).double().T, torch.float32, (3, 9))
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="many programs at once need a GPU")
+@pytest.mark.parametrize("M, N, K", [(64, 4096, 4096), (37, 1000, 3000)])
+def test_split_k_many_programs(qgemm, M, N, K):
+    """Hundreds of programs meeting on their tiles' counters at once, through the autotuner's pick
+    and each split-K tile: right against float64, the same bits on every call, counters back at zero."""
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    q, s = (t.to(DEV) for t in quantize_int8(torch.randn(N, K)))
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ (q.double() * s.double()[:, None]).T
+    configs = [c for c in qgemm._prune(qgemm.CONFIGS, dict(G=1, INT4=False, M_BUCKET=qgemm.triton.next_power_of_2(M), N=N, Kw=K))
+               if c.kwargs["SPLIT_K"] > 1]
+    assert configs
+    for cfg in [None, *configs]:
+        first = qgemm.qgemm_rows(x, q, s, config=cfg)
+        _check(first, ref, torch.bfloat16, (M, N))
+        for _ in range(5):
+            assert torch.equal(qgemm.qgemm_rows(x, q, s, config=cfg), first)
+    torch.cuda.synchronize()
+    assert all(not c.any() for c in qgemm._COUNTERS.values())
