@@ -13,7 +13,7 @@ GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON (of the layers
---pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -swap: the Triton GEMM (2+ tokens) tuned over its SWAP tiles only; -tiles14: over its first fourteen tiles; -cutlassN (N in 2, 8, 16, 32, 64, 128): weight-only int8 / int4 products of N or more tokens to the CUTLASS GEMM's timed pick (int8.CUTLASS_MIN_TOKENS); -nodp4a: the int4 TMA GEMVs in
+--pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -swap: the Triton GEMM (2+ tokens) tuned over its SWAP tiles only; -tiles14: over its first fourteen tiles; -wide: over its tiles and WIDE_TILES; -cutlassN (N in 2, 8, 16, 32, 64, 128): weight-only int8 / int4 products of N or more tokens to the CUTLASS GEMM's timed pick (int8.CUTLASS_MIN_TOKENS); -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
@@ -128,6 +128,9 @@ if "--skip-e2e" not in sys.argv:
     from fastllm.stages.quantizers import int4 as Q4, int8 as Q8
     from fastllm.kernels import qgemm as QG
     QG_CONFIGS = list(QG._tuned.configs)
+    WIDE_TILES = [QG.triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP": sw}, num_warps=w, num_stages=st)
+                  for m, n, k, w, st, sw in [(64, 64, 128, 4, 6, True), (64, 64, 128, 4, 5, True), (64, 64, 64, 4, 6, True),
+                                             (128, 64, 128, 4, 4, True), (64, 64, 128, 4, 4, False), (32, 64, 128, 4, 6, True)]]
     from fastllm.stages.attention.paged import PagedAttention
     from fastllm.kernels import paged_attention as PAK
 
@@ -201,9 +204,11 @@ if "--skip-e2e" not in sys.argv:
                 Q8.CUTLASS_MIN_TOKENS = Q4.CUTLASS_MIN_TOKENS = cutlass_min
                 # "-swap": the Triton GEMM (2+ tokens) tunes over its SWAP tiles only (the dequantized weight
                 # as wgmma's left operand, from registers; the other tiles pass it through shared memory)
-                # "-tiles14": over the fourteen tiles it had before the twenty-first session's five
+                # "-tiles14": over the fourteen tiles it had before the twenty-first session's five;
+                # "-wide": over its tiles and WIDE_TILES
                 QG._tuned.configs = ([c for c in QG_CONFIGS if c.kwargs["SWAP"]] if "-swap" in q
-                                     else QG_CONFIGS[:14] if "-tiles14" in q else QG_CONFIGS)
+                                     else QG_CONFIGS[:14] if "-tiles14" in q
+                                     else QG_CONFIGS + WIDE_TILES if "-wide" in q else QG_CONFIGS)
                 # "-nopin": the int4 TMA GEMVs autotuned, none pinned
                 GV4.PINNED_TMA = PIN4 if "-pin" in q else {} if "-nopin" in q else PIN4_DEFAULT
                 GV4._pinned_tma.cache_clear()
@@ -220,7 +225,7 @@ if "--skip-e2e" not in sys.argv:
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             "-xnorm", "-xattn", "-waitfirst",
-                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin", "-swap", "-tiles14",
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin", "-swap", "-tiles14", "-wide",
                             *(f"-cutlass{n}" for n in (2, 8, 16, 32, 64, 128)))
                 name = q
                 while name.endswith(suffixes):
