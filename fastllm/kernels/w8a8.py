@@ -19,6 +19,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .launch import autotune, tma_supported
+from .fused import _STEPS
 from .qgemm import _tile
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -35,12 +36,12 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr):
-    """y = acc * x_scale[m] * w_scale[n] (+ bias[n]), rounded once to y's dtype."""
+    """y = acc (fp32) * x_scale[m] * w_scale[n] (+ bias[n]), rounded once to y's dtype."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    out = acc * xs[:, None] * ws[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
@@ -49,9 +50,10 @@ def _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym
 
 @triton.jit
 def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # Grid: output tiles (see _tile); operands through pointer loads.
+                 stride_xp, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PLANES: tl.constexpr = 1):
+    # Grid: output tiles (see _tile); operands through pointer loads. PLANES = 2: x's second plane
+    # (stride_xp bytes on) holds the residual in 1/254ths, multiplied by the same weight tile.
     m0, n0 = _tile(M, N, BLOCK_M, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -63,18 +65,28 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, 
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
+            if PLANES == 2:
+                x2 = tl.load(x_ptrs + stride_xp)
         else:
             k_ok = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            if PLANES == 2:
+                x2 = tl.load(x_ptrs + stride_xp, mask=k_ok[None, :], other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+        if PLANES == 2:
+            acc2 = tl.dot(x2, tl.trans(w), acc2, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+    out = acc.to(tl.float32)
+    if PLANES == 2:
+        out += acc2.to(tl.float32) * (1.0 / _STEPS)
+    _epilogue(out, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -88,7 +100,7 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, ws_ptr, b_ptr, y_ptr, M, N, K, M_BU
         x = x_desc.load([m0, k0])
         w = w_desc.load([n0, k0])
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
-    _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, N,
+    _epilogue(acc.to(tl.float32), xs_ptr, ws_ptr, b_ptr, y_ptr, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, N,
               stride_ym, HAS_BIAS)
 
 
@@ -106,7 +118,7 @@ TMA_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_s
 TMA = True
 TMA_MIN_TOKENS = 512
 
-_tuned = autotune(CONFIGS, key=["M_BUCKET", "N", "K", "EVEN_K"], prune_configs_by={"early_config_prune": _prune})(
+_tuned = autotune(CONFIGS, key=["M_BUCKET", "N", "K", "EVEN_K", "PLANES"], prune_configs_by={"early_config_prune": _prune})(
     _w8a8_kernel)
 _tuned_tma = autotune(TMA_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})(
     _w8a8_tma_kernel)
@@ -143,11 +155,40 @@ def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
             _w8a8_tma_kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                                                   num_stages=config.num_stages)
         return y
-    args = (xq, rest[0], wq, w_scale, *rest[1:], xq.stride(0), wq.stride(0), y.stride(0))
+    args = (xq, rest[0], wq, w_scale, *rest[1:], xq.stride(0), wq.stride(0), y.stride(0), 0)
     if config is None:
         flags["EVEN_K"] = K % 256 == 0  # every tile's BLOCK_K divides 256
         _tuned[grid](*args, **flags)
     else:
         _w8a8_kernel[grid(config.kwargs)](*args, **flags, EVEN_K=K % config.kwargs["BLOCK_K"] == 0, **config.kwargs,
                                           num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
+
+
+def w8a16_planes(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 config: triton.Config | None = None) -> torch.Tensor:
+    """Weight-only int8 (wq int8 [N, K], w_scale fp32 [N]) times bf16 / fp16 activations x [M, K]
+    on the int8 tensor cores: each token is split into two int8 planes, x ~ s * (q1 + q2 / 254)
+    (fastllm.kernels.fused.quant_int8_planes; within max|x| / 64,516 of x, finer than bf16 for
+    every value over max|x| / 128), and both planes are multiplied by each weight tile as it
+    passes, summed exactly in int32. No weight is converted: the tile goes from memory to the
+    tensor cores as it is, and the int8 tensor cores run at twice bf16's rate, so two planes cost
+    the MMA time of one bf16 product while the weight is half its bytes."""
+    from .fused import quant_int8_planes
+
+    M, K = x.shape
+    N = wq.shape[0]
+    assert wq.dtype == torch.int8 and wq.shape[1] == K and wq.stride(1) == 1 and w_scale.shape == (N,)
+    xq, x_scale = quant_int8_planes(x)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, y, M, N, K, triton.next_power_of_2(M),
+            xq.stride(1), wq.stride(0), y.stride(0), xq.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, PLANES=2)
+    if config is None:
+        grid = (lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),))
+        _tuned[grid](*args, **flags, EVEN_K=K % 256 == 0)
+    else:
+        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]) * triton.cdiv(N, config.kwargs["BLOCK_N"]),)
+        _w8a8_kernel[grid](*args, **flags, EVEN_K=K % config.kwargs["BLOCK_K"] == 0, **config.kwargs,
+                           num_warps=config.num_warps, num_stages=config.num_stages)
     return y

@@ -74,3 +74,91 @@ def test_int8_dynamic_linear_uses_fused_kernel_on_cuda():
     ref = (xq.double() @ lin.qweight.double().T) * xs.double() * lin.scale.double()[None, :] + lin.bias.double()
     out = lin(x)
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
+
+
+def _tokens(M, K, dtype, outlier=0.0):
+    x = torch.randn(M, K, dtype=torch.float32)
+    if outlier:
+        x[:, K // 3] *= outlier  # one channel far larger than the rest, as in LLM activations
+    if M > 2:
+        x[M // 2] = 0  # a zero row keeps a finite scale
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("M, K", [(1, 16), (19, 300), (64, 1024)])
+@pytest.mark.parametrize("outlier", [0.0, 500.0])
+def test_int8_planes_within_bound(M, K, outlier):
+    """Two planes: the first is quant_int8_rows' q, the residual within max|x| / 64,516 of x."""
+    from fastllm.kernels.fused import RESIDUAL_STEPS, quant_int8_planes, quant_int8_rows
+
+    x = _tokens(M, K, torch.bfloat16, outlier).to(DEV)
+    q, s = quant_int8_planes(x)
+    assert q.shape == (2, M, K) and q.dtype == torch.int8 and s.shape == (M,)
+    assert torch.equal(q[0], quant_int8_rows(x)[0]) and q.abs().max() <= 127
+    back = s.double()[:, None] * (q[0].double() + q[1].double() / RESIDUAL_STEPS)
+    # (+1%: x / scale is rounded to fp32 before its residual is taken, 254 * 2^-24 * 127 of a step)
+    bound = x.double().abs().amax(dim=1, keepdim=True) / 64516 * 1.01
+    assert ((back - x.double()).abs() <= bound).all()
+    assert (q[1].abs() > 64).any()  # the residual plane uses its whole range, not a sliver of it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, bias", [(17, 37, 304, True), (40, 129, 256, False), (3, 64, 80, True)])
+@pytest.mark.parametrize("cfg", [0, 3, 8])
+def test_w8a16_planes_matches_weight_only_float64(w8a8, dtype, M, N, K, bias, cfg):
+    """Against the float64 product of the unquantized activations and the dequantized weight: fp32
+    outputs within the planes' bound (sum_k |w_nk| * max|x_m| / 64,516 per output), bf16 outputs
+    within one bf16 step of that (Triton's interpreter truncates to bf16 where a GPU rounds)."""
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    wq, ws = quantize_int8(torch.randn(N, K))
+    x = _tokens(M, K, dtype, outlier=200.0)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    w = wq.double() * ws.double()[:, None]
+    ref = x.double() @ w.T + (b.double() if bias else 0)
+    out = w8a8.w8a16_planes(x.to(DEV), wq.to(DEV), ws.to(DEV), b.to(DEV) if bias else None,
+                            config=w8a8.CONFIGS[cfg])
+    assert out.shape == (M, N) and out.dtype == dtype
+    bound = x.double().abs().amax(dim=1, keepdim=True) / 64516 * 1.01 * w.abs().sum(dim=1)[None, :]
+    rounding = ref.abs() * (2 ** -7 if dtype == torch.bfloat16 else 1e-6)
+    assert ((out.cpu().double() - ref).abs() <= bound + rounding + 1e-9).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton tiles on a GPU")
+@pytest.mark.parametrize("M", [16, 64, 200])
+def test_w8a16_planes_autotuned_on_llama_shape(w8a8, M):
+    """The autotuned path (every tile a candidate) on a Llama-2-7B o_proj shape: as close to the
+    float64 weight-only product as cuBLAS' bf16 product of the same dequantized weight is."""
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    wq, ws = quantize_int8(torch.randn(4096, 4096, device="cuda") / 64)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    w = wq.double() * ws.double()[:, None]
+    ref = x.double() @ w.T
+    cublas = torch.nn.functional.linear(x, w.to(torch.bfloat16))
+    out = w8a8.w8a16_planes(x, wq, ws, None)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1.2 * ((cublas.double() - ref).norm() / ref.norm()).item(), err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the two-plane path runs on CUDA")
+def test_int8_linear_takes_planes_in_its_token_range(monkeypatch):
+    """Int8Linear (weight-only) sends PLANES_MIN_TOKENS..PLANES_MAX_TOKENS tokens through the
+    two-plane product and fewer / more tokens elsewhere; every path near the float64 product."""
+    from torch import nn
+
+    from fastllm.kernels import w8a8
+    from fastllm.stages.quantizers import int8 as Q8
+
+    monkeypatch.setattr(Q8, "PLANES_MIN_TOKENS", 4)
+    monkeypatch.setattr(Q8, "PLANES_MAX_TOKENS", 40)
+    calls = []
+    real = w8a8.w8a16_planes
+    monkeypatch.setattr(w8a8, "w8a16_planes", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    lin = Q8.Int8Linear(nn.Linear(96, 40, bias=True, device="cuda", dtype=torch.bfloat16))
+    w = lin.qweight.double() * lin.scale.double()[:, None]
+    for m in (3, 4, 33, 40, 41):
+        x = torch.randn(m, 96, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ w.T + lin.bias.double()
+        assert ((lin(x).double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
+    assert calls == [4, 33, 40]
