@@ -125,6 +125,25 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _split_sum(acc, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, ok, SPLIT_K: tl.constexpr):
+    """Split-K inside the kernel, for grid axis 1 = split: this program's fp32 partial sum goes to its
+    workspace slice [M, N] and it counts itself in on its tile's counter (axis 0); the last to
+    arrive gets (the tile's whole sum, True), the others (acc, False). The last adds the slices in
+    split order, whichever came last (the same bits every call), and sets the counter back to zero."""
+    cell = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + cell, acc, mask=ok)
+    tl.debug_barrier()  # every thread's slice stored before the count (released at GPU scope)
+    arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.load(ws_ptr + cell, mask=ok, other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLIT_K):
+            acc += tl.load(ws_ptr + s * M * N + cell, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # ready for the next product
+    return acc, last
+
+
+@triton.jit
 def _dot_acc(acc, w, x, SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, dtype: tl.constexpr):
     """acc + x w^T ([M, N]), or with SWAP acc + w x^T ([N, M])."""
     if UPCAST:  # Triton's CPU interpreter: bf16 dot operands (and casts to bf16) go wrong; fp32 there
@@ -201,17 +220,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     last = True
-    if SPLIT_K > 1:  # this split's partial sum into its workspace slice [M, N]; the tile's last program sums them
-        cell = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + cell, acc, mask=ok)
-        tl.debug_barrier()  # every thread's slice stored before the count (released at GPU scope)
-        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-        last = arrived == SPLIT_K - 1
-        if last:
-            acc = tl.load(ws_ptr + cell, mask=ok, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT_K):  # in split order, whichever program came last
-                acc += tl.load(ws_ptr + s * M * N + cell, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # ready for the next product
+    if SPLIT_K > 1:
+        acc, last = _split_sum(acc, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, ok, SPLIT_K)
     if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

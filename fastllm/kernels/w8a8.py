@@ -12,6 +12,8 @@ scale and cast passes, which cost more than the product saves at these sizes.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .launch import autotune, tma_supported
 from .fused import _STEPS
-from .qgemm import _tile
+from . import qgemm
+from .qgemm import _split_k, _split_sum, _tile
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for m, n, k, w, s in [(16, 64, 256, 4, 4), (32, 64, 256, 4, 4), (64, 64, 256, 4, 4), (64, 128, 128, 4, 4),
@@ -29,9 +32,21 @@ CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles no taller than the token count rounded up (at least 16)."""
+    """Tiles no taller than the token count rounded up (at least 16); with two planes, each with its
+    split-K (qgemm._split_k: about two programs per SM)."""
     m = named_args["M_BUCKET"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)] or configs[:1]
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)] or configs[:1]
+    if kwargs.get("PLANES", 1) == 1:
+        return fits
+    return [triton.Config(dict(c.kwargs, SPLIT_K=_split_k(m, named_args["N"], named_args["K"], c.kwargs["BLOCK_M"],
+                                                          c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])),
+                          num_warps=c.num_warps, num_stages=c.num_stages) for c in fits]
+
+
+@functools.lru_cache(maxsize=None)
+def _max_split(m_bucket: int, N: int, K: int, max_tokens: int) -> int:
+    """The largest split-K among the two-plane tiles the autotuner may pick (the workspace's slices)."""
+    return max(c.kwargs["SPLIT_K"] for c in _prune(CONFIGS, dict(M_BUCKET=m_bucket, N=N, K=K), PLANES=2))
 
 
 @triton.jit
@@ -50,14 +65,18 @@ def _epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym
 
 @triton.jit
 def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_ym,
-                 stride_xp, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PLANES: tl.constexpr = 1):
-    # Grid: output tiles (see _tile); operands through pointer loads. PLANES = 2: x's second plane
-    # (stride_xp bytes on) holds the residual in 1/254ths, multiplied by the same weight tile.
+                 stride_xp, part_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANES: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1):
+    # Grid (output tiles (see _tile), SPLIT_K); operands through pointer loads. PLANES = 2: x's second
+    # plane (stride_xp bytes on) holds the residual in 1/254ths, multiplied by the same weight tile.
+    # SPLIT_K > 1: program (pid, s) sums the s-th share of K's steps (qgemm._split_sum).
+    per_split = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+    k_first = tl.program_id(1) * per_split
+    k_last = tl.minimum(k_first + per_split, K)
     m0, n0 = _tile(M, N, BLOCK_M, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_first + tl.arange(0, BLOCK_K)
     # Rows past M / N read row 0 instead (clamped), so loads need no row mask; their results are
     # never stored.
     rows_x = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
@@ -66,14 +85,14 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, 
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_first, k_last, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
             if PLANES == 2:
                 x2 = tl.load(x_ptrs + stride_xp)
         else:
-            k_ok = (k0 + offs_k) < K
+            k_ok = (k0 - k_first + offs_k) < K
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
             if PLANES == 2:
@@ -86,7 +105,12 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, 
     out = acc.to(tl.float32)
     if PLANES == 2:
         out += acc2.to(tl.float32) * (1.0 / _STEPS)
-    _epilogue(out, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+    last = True
+    if SPLIT_K > 1:
+        out, last = _split_sum(out, part_ptr, cnt_ptr, offs_m, offs_n, M, N, (offs_m < M)[:, None] & (offs_n < N)[None, :],
+                               SPLIT_K)
+    if last:
+        _epilogue(out, xs_ptr, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -155,7 +179,7 @@ def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
             _w8a8_tma_kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                                                   num_stages=config.num_stages)
         return y
-    args = (xq, rest[0], wq, w_scale, *rest[1:], xq.stride(0), wq.stride(0), y.stride(0), 0)
+    args = (xq, rest[0], wq, w_scale, *rest[1:], xq.stride(0), wq.stride(0), y.stride(0), 0, y, y)
     if config is None:
         flags["EVEN_K"] = K % 256 == 0  # every tile's BLOCK_K divides 256
         _tuned[grid](*args, **flags)
@@ -181,14 +205,20 @@ def w8a16_planes(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias:
     assert wq.dtype == torch.int8 and wq.shape[1] == K and wq.stride(1) == 1 and w_scale.shape == (N,)
     xq, x_scale = quant_int8_planes(x)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, y, M, N, K, triton.next_power_of_2(M),
-            xq.stride(1), wq.stride(0), y.stride(0), xq.stride(0))
+    m_bucket = triton.next_power_of_2(M)
+    splits = config.kwargs.get("SPLIT_K", 1) if config is not None else _max_split(m_bucket, N, K,
+                                                                                    qgemm.SPLIT_K_MAX_TOKENS)
+    # split-K: a workspace slice [M, N] per split, and a counter per output tile (16 x 64 the smallest)
+    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    cnt = qgemm._counters(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 64)) if splits > 1 else y
+    args = (xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, y, M, N, K, m_bucket,
+            xq.stride(1), wq.stride(0), y.stride(0), xq.stride(0), part, cnt)
     flags = dict(HAS_BIAS=bias is not None, PLANES=2)
     if config is None:
-        grid = (lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),))
+        grid = (lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]))
         _tuned[grid](*args, **flags, EVEN_K=K % 256 == 0)
     else:
-        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]) * triton.cdiv(N, config.kwargs["BLOCK_N"]),)
+        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]) * triton.cdiv(N, config.kwargs["BLOCK_N"]), splits)
         _w8a8_kernel[grid](*args, **flags, EVEN_K=K % config.kwargs["BLOCK_K"] == 0, **config.kwargs,
                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y

@@ -48,6 +48,22 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_int8_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] per token as two int8 planes (q int8 [2, M, K], scale fp32 [M]) with x ~ scale *
+    (q[0] + q[1] / 254): what w8a16_planes multiplies. One Triton kernel on CUDA; the same
+    arithmetic in torch elsewhere (ties away from zero, in fp32)."""
+    if x.is_cuda:
+        from ...kernels.fused import quant_int8_planes
+
+        return quant_int8_planes(x)
+    scale = x.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    y = x.float() / scale[:, None]
+    q = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127)
+    r = (y - q) * 254.0
+    q2 = torch.trunc(r + torch.where(r >= 0, 0.5, -0.5)).clamp(-127, 127)
+    return torch.stack([q, q2]).to(torch.int8), scale
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q int8 [N, K], scale fp32 [N]) with w ~ q * scale[:, None]; |w - q*s| <= s/2."""
     scale = w.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127.0

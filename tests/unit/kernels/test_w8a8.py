@@ -104,10 +104,11 @@ def test_int8_planes_within_bound(M, K, outlier):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M, N, K, bias", [(17, 37, 304, True), (40, 129, 256, False), (3, 64, 80, True)])
-@pytest.mark.parametrize("cfg", [0, 3, 8])
-def test_w8a16_planes_matches_weight_only_float64(w8a8, dtype, M, N, K, bias, cfg):
-    """Against the float64 product of the unquantized activations and the dequantized weight: fp32
-    outputs within the planes' bound (sum_k |w_nk| * max|x_m| / 64,516 per output), bf16 outputs
+@pytest.mark.parametrize("cfg, split", [(0, 1), (3, 1), (8, 1), (0, 2), (8, 3)])
+def test_w8a16_planes_matches_weight_only_float64(w8a8, dtype, M, N, K, bias, cfg, split):
+    """Against the float64 product of the unquantized activations and the dequantized weight (also
+    with K split over programs): fp32 outputs within the planes' bound (sum_k |w_nk| * max|x_m| /
+    64,516 per output), bf16 outputs
     within one bf16 step of that (Triton's interpreter truncates to bf16 where a GPU rounds)."""
     from fastllm.stages.quantizers.int8 import quantize_int8
 
@@ -116,8 +117,9 @@ def test_w8a16_planes_matches_weight_only_float64(w8a8, dtype, M, N, K, bias, cf
     b = torch.randn(N, dtype=dtype) if bias else None
     w = wq.double() * ws.double()[:, None]
     ref = x.double() @ w.T + (b.double() if bias else 0)
-    out = w8a8.w8a16_planes(x.to(DEV), wq.to(DEV), ws.to(DEV), b.to(DEV) if bias else None,
-                            config=w8a8.CONFIGS[cfg])
+    c = w8a8.CONFIGS[cfg]
+    c = type(c)(dict(c.kwargs, SPLIT_K=split), num_warps=c.num_warps, num_stages=c.num_stages)
+    out = w8a8.w8a16_planes(x.to(DEV), wq.to(DEV), ws.to(DEV), b.to(DEV) if bias else None, config=c)
     assert out.shape == (M, N) and out.dtype == dtype
     bound = x.double().abs().amax(dim=1, keepdim=True) / 64516 * 1.01 * w.abs().sum(dim=1)[None, :]
     rounding = ref.abs() * (2 ** -7 if dtype == torch.bfloat16 else 1e-6)
@@ -162,3 +164,32 @@ def test_int8_linear_takes_planes_in_its_token_range(monkeypatch):
         ref = x.double() @ w.T + lin.bias.double()
         assert ((lin(x).double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
     assert calls == [4, 33, 40]
+
+
+def test_int8_planes_torch_matches_kernel():
+    """int8.quantize_int8_planes' torch arithmetic (CPU) gives the kernel's planes bit for bit."""
+    from fastllm.kernels.fused import quant_int8_planes
+    from fastllm.stages.quantizers.int8 import quantize_int8_planes
+
+    x = _tokens(23, 333, torch.bfloat16, outlier=300.0)
+    q, s = quantize_int8_planes(x)
+    qk, sk = quant_int8_planes(x.to(DEV))
+    assert torch.equal(q, qk.cpu()) and torch.equal(s, sk.cpu())
+
+
+def test_w8a16_planes_split_k_same_bits_and_counters_reset(w8a8):
+    """Split-K summed in the kernel: the same bits on a second call, and every tile's counter back
+    at zero after it (the next product starts from zero)."""
+    from fastllm.kernels import qgemm
+    from fastllm.stages.quantizers.int8 import quantize_int8
+
+    wq, ws = quantize_int8(torch.randn(70, 1000))
+    x = _tokens(20, 1000, torch.float32, outlier=50.0)
+    c = w8a8.CONFIGS[0]
+    c = type(c)(dict(c.kwargs, SPLIT_K=4), num_warps=c.num_warps, num_stages=c.num_stages)
+    args = (x.to(DEV), wq.to(DEV), ws.to(DEV), None)
+    first = w8a8.w8a16_planes(*args, config=c)
+    assert torch.equal(first, w8a8.w8a16_planes(*args, config=c))
+    assert not any(t.any() for t in qgemm._COUNTERS.values())
+    ref = x.double() @ (wq.double() * ws.double()[:, None]).T
+    assert ((first.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 2e-3  # (a lost split: ~50%)
