@@ -139,7 +139,7 @@ if "--skip-e2e" not in sys.argv:
     ORIGINAL = {"norm": LM.RMSNorm.forward, "attn": PagedAttention.forward_rope}
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8,
                 "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST, "CUTLASS_MIN_TOKENS": Q8.CUTLASS_MIN_TOKENS,
-                "PLANES_MAX_TOKENS": Q8.PLANES_MAX_TOKENS}
+                "PLANES_MAX_TOKENS": Q8.PLANES_MAX_TOKENS, "PLANES_MIN_TOKENS": Q8.PLANES_MIN_TOKENS}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -207,6 +207,7 @@ if "--skip-e2e" not in sys.argv:
                 # activations as two int8 planes (fastllm.kernels.w8a8.w8a16_planes); "-noplanes": none
                 Q8.PLANES_MAX_TOKENS = (2047 if "-planes" in q else 0 if "-noplanes" in q
                                         else DEFAULTS["PLANES_MAX_TOKENS"])
+                Q8.PLANES_MIN_TOKENS = 2 if "-planes" in q else DEFAULTS["PLANES_MIN_TOKENS"]
                 # "-swap": the Triton GEMM (2+ tokens) tunes over its SWAP tiles only (the dequantized weight
                 # as wgmma's left operand, from registers; the other tiles pass it through shared memory)
                 # "-tiles14": over the fourteen tiles it had before the twenty-first session's five;

@@ -30,11 +30,12 @@ INT_MM_MIN_TOKENS = 17
 # From this many tokens, weight-only int8 and int4 products on Hopper go to fastllm.kernels.cutlass_gemm
 # (below it, Triton's split-K GEMM was faster on three of an H100's four Llama-3-8B layers)
 CUTLASS_MIN_TOKENS = 128
-# Weight-only products of PLANES_MIN_TOKENS..PLANES_MAX_TOKENS tokens on CUDA (bf16 / fp16) go to
-# fastllm.kernels.w8a8.w8a16_planes: the activations as two int8 planes, the weight straight to the
-# int8 tensor cores (0: off until measured; scripts/quant_gpu.py "-planes" sets 2..2047).
-PLANES_MIN_TOKENS = 2
-PLANES_MAX_TOKENS = 0
+# Weight-only products of PLANES_MIN_TOKENS..PLANES_MAX_TOKENS tokens on CUDA (bf16 / fp16; where
+# the CUTLASS GEMM does not take them) go to fastllm.kernels.w8a8.w8a16_planes: the activations as
+# two int8 planes, the weight straight to the int8 tensor cores. On an H200 (Llama-2-7B layers,
+# scripts/planes_gpu.py, 2026-11-28) the Triton GEMM was faster at 2-16 tokens, this from 32 on.
+PLANES_MIN_TOKENS = 17
+PLANES_MAX_TOKENS = 1023
 
 
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +116,15 @@ class Int8Linear(RowScaledLinear):
                 out = (acc.float() * x_scale * self.scale).to(flat.dtype)
                 if self.bias is not None:
                     out = out + self.bias
+        elif flat.shape[0] >= CUTLASS_MIN_TOKENS and self.bias is None and flat.is_cuda and self._cutlass(flat):
+            from ...kernels.cutlass_gemm import w8a16
+
+            out = w8a16(flat, self.qweight, self.scale)
         elif (PLANES_MIN_TOKENS <= flat.shape[0] <= PLANES_MAX_TOKENS and flat.is_cuda
               and flat.dtype in (torch.bfloat16, torch.float16) and self.qweight.stride(1) == 1):
             from ...kernels.w8a8 import w8a16_planes
 
             out = w8a16_planes(flat, self.qweight, self.scale, self.bias)
-        elif flat.shape[0] >= CUTLASS_MIN_TOKENS and self.bias is None and flat.is_cuda and self._cutlass(flat):
-            from ...kernels.cutlass_gemm import w8a16
-
-            out = w8a16(flat, self.qweight, self.scale)
         elif flat.device.type in self.devices and flat.shape[0] >= self.dense_min_tokens and self._words_aligned():
             from ...kernels import qgemm
 
