@@ -33,9 +33,10 @@ CUTLASS_MIN_TOKENS = 128
 # Weight-only products of PLANES_MIN_TOKENS..PLANES_MAX_TOKENS tokens on CUDA (bf16 / fp16; where
 # the CUTLASS GEMM does not take them) go to fastllm.kernels.w8a8.w8a16_planes: the activations as
 # two int8 planes, the weight straight to the int8 tensor cores. On an H200 (Llama-2-7B layers,
-# scripts/planes_gpu.py, 2026-11-28) the Triton GEMM was faster at 2-16 tokens, this from 32 on.
+# scripts/planes_gpu.py, 2026-11-28) the Triton GEMM was as fast or faster at 2-16 and 1,024 tokens,
+# this faster at 32-256 and even at 512.
 PLANES_MIN_TOKENS = 17
-PLANES_MAX_TOKENS = 1023
+PLANES_MAX_TOKENS = 511
 
 
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
