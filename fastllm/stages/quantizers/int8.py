@@ -10,6 +10,8 @@ The weights take half the bytes of bf16; the activations stay in the model dtype
 - CUDA on Hopper (compute capability 9.0, with nvcc and CUTLASS's headers), 128+ tokens, no bias:
   fastllm.kernels.cutlass_gemm, CUTLASS's mixed-input GEMM (the weight widened in registers,
   wgmma, TMA, warp-specialized), or whichever of the two paths below is faster for the shape;
+- CUDA, 17-511 tokens otherwise (bf16 / fp16): fastllm.kernels.w8a8.w8a16_planes, the activations
+  as two int8 planes per token (about 15 bits), the weight straight to the int8 tensor cores;
 - CUDA, more tokens: fastllm.kernels.qgemm, which dequantizes each weight tile in registers
   before the tensor-core product; from `Int8Linear.dense_min_tokens` (2,048) the weight is
   dequantized in one pass (qgemm.dequantize_rows) and cuBLAS multiplies it;
