@@ -3,9 +3,7 @@ int8 planes) against cuBLAS' bf16, the Triton GEMM (fastllm.kernels.qgemm) and o
 Llama-2-7B layer; eight weight copies rotated so L2 does not hold them, CUDA-graph timed (the
 activations' quantization included); each checked against the float64 weight-only product.
 
---int4: int4 (g128) instead: the Triton GEMM against fastllm.kernels.w4_planes.
-
-Usage: python scripts/planes_gpu.py OUTDIR [--ms=2,8,16,32,64,128,256] [--int4]. Prints a table last, JSON in OUTDIR.
+Usage: python scripts/planes_gpu.py OUTDIR [--ms=2,8,16,32,64,128,256]. Prints a table last, JSON in OUTDIR.
 """
 import json
 import sys
@@ -16,24 +14,20 @@ import torch.nn.functional as F
 from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
 from fastllm.kernels import qgemm as Q
 from fastllm.kernels import w8a8 as W
-from fastllm.kernels.w4_planes import w4a16_planes
-from fastllm.stages.quantizers.int4 import dequantize_int4, quantize_int4
 from fastllm.stages.quantizers.int8 import quantize_int8, quantize_int8_rows
 
 out_dir = script_out_dir(__doc__)
 MS = [int(v) for a in sys.argv if a.startswith("--ms=") for v in a[5:].split(",")] or [2, 8, 16, 32, 64, 128, 256]
 COPIES = 8
-INT4 = "--int4" in sys.argv
 dev = torch.device("cuda")
 rows, lines = [], []
 for name, (N, K) in LLAMA2_7B_LINEARS.items():
     w16 = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5 for _ in range(COPIES)]
-    q8 = [quantize_int4(w, 128) if INT4 else quantize_int8(w) for w in w16]
-    wq = dequantize_int4(*q8[0], K) if INT4 else q8[0][0].double() * q8[0][1].double()[:, None]
+    q8 = [quantize_int8(w) for w in w16]
     for M in MS:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         x[:, 7] *= 50  # an outlier channel, as LLM activations have
-        ref = F.linear(x.double(), wq.double())
+        ref = F.linear(x.double(), q8[0][0].double() * q8[0][1].double()[:, None])
         row = {"layer": name, "N": N, "K": K, "M": M, "us": {}, "err": {}}
 
         def timed(label, fn):
@@ -43,17 +37,13 @@ for name, (N, K) in LLAMA2_7B_LINEARS.items():
             row["us"][label] = graph_time(lambda: fn(*q8[next(it) % COPIES])) * 1e6
 
         it16 = iter(range(10 ** 9))
-        row["err"]["bf16"] = ((F.linear(x, wq.bfloat16()).double() - ref).norm()
+        row["err"]["bf16"] = ((F.linear(x, (q8[0][0] * q8[0][1][:, None]).bfloat16()).double() - ref).norm()
                               / ref.norm()).item()  # cuBLAS on the same dequantized weight
         row["us"]["bf16"] = graph_time(lambda: F.linear(x, w16[next(it16) % COPIES])) * 1e6
-        if INT4:
-            timed("triton4", lambda p, s, z: Q.qgemm_int4(x, p, s, z, 128))
-            timed("planes4", lambda p, s, z: w4a16_planes(x, p, s, z, 128))
-        else:
-            timed("triton", lambda q, s: Q.qgemm_rows(x, q, s))
-            timed("planes", lambda q, s: W.w8a16_planes(x, q, s, None))
-            if M >= 16:
-                timed("w8a8", lambda q, s: W.w8a8_matmul(*quantize_int8_rows(x), q, s, None, x.dtype))
+        timed("triton", lambda q, s: Q.qgemm_rows(x, q, s))
+        timed("planes", lambda q, s: W.w8a16_planes(x, q, s, None))
+        if M >= 16:
+            timed("w8a8", lambda q, s: W.w8a8_matmul(*quantize_int8_rows(x), q, s, None, x.dtype))
         rows.append(row)
         line = f"{name:8s} M={M:4d} " + " ".join(f"{k} {v:6.1f}us ({row['us']['bf16'] / v:.2f}x)"
                                                   for k, v in row["us"].items())

@@ -23,13 +23,6 @@ from ..base import LoadContext
 from . import calibration_ids, capture_inputs, check_skip, is_sparse, linears, norm_fed_linears
 from .int8 import CUTLASS_MIN_TOKENS
 
-# Products of PLANES_MIN_TOKENS..PLANES_MAX_TOKENS tokens on CUDA (bf16 / fp16; where the CUTLASS GEMM
-# does not take them) go to fastllm.kernels.w4_planes: the weight's nibbles unpacked to int8 and the
-# activations in two int8 planes, on the int8 tensor cores (0: off until it is timed against the
-# Triton GEMM; scripts/quant_gpu.py "-planes" sets 17..511, as int8 uses).
-PLANES_MIN_TOKENS = 17
-PLANES_MAX_TOKENS = 0
-
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -155,11 +148,6 @@ class Int4Linear(nn.Module):
             from ...kernels.cutlass_gemm import w4a16
 
             out = w4a16(flat, self.packed, self.scales, self.zeros, self.group_size, self._cutlass_operands)
-        elif (PLANES_MIN_TOKENS <= flat.shape[0] <= PLANES_MAX_TOKENS and flat.is_cuda
-              and flat.dtype in (torch.bfloat16, torch.float16)):
-            from ...kernels.w4_planes import w4a16_planes
-
-            out = w4a16_planes(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias)
         elif fused and flat.shape[0] >= self.dense_min_tokens:
             from ...kernels import qgemm
 
