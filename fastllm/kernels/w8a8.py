@@ -50,7 +50,8 @@ def _prune(configs, named_args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _max_split(m_bucket: int, N: int, K: int, max_tokens: int) -> int:
-    """The largest split-K among the two-plane tiles the autotuner may pick (the workspace's slices)."""
+    """The largest split-K among the two-plane tiles the autotuner may pick (the workspace's slices);
+    cached (max_tokens: qgemm.SPLIT_K_MAX_TOKENS, which _split_k reads, part of the key)."""
     return max(c.kwargs["SPLIT_K"] for c in _prune(CONFIGS, dict(M_BUCKET=m_bucket, N=N, K=K), PLANES=2))
 
 
