@@ -16,9 +16,7 @@ def _transform_and_save(args: argparse.Namespace, command: str) -> int:
 
     from . import registry
     from .config import EngineConfig
-    from .engine import DTYPES, Engine, _cache_dir, default_dtype
-    from .stages.base import LoadContext
-    from .stages.loaders.auto import choose_loader
+    from .core.context import load_context, load_model
     from .stages.quantizers.saved import save_quantized
 
     from .cli import _options
@@ -34,13 +32,8 @@ def _transform_and_save(args: argparse.Namespace, command: str) -> int:
     pruner = dict(config.pruner.options)
     if config.pruner.name == "2:4":  # saved dense with its zeros; loading with pruner 2:4 makes it sparse again
         pruner["storage"] = "masked"
-    device = Engine._resolve_device(config.device)
-    ctx = LoadContext(device, DTYPES.get(config.dtype) or default_dtype(device), config.allow_pickle,
-                      _cache_dir(config), config.progress, config.tokenizer)
-    loader = choose_loader(config.model) if config.loader.name == "auto" else config.loader.name
-    model_arg = config.model.removeprefix("dummy:") if config.model else None
-    loaded = registry.create("loader", loader, config.loader.options).load(model_arg, ctx)
-    ctx.text_tokenizer = loaded.tokenizer
+    ctx = load_context(config)
+    loaded = load_model(config, ctx)
     model = registry.create("pruner", config.pruner.name, pruner).apply(loaded.model, ctx)
     model = registry.create("quantizer", config.quantizer.name, config.quantizer.options).apply(model, ctx)
     extra = {"pruner": {"name": config.pruner.name, **pruner}} if config.pruner.name != "none" else {}

@@ -5,15 +5,12 @@ tokenize in their own thread, hand requests over, and receive deltas through a s
 """
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import queue
 import threading
 import time
 import weakref
-from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -21,6 +18,7 @@ from pydantic import ValidationError
 from . import registry
 from .config import EngineConfig
 from .core import cpu
+from .core.context import load_context, load_model
 from .core.cuda_graphs import DecodeGraphs
 from .core.cuda_linear import use_gemv
 from .core.inputs import InputProcessor
@@ -28,40 +26,17 @@ from .core.model_runner import ModelRunner
 from .core.inflight import InFlight
 from .core.request import PENDING, Request, Status
 from .core.sampler import Sampler
-from .errors import ConfigError, EngineClosedError, EngineStepError, InvalidRequestError, describe_validation_error
-from .outputs import RequestOutput, StreamChunk
-from .sampling import SamplingParams
+from .engine_api import RequestAPI
+from .errors import ConfigError, EngineClosedError, EngineStepError, describe_validation_error
+from .outputs import StreamChunk
 from .stages.base import KVSpec, LoadContext
-from .stages.loaders.auto import choose_loader
 
-Prompt = str | dict
 log = logging.getLogger("fastllm")
 # Decode steps of up to this many sequences replay CUDA graphs (fastllm.core.cuda_graphs.ladder);
 # larger ones run eagerly. At 512, a 1,000-request throughput run's decode steps (~1,000
 # sequences) ran eagerly; capturing up to 1,024 took int8's W8A8 mode from 15,400-17,200 to
 # 21,400 output tok/s on an H100, and bf16 from 16,400 to 16,900 (docs/quantization-log.md).
 MAX_GRAPH_BATCH = 1024
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _cache_dir(config: EngineConfig) -> Path:
-    from .stages.loaders.gguf import default_cache_dir
-
-    return Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), where it halves the bytes
-    each decode step reads; fp32 on other CPUs, where bf16 would be emulated."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
-
-
 def _engine_thread(ref: "weakref.ref[Engine]", cv: threading.Condition) -> None:
     """The engine thread. It holds the engine only while there is work, so an engine dropped
     without close() is garbage-collected, and its memory freed, once idle."""
@@ -89,7 +64,7 @@ def _release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class Engine:
+class Engine(RequestAPI):
     """`Engine()` runs the embedded default model; `Engine("path", quantizer="int8", ...)` or
     `Engine(config=EngineConfig(...))` any other. Use it as a context manager, or call close()."""
 
@@ -102,9 +77,8 @@ class Engine:
             except ValidationError as e:
                 raise ConfigError(f"invalid engine options: {describe_validation_error(e)}") from e
         self.config = config
-        self.device = self._resolve_device(config.device)
-        self.dtype = DTYPES.get(config.dtype) or default_dtype(self.device)
-        ctx = LoadContext(self.device, self.dtype, config.allow_pickle, _cache_dir(config), config.progress, config.tokenizer)
+        ctx = load_context(config)
+        self.device, self.dtype = ctx.device, ctx.dtype
         self._build(config, ctx)
         self._requests: dict[str, Request] = {}  # engine thread only
         self._inbox: list[Request] = []
@@ -118,23 +92,9 @@ class Engine:
         weakref.finalize(self, _release_device_memory, self.device).atexit = False
 
     # ---- construction -------------------------------------------------------------------
-    @staticmethod
-    def _resolve_device(name: str) -> torch.device:
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use device='cpu'")
-        return dev
-
     def _build(self, config: EngineConfig, ctx: LoadContext) -> None:
-        loader = config.loader.name
-        if loader == "auto":
-            loader = choose_loader(config.model)
-        model_arg = config.model.removeprefix("dummy:") if config.model else None
-        loaded = registry.create("loader", loader, config.loader.options).load(model_arg, ctx)
+        loaded = load_model(config, ctx)
         model = loaded.model
-        ctx.text_tokenizer = loaded.tokenizer
         for stage in ("pruner", "quantizer", "parallelizer"):
             spec = getattr(config, stage)
             model = registry.create(stage, spec.name, spec.options).apply(model, ctx)
@@ -307,133 +267,6 @@ class Engine:
         if self._closed:
             raise EngineClosedError("the engine is closed; build a new Engine")
         return self.inputs.request(prompt, params, sink, add_special_tokens)
-
-    # ---- public API ---------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | dict | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Generate for each prompt (a str, or {'prompt_token_ids': [...]}); order is kept."""
-        return self._generate(prompts, params, add_special_tokens=True)
-
-    def _generate(self, prompts, params, add_special_tokens: bool) -> list[RequestOutput]:
-        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        done: queue.Queue = queue.Queue()
-        reqs = []
-        for i, (p, sp) in enumerate(zip(prompts, plist)):
-            try:
-                reqs.append(self._make_request(p, sp, done.put, add_special_tokens))
-            except InvalidRequestError as e:
-                raise type(e)(f"prompt {i}: {e}") from e
-            reqs[-1].stream = False  # only the final chunk matters here
-        for r in reqs:
-            self._submit(r)
-        errors, pending = [], len(reqs)
-        while pending:
-            item = done.get()
-            if isinstance(item, BaseException):
-                errors.append(item)
-                pending -= 1
-            elif item.finish_reason is not None:
-                pending -= 1
-        if errors:
-            raise errors[0]
-        return [r.to_output() for r in reqs]
-
-    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> Iterator[StreamChunk]:
-        """Yield deltas as they are generated; the last chunk has finish_reason set.
-        Closing the iterator early aborts the request."""
-        return self._stream(prompt, params, True)
-
-    def stream_chat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> Iterator[StreamChunk]:
-        """`stream` of the reply to a conversation (the model's chat template)."""
-        return self._stream(self.render_chat(messages), params, False)
-
-    def _stream(self, prompt, params, special: bool) -> Iterator[StreamChunk]:
-        q: queue.Queue = queue.Queue()
-        req = self._make_request(prompt, params, q.put, special)
-        self._submit(req)
-        finished = False
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(req.id)
-
-    def _async_request(self, prompt, params, special: bool) -> tuple[Request, asyncio.Queue]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def sink(item) -> None:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the caller's loop is gone: nobody is listening
-                pass
-
-        return self._make_request(prompt, params, sink, special), q
-
-    async def _drain(self, req: Request, q: asyncio.Queue) -> AsyncIterator[StreamChunk]:
-        self._submit(req)
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # cancelled or closed early: free the request at once
-                self.abort(req.id)
-
-    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> AsyncIterator[StreamChunk]:
-        """Async `stream`; safe inside a running event loop. Cancelling it frees the request."""
-        req, q = self._async_request(prompt, params, True)
-        async for chunk in self._drain(req, q):
-            yield chunk
-
-    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> RequestOutput:
-        """Async generate of one prompt; cancelling the task aborts the request."""
-        req, q = self._async_request(prompt, params, True)
-        async for _ in self._drain(req, q):
-            pass
-        return req.to_output()
-
-    async def astream_chat(self, messages: list[dict], params: SamplingParams | dict | None = None
-                           ) -> AsyncIterator[StreamChunk]:
-        """Async `stream_chat`."""
-        req, q = self._async_request(self.render_chat(messages), params, False)
-        async for chunk in self._drain(req, q):
-            yield chunk
-
-    async def achat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> RequestOutput:
-        """Async `chat`."""
-        req, q = self._async_request(self.render_chat(messages), params, False)
-        async for _ in self._drain(req, q):
-            pass
-        return req.to_output()
-
-    def render_chat(self, messages: list[dict]) -> str:
-        """The prompt text the model's chat template makes of `messages`."""
-        return self.inputs.render_chat(messages)
-
-    def chat(self, messages: list[dict], params: SamplingParams | dict | None = None) -> RequestOutput:
-        """Reply to a conversation, rendered with the model's chat template."""
-        return self._generate([self.render_chat(messages)], params, add_special_tokens=False)[0]
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, V] (fp32) at every position of one token sequence, for evaluation."""
