@@ -122,32 +122,6 @@ def quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@triton.jit
-def _quant_int8_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, N, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 127.0
-    y = x / scale
-    q = tl.clamp(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0, 127.0)  # round half away from zero, then truncate
-    tl.store(q_ptr + row.to(tl.int64) * stride_q + cols, q.to(tl.int8), mask=mask)
-    tl.store(s_ptr + row, scale)
-
-
-def quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-row (per-token) symmetric int8 quantization of x [M, K] in one pass: (q int8
-    [M, K], scale fp32 [M, 1]) with x ~ q * scale and max |q| = 127 in every nonzero row. Ties
-    round away from zero (torch.round rounds them to even)."""
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(K)
-    _quant_int8_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(0), K, BLOCK=block,
-                                  num_warps=max(1, min(16, block // 512)))
-    return q, scale
-
-
 # quant_int8_planes: the second plane holds the first's rounding residual (within +-1/2) in steps of
 # 1/RESIDUAL_STEPS, so it spans [-127, 127]
 RESIDUAL_STEPS = 254.0
@@ -155,30 +129,45 @@ _STEPS = tl.constexpr(RESIDUAL_STEPS)
 
 
 @triton.jit
-def _quant_int8_planes_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, stride_p, N, BLOCK: tl.constexpr):
+def _quant_int8_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, stride_p, N, BLOCK: tl.constexpr,
+                            PLANES: tl.constexpr = 1):
+    # PLANES = 2: the rounding residual too, in 1/RESIDUAL_STEPS, stride_p bytes on (quant_int8_planes)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 127.0
     y = x / scale
-    q = tl.clamp(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0, 127.0).to(tl.int8).to(tl.float32)
-    r = (y - q) * _STEPS
-    q2 = tl.clamp(tl.where(r >= 0, r + 0.5, r - 0.5), -127.0, 127.0)
+    q = tl.clamp(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0, 127.0)  # round half away from zero, then truncate
     out = q_ptr + row.to(tl.int64) * stride_q + cols
     tl.store(out, q.to(tl.int8), mask=mask)
-    tl.store(out + stride_p, q2.to(tl.int8), mask=mask)
+    if PLANES == 2:
+        r = (y - q.to(tl.int8).to(tl.float32)) * _STEPS
+        q2 = tl.clamp(tl.where(r >= 0, r + 0.5, r - 0.5), -127.0, 127.0)
+        tl.store(out + stride_p, q2.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
+
+
+def _quant_int8(x: torch.Tensor, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    q = torch.empty(planes, M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _quant_int8_rows_kernel[(M,)](x, q, scale, x.stride(0), q.stride(1), q.stride(0), K, BLOCK=block, PLANES=planes,
+                                  num_warps=max(1, min(16, block // 512)))
+    return q, scale
+
+
+def quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) symmetric int8 quantization of x [M, K] in one pass: (q int8
+    [M, K], scale fp32 [M, 1]) with x ~ q * scale and max |q| = 127 in every nonzero row. Ties
+    round away from zero (torch.round rounds them to even)."""
+    q, scale = _quant_int8(x, 1)
+    return q[0], scale[:, None]
 
 
 def quant_int8_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x [M, K] as two int8 planes with one fp32 scale: (q int8 [2, M, K], scale fp32
     [M]) with x ~ scale * (q[0] + q[1] / RESIDUAL_STEPS). q[0] is quant_int8_rows' q; q[1] is its
     residual, rounded, so |x - that| <= scale / 508 = max|x| / 64,516."""
-    M, K = x.shape
-    q = torch.empty(2, M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(K)
-    _quant_int8_planes_kernel[(M,)](x, q, scale, x.stride(0), q.stride(1), q.stride(0), K, BLOCK=block,
-                                    num_warps=max(1, min(16, block // 512)))
-    return q, scale
+    return _quant_int8(x, 2)
