@@ -13,7 +13,7 @@ GEMVs' row kernels, not the word kernels; int4-silu: SiLU-and-mul taken into int
 int8-px / fp8-px: the word GEMVs requesting their inputs a tile ahead, without TMA; -notma: the GEMVs'
 register-prefetch word kernels, not the TMA ones; -tma: the TMA ones for int8 / fp8 too; -pin: the
 int4 TMA GEMVs in the best dp4a configurations of --pin-int4=SWEEP_TMA_JSON (of the layers
---pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -swap: the Triton GEMM (2+ tokens) tuned over its SWAP tiles only; -tiles14: over its first fourteen tiles; -wide: over its tiles and WIDE_TILES; -planes / -noplanes: weight-only int8 products of 2-2,047 tokens on the int8 tensor cores with the activations in two int8 planes (int8.PLANES_MAX_TOKENS), or none; -cutlassN (N in 2, 8, 16, 32, 64, 128): weight-only int8 / int4 products of N or more tokens to the CUTLASS GEMM's timed pick (int8.CUTLASS_MIN_TOKENS); -nodp4a: the int4 TMA GEMVs in
+--pin-shapes=o,down names, where given); -nopin: the int4 TMA GEMVs autotuned, none pinned; -swap: the Triton GEMM (2+ tokens) tuned over its SWAP tiles only; -tiles14: over its first fourteen tiles; -wide: over its tiles and WIDE_TILES; -nomma: int4 products of 2+ tokens not through fastllm.kernels.cuda_w4 (mma.sync); -planes / -noplanes: weight-only int8 products of 2-2,047 tokens on the int8 tensor cores with the activations in two int8 planes (int8.PLANES_MAX_TOKENS), or none; -cutlassN (N in 2, 8, 16, 32, 64, 128): weight-only int8 / int4 products of N or more tokens to the CUTLASS GEMM's timed pick (int8.CUTLASS_MIN_TOKENS); -nodp4a: the int4 TMA GEMVs in
 float arithmetic, not dp4a; -norm: each RMSNorm taken into the GEMV after it; -nohead: the TMA GEMVs'
 weight loads after their PDL wait, not before; -head2: their whole pipeline prologue before it; -ahead2:
 the int8 / fp8 word GEMVs holding two weight tiles ahead, not one; -noattn: RoPE and the KV store
@@ -139,7 +139,8 @@ if "--skip-e2e" not in sys.argv:
     ORIGINAL = {"norm": LM.RMSNorm.forward, "attn": PagedAttention.forward_rope}
     DEFAULTS = {"TMA": (GV.TMA, GV4.TMA), "DP4A": GV4.DP4A, "CUDA_NORM": GV.CUDA_NORM, "CUDA_FP8": GV.CUDA_FP8,
                 "TRIGGER_FIRST": LAUNCH.TRIGGER_FIRST, "CUTLASS_MIN_TOKENS": Q8.CUTLASS_MIN_TOKENS,
-                "PLANES_MAX_TOKENS": Q8.PLANES_MAX_TOKENS, "PLANES_MIN_TOKENS": Q8.PLANES_MIN_TOKENS}
+                "PLANES_MAX_TOKENS": Q8.PLANES_MAX_TOKENS, "PLANES_MIN_TOKENS": Q8.PLANES_MIN_TOKENS,
+                "MMA4": Int4Linear.mma_max_tokens}
     # "-pin" rows: the int4 TMA GEMV takes the best dp4a configurations of a scripts/sweep_tma.py JSON (--pin-int4=PATH)
     PIN4 = dict(GV4.PINNED_TMA)
     # --pin-shapes=o,down: only those layers take the sweep's best
@@ -208,6 +209,8 @@ if "--skip-e2e" not in sys.argv:
                 Q8.PLANES_MAX_TOKENS = (2047 if "-planes" in q else 0 if "-noplanes" in q
                                         else DEFAULTS["PLANES_MAX_TOKENS"])
                 Q8.PLANES_MIN_TOKENS = 2 if "-planes" in q else DEFAULTS["PLANES_MIN_TOKENS"]
+                # "-nomma": int4 products of 2+ tokens not through fastllm.kernels.cuda_w4 (mma.sync)
+                Int4Linear.mma_max_tokens = 0 if "-nomma" in q else DEFAULTS["MMA4"]
                 # "-swap": the Triton GEMM (2+ tokens) tunes over its SWAP tiles only (the dequantized weight
                 # as wgmma's left operand, from registers; the other tiles pass it through shared memory)
                 # "-tiles14": over the fourteen tiles it had before the twenty-first session's five;
@@ -231,7 +234,7 @@ if "--skip-e2e" not in sys.argv:
                 suffixes = ("+head", "-rows", "-silu", "-px", "-notma", "-tma", "-pin", "-nodp4a", "-norm", "-nohead",
                             "-head2", "-ahead2", "-noattn", "-upsplits", "-splits16", "-splits8", "-splits4", "-nocuda", "-cta8", "-cuda", "-cudanorm", "-nocudanorm", "-cuda8", "-nocuda8", "-noglu",
                             "-xnorm", "-xattn", "-waitfirst",
-                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin", "-swap", "-tiles14", "-wide", "-planes", "-noplanes",
+                            *(f"-persist{n}" for n in range(1, 9)), "-minb2", "-minb3", "-nopin", "-swap", "-tiles14", "-wide", "-planes", "-noplanes", "-nomma",
                             *(f"-cutlass{n}" for n in (2, 8, 16, 32, 64, 128)))
                 name = q
                 while name.endswith(suffixes):

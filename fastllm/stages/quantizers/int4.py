@@ -108,6 +108,9 @@ class Int4Linear(nn.Module):
     # that ran at 0.39-0.49x bf16's speed at 256 tokens, 0.66-0.71x at 1,024 and 0.90-0.94x at
     # 4,096, against qgemm_int4's 0.33-0.44x (docs/quantization.md). A transient [N, K] buffer per call.
     dense_min_tokens = 256
+    # Up to this many tokens (and from 2), groups of 128 and bf16 inputs go through
+    # fastllm.kernels.cuda_w4 (mma.sync, each group's sum scaled once) where it builds.
+    mma_max_tokens = 128
 
     def _cutlass(self, flat: torch.Tensor) -> bool:
         """Whether fastllm.kernels.cutlass_gemm takes this product (built on first use); its group
@@ -120,6 +123,11 @@ class Int4Linear(nn.Module):
         if ops is None or ops[0].device != flat.device:
             self._cutlass_operands = C.int4_operands(self.scales, self.zeros)
         return True
+
+    def _mma(self, flat: torch.Tensor) -> bool:
+        from ...kernels import cuda_w4
+
+        return cuda_w4.fits(flat, self.packed, self.scales_zeros, self.group_size) and cuda_w4.available(flat)
 
     def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """torch's CPU int4 layout, made on first use: (weight, scales_and_zeros [Kp/G, N, 2] bf16);
@@ -144,6 +152,10 @@ class Int4Linear(nn.Module):
 
             out = gemv_int4(flat, self.packed, self.scales, self.zeros, self.group_size, self.bias,
                             pairs=self.scales_zeros)
+        elif fused and 2 <= flat.shape[0] <= self.mma_max_tokens and flat.is_cuda and self._mma(flat):
+            from ...kernels.cuda_w4 import w4_mma
+
+            out = w4_mma(flat, self.packed, self.scales_zeros, self.group_size, self.bias)
         elif fused and flat.shape[0] >= CUTLASS_MIN_TOKENS and self.bias is None and flat.is_cuda and self._cutlass(flat):
             from ...kernels.cutlass_gemm import w4a16
 
