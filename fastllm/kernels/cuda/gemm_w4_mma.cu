@@ -3,23 +3,22 @@
 // its (scale, zero) pairs [N, ng2, 2]); x, y bf16. Tensor cores through mma.sync m16n8k16, the weight
 // as the A operand straight from global memory into registers, x through shared memory.
 //
-// Why not dequantize into bf16 weights first (the Triton GEMM): at 64 tokens that conversion, not the
-// bytes, sets the time. Here each nibble costs about one instruction:
+// The Triton GEMM dequantizes each weight through fp32 (unpack, convert, subtract, multiply, convert:
+// about seven instructions a weight, and at 64 tokens that work, not the bytes, sets its time).
+// Here a pair of weights costs one lop3 and two bf16x2 fmas:
 // - No unpacking into k order. A lane loads 16 bytes of a row (32 consecutive k) in one load, and the
-//   order in which the k's meet the tensor core is chosen to suit those registers: the mma's logical
-//   k pairs are (k, k + 4) of each 8-k word, taken by one lop3 each (nibbles 0 and 4 of a word at
-//   bits 0 and 16). x is staged into shared memory in that same order, so the sum is the same.
-// - Each nibble becomes bf16 through its bits: 0x4300 | q is 128 + q exactly, and adding
-//   -(128 + zero) (one bf16x2 fma for two values) gives q - zero, a whole number within +-15,
-//   exact in bf16. The mma sums (q - zero) * x over the group in fp32; the group's scale multiplies
-//   that sum once (per group, not per weight). So the product is sum_g scale_g * sum_k (q - zero) x_k,
-//   with no bf16 rounding of the dequantized weight at all.
+//   order in which the k's meet the tensor core is chosen to suit those registers: the mma's k pairs
+//   are (k, k + 4) of each 8-k word, taken by one lop3 (nibbles s and s + 4 of a word sit at bits 4 s
+//   and 4 s + 16). x is reordered alike as it leaves shared memory (two byte_perms per mma), so the
+//   sum is the same.
+// - Each nibble becomes bf16 through its bits: 0x4300 | q is 128 + q exactly; adding -(128 + zero)
+//   gives q - zero exactly (a whole number within +-15), and one fma by the bf16 scale rounds it once,
+//   as CUTLASS's int4 GEMM (bf16 scale) forms it.
 //
 // Layout: a warp owns 16 weight rows (lane / 4 and lane / 4 + 8) and all of the CTA's tokens (NT tiles
-// of 8); lane % 4 (c) owns bytes [16 c, 16 c + 16) of each row's 64-byte group. x's group of 128 k
-// per token sits in shared memory as 32 units of four bf16: 8-k block b = 4 c + i holds
-// (e0, e4, e1, e5 | e2, e6, e3, e7), and unit u is stored at u ^ (token & 3) ^ (4 * (u >> 4)) so the
-// 8-byte loads of a half-warp (tokens r, blocks c) fall in 16 different bank pairs.
+// of 8); lane % 4 (c) owns bytes [16 c, 16 c + 16) of each row's 64-byte group, loaded straight into
+// registers two groups ahead. x reaches shared memory by cp.async, STAGES groups in flight, each
+// token's group as 16 blocks of 8 k (swizzled: block_at).
 //
 // Split-K: grid z splits K's groups; each CTA writes its fp32 partial sums to its slice of a
 // workspace and counts itself in on its tile's counter; the last to arrive adds the slices in split
@@ -31,10 +30,8 @@
 
 namespace {
 
-constexpr int WARPS = 8;          // 128 weight rows per CTA
-constexpr int ROWS = 16 * WARPS;
-constexpr int G = 128;            // k per group (the only group size this kernel takes)
-constexpr int UNITS = G / 4;      // 8-byte units of x per token and group
+constexpr int G = 128;       // k per group (the only group size this kernel takes)
+constexpr int STAGES = 4;    // x's groups in flight through cp.async
 
 __device__ __forceinline__ uint4 load_weights(const uint8_t *p) {  // streamed once: not kept in L1
     uint4 v;
@@ -43,16 +40,18 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t *p) {  // streamed o
     return v;
 }
 
-__device__ __forceinline__ uint32_t nibbles(uint32_t w, int s) {  // bf16x2 (128 + n_s, 128 + n_{s+4})
+__device__ __forceinline__ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {  // (sm_80's bf16x2 arithmetic)
     uint32_t out;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(w >> (4 * s)), "r"(0x000f000fu), "r"(0x43004300u));
-    return out;  // (a & b) | c
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(a), "r"(b), "r"(c));
+    return out;
 }
 
-__device__ __forceinline__ uint32_t add_bf16x2(uint32_t a, uint32_t b) {  // a * 1 + b (sm_80's form of add)
-    uint32_t out;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(a), "r"(0x3f803f80u), "r"(b));
-    return out;
+// The weights (q - zero) * scale of nibbles s and s + 4 of word w, as bf16x2: 0x4300 | q is 128 + q;
+// adding -(128 + zero) is exact (a whole number within +-15), then one rounding by the bf16 scale.
+__device__ __forceinline__ uint32_t dequant(uint32_t w, int s, uint32_t neg_zero, uint32_t scale) {
+    uint32_t q;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(q) : "r"(w >> (4 * s)), "r"(0x000f000fu), "r"(0x43004300u));
+    return fma_bf16x2(fma_bf16x2(q, 0x3f803f80u, neg_zero), scale, 0x80008000u);
 }
 
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
@@ -63,7 +62,14 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ int unit_at(int token, int u) { return token * UNITS + (u ^ (token & 3) ^ ((u >> 4) << 2)); }
+__device__ __forceinline__ uint32_t pack_bf16(float v) {
+    const __nv_bfloat162 h = __float2bfloat162_rn(v);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+// x's 16-byte block b (8 k) of a token row: stored at b ^ (b >> 3) ^ 2 (row & 1), so the 16-byte loads
+// of each quarter-warp (rows r, r + 1; blocks 4 c + i) fall in eight different bank quads.
+__device__ __forceinline__ int block_at(int row, int b) { return row * (G / 8) + (b ^ (b >> 3) ^ ((row & 1) << 1)); }
 
 struct Args {
     const uint8_t *packed;  // [N, Kp / 2]
@@ -75,67 +81,54 @@ struct Args {
     int M, N, K, Kp, ng2, ldx, ldy, groups_per_split;
 };
 
-// Stage x's group `grp` for tokens t0 .. t0 + 8 NT into shared memory, in the order described above
-// (zeros past M and past K; K is a multiple of 8).
-template <int NT>
-__device__ __forceinline__ void load_x(const Args &a, int t0, int grp, uint4 (&xr)[(NT * 16 + WARPS * 32 - 1) / (WARPS * 32)]) {
+// Request x's group `grp` of tokens t0 .. t0 + 8 NT into buf (zeros past M and past K; K % 8 == 0).
+template <int NT, int WARPS>
+__device__ __forceinline__ void request_x(const Args &a, uint4 *buf, int t0, int grp) {
 #pragma unroll
-    for (int i = 0; i < (NT * 16 + WARPS * 32 - 1) / (WARPS * 32); ++i) {
-        const int idx = threadIdx.x + i * WARPS * 32, t = idx >> 4, k = grp * G + (idx & 15) * 8;
-        xr[i] = make_uint4(0, 0, 0, 0);
-        if (idx < NT * 128 && t0 + t < a.M && k < a.K)
-            xr[i] = *reinterpret_cast<const uint4 *>(a.x + (size_t)(t0 + t) * a.ldx + k);
-    }
-}
-
-template <int NT>
-__device__ __forceinline__ void store_x(uint2 *sx, const uint4 (&xr)[(NT * 16 + WARPS * 32 - 1) / (WARPS * 32)]) {
-#pragma unroll
-    for (int i = 0; i < (NT * 16 + WARPS * 32 - 1) / (WARPS * 32); ++i) {
-        const int idx = threadIdx.x + i * WARPS * 32, t = idx >> 4, b = idx & 15;
+    for (int i = 0; i < (NT * 128 + WARPS * 32 - 1) / (WARPS * 32); ++i) {
+        const int idx = threadIdx.x + i * WARPS * 32, t = idx >> 4, b = idx & 15, k = grp * G + b * 8;
         if (idx < NT * 128) {
-            const uint4 v = xr[i];  // (e0 e1) (e2 e3) (e4 e5) (e6 e7)
-            sx[unit_at(t, 2 * b)] = make_uint2(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632));
-            sx[unit_at(t, 2 * b + 1)] = make_uint2(__byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+            const bool ok = t0 + t < a.M && k < a.K;
+            const __nv_bfloat16 *src = ok ? a.x + (size_t)(t0 + t) * a.ldx + k : a.x;
+            const uint32_t dst = (uint32_t)__cvta_generic_to_shared(buf + block_at(t, b));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
         }
     }
 }
 
-template <int NT>
-__global__ void __launch_bounds__(WARPS * 32) w4_mma_kernel(const Args a) {
-    __shared__ uint2 sx[2][NT * 8 * UNITS];
+template <int NT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 256 / (WARPS * 32) * 2) w4_mma_kernel(const Args a) {
+    extern __shared__ uint4 sx[];  // [STAGES][NT * 8 tokens][16 blocks]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, c = lane & 3;
     const int t0 = blockIdx.y * NT * 8;
-    const int row0 = blockIdx.x * ROWS + warp * 16;
+    const int row0 = blockIdx.x * WARPS * 16 + warp * 16;
     const int rowa = min(row0 + r, a.N - 1), rowb = min(row0 + r + 8, a.N - 1);  // (clamped: stores are masked)
-    const int ngroups = a.Kp / G;
-    const int g_first = blockIdx.z * a.groups_per_split, g_last = min(g_first + a.groups_per_split, ngroups);
-
+    const int g_first = blockIdx.z * a.groups_per_split, g_last = min(g_first + a.groups_per_split, a.Kp / G);
     const uint8_t *wa = a.packed + (size_t)rowa * (a.Kp / 2) + 16 * c, *wb = a.packed + (size_t)rowb * (a.Kp / 2) + 16 * c;
     const float2 *pa = a.pairs + (size_t)rowa * a.ng2, *pb = a.pairs + (size_t)rowb * a.ng2;
+    constexpr int BUF = NT * 8 * (G / 8);
 
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (g_first + s < g_last) request_x<NT, WARPS>(a, sx + s * BUF, t0, g_first + s);
+        asm volatile("cp.async.commit_group;");
+    }
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-
-    // two groups of weights ahead in registers; x one group ahead
-    uint4 qa0, qb0, qa1, qb1;
-    float2 sa0, sb0, sa1, sb1;
-    if (g_first < g_last) {
-        qa0 = load_weights(wa + g_first * (G / 2)), qb0 = load_weights(wb + g_first * (G / 2));
-        sa0 = pa[g_first], sb0 = pb[g_first];
-    }
+    uint4 qa0 = load_weights(wa + g_first * (G / 2)), qb0 = load_weights(wb + g_first * (G / 2)), qa1, qb1;
+    float2 sa0 = pa[g_first], sb0 = pb[g_first], sa1, sb1;
     if (g_first + 1 < g_last) {
         qa1 = load_weights(wa + (g_first + 1) * (G / 2)), qb1 = load_weights(wb + (g_first + 1) * (G / 2));
         sa1 = pa[g_first + 1], sb1 = pb[g_first + 1];
     }
-    uint4 xr[(NT * 16 + WARPS * 32 - 1) / (WARPS * 32)];
-    load_x<NT>(a, t0, g_first, xr);
 
     for (int g = g_first; g < g_last; ++g) {
-        uint2 *buf = sx[(g - g_first) & 1];
-        store_x<NT>(buf, xr);
-        if (g + 1 < g_last) load_x<NT>(a, t0, g + 1, xr);
+        const int j = g - g_first;
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+        __syncthreads();  // group g's x in place for all; the buffer read in the last step free
+        if (g + STAGES - 1 < g_last) request_x<NT, WARPS>(a, sx + (j + STAGES - 1) % STAGES * BUF, t0, g + STAGES - 1);
+        asm volatile("cp.async.commit_group;");
         const uint4 qa = qa0, qb = qb0;
         const float2 sa = sa0, sb = sb0;
         qa0 = qa1, qb0 = qb1, sa0 = sa1, sb0 = sb1;
@@ -143,35 +136,28 @@ __global__ void __launch_bounds__(WARPS * 32) w4_mma_kernel(const Args a) {
             qa1 = load_weights(wa + (g + 2) * (G / 2)), qb1 = load_weights(wb + (g + 2) * (G / 2));
             sa1 = pa[g + 2], sb1 = pb[g + 2];
         }
-        __syncthreads();
-
-        const __nv_bfloat162 za2 = __float2bfloat162_rn(-128.f - sa.y), zb2 = __float2bfloat162_rn(-128.f - sb.y);
-        const uint32_t za = *reinterpret_cast<const uint32_t *>(&za2), zb = *reinterpret_cast<const uint32_t *>(&zb2);
-        float part[NT][4];
-#pragma unroll
-        for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+        const uint4 *buf = sx + j % STAGES * BUF;
+        const uint32_t za = pack_bf16(-128.f - sa.y), zb = pack_bf16(-128.f - sb.y);
+        const uint32_t ska = pack_bf16(sa.x), skb = pack_bf16(sb.x);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const uint32_t wra = i == 0 ? qa.x : i == 1 ? qa.y : i == 2 ? qa.z : qa.w;
             const uint32_t wrb = i == 0 ? qb.x : i == 1 ? qb.y : i == 2 ? qb.z : qb.w;
+            uint32_t A[2][4];  // step 2 i + h: nibble pairs 2 h (k 2c, 2c + 1 of the mma) and 2 h + 1 (2c + 8, 2c + 9)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // step 2 i + h: nibble pairs 2 h (slot 0) and 2 h + 1 (slot 1)
-                const uint32_t a0 = add_bf16x2(nibbles(wra, 2 * h), za), a1 = add_bf16x2(nibbles(wrb, 2 * h), zb);
-                const uint32_t a2 = add_bf16x2(nibbles(wra, 2 * h + 1), za), a3 = add_bf16x2(nibbles(wrb, 2 * h + 1), zb);
-                const int u = 8 * c + 2 * i + h;
+            for (int h = 0; h < 2; ++h) {
+                A[h][0] = dequant(wra, 2 * h, za, ska), A[h][1] = dequant(wrb, 2 * h, zb, skb);
+                A[h][2] = dequant(wra, 2 * h + 1, za, ska), A[h][3] = dequant(wrb, 2 * h + 1, zb, skb);
+            }
 #pragma unroll
-                for (int n = 0; n < NT; ++n) {
-                    const uint2 b = buf[unit_at(n * 8 + r, u)];
-                    mma(part[n], a0, a1, a2, a3, b.x, b.y);
-                }
+            for (int n = 0; n < NT; ++n) {
+                const uint4 v = buf[block_at(n * 8 + r, 4 * c + i)];  // (e0 e1) (e2 e3) (e4 e5) (e6 e7)
+                mma(acc[n], A[0][0], A[0][1], A[0][2], A[0][3], __byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632));
+                mma(acc[n], A[1][0], A[1][1], A[1][2], A[1][3], __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
             }
         }
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            acc[n][0] += sa.x * part[n][0], acc[n][1] += sa.x * part[n][1];
-            acc[n][2] += sb.x * part[n][2], acc[n][3] += sb.x * part[n][3];
-        }
     }
+    asm volatile("cp.async.wait_group 0;");
 
     // c0 c1: row r, tokens 2c, 2c + 1 of each tile; c2 c3: row r + 8
     const int ra = row0 + r, rb = row0 + r + 8;
@@ -216,10 +202,17 @@ __global__ void __launch_bounds__(WARPS * 32) w4_mma_kernel(const Args a) {
         }
 }
 
-template <int NT>
+template <int NT, int WARPS>
 int launch(const Args &a, int splits, cudaStream_t st) {
-    const dim3 grid((a.N + ROWS - 1) / ROWS, (a.M + NT * 8 - 1) / (NT * 8), splits);
-    w4_mma_kernel<NT><<<grid, WARPS * 32, 0, st>>>(a);
+    const int smem = STAGES * NT * 8 * G * 2;
+    static bool configured = false;  // (once per kernel: more than 48 KB of shared memory)
+    if (!configured) {
+        const cudaError_t e = cudaFuncSetAttribute(w4_mma_kernel<NT, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return (int)e;
+        configured = true;
+    }
+    const dim3 grid((a.N + WARPS * 16 - 1) / (WARPS * 16), (a.M + NT * 8 - 1) / (NT * 8), splits);
+    w4_mma_kernel<NT, WARPS><<<grid, WARPS * 32, smem, st>>>(a);
     return (int)cudaGetLastError();
 }
 
@@ -228,7 +221,7 @@ int launch(const Args &a, int splits, cudaStream_t st) {
 // Returns 0, a cudaError, or -2 for operands it does not take (the caller checks them first).
 extern "C" int fastllm_w4_mma(const void *packed, const void *pairs, const void *x, const void *bias, void *y, void *ws,
                               void *counters, int M, int N, int K, int Kp, int ng2, int ldx, int ldy, int tokens_per_cta,
-                              int splits, uintptr_t stream) {
+                              int warps, int splits, uintptr_t stream) {
     if (K % 8 || Kp % G || K > Kp || splits < 1 || M < 1 || N < 1) return -2;
     const int ngroups = Kp / G;
     Args a{(const uint8_t *)packed, (const float2 *)pairs, (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)bias,
@@ -236,15 +229,10 @@ extern "C" int fastllm_w4_mma(const void *packed, const void *pairs, const void 
            (ngroups + splits - 1) / splits};
     splits = (ngroups + a.groups_per_split - 1) / a.groups_per_split;  // no empty split
     cudaStream_t st = (cudaStream_t)stream;
-    switch ((tokens_per_cta + 7) / 8) {
-        case 1: return launch<1>(a, splits, st);
-        case 2: return launch<2>(a, splits, st);
-        case 3: return launch<3>(a, splits, st);
-        case 4: return launch<4>(a, splits, st);
-        case 5: return launch<5>(a, splits, st);
-        case 6: return launch<6>(a, splits, st);
-        case 7: return launch<7>(a, splits, st);
-        case 8: return launch<8>(a, splits, st);
-    }
+#define PICK(NT)                                                                           \
+    case NT: return warps == 4 ? launch<NT, 4>(a, splits, st) : launch<NT, 8>(a, splits, st);
+    if (warps != 4 && warps != 8) return -2;
+    switch ((tokens_per_cta + 7) / 8) { PICK(1) PICK(2) PICK(3) PICK(4) PICK(5) PICK(6) PICK(7) PICK(8) }
+#undef PICK
     return -2;
 }
