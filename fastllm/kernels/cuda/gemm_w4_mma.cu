@@ -35,7 +35,7 @@ constexpr int STAGES = 4;    // x's groups in flight through cp.async
 
 __device__ __forceinline__ uint4 load_weights(const uint8_t *p) {  // streamed once: not kept in L1
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
@@ -56,7 +56,7 @@ __device__ __forceinline__ uint32_t dequant(uint32_t w, int s, uint32_t neg_zero
 
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                     uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                  "{%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -149,12 +149,17 @@ __global__ void __launch_bounds__(WARPS * 32, 256 / (WARPS * 32) * 2) w4_mma_ker
                 A[h][0] = dequant(wra, 2 * h, za, ska), A[h][1] = dequant(wrb, 2 * h, zb, skb);
                 A[h][2] = dequant(wra, 2 * h + 1, za, ska), A[h][3] = dequant(wrb, 2 * h + 1, zb, skb);
             }
+            uint32_t B[NT][4];  // token tile n's (e0 e4) (e1 e5) (e2 e6) (e3 e7)
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
                 const uint4 v = buf[block_at(n * 8 + r, 4 * c + i)];  // (e0 e1) (e2 e3) (e4 e5) (e6 e7)
-                mma(acc[n], A[0][0], A[0][1], A[0][2], A[0][3], __byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632));
-                mma(acc[n], A[1][0], A[1][1], A[1][2], A[1][3], __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+                B[n][0] = __byte_perm(v.x, v.z, 0x5410), B[n][1] = __byte_perm(v.x, v.z, 0x7632);
+                B[n][2] = __byte_perm(v.y, v.w, 0x5410), B[n][3] = __byte_perm(v.y, v.w, 0x7632);
             }
+#pragma unroll
+            for (int h = 0; h < 2; ++h)  // (independent mmas back to back)
+#pragma unroll
+                for (int n = 0; n < NT; ++n) mma(acc[n], A[h][0], A[h][1], A[h][2], A[h][3], B[n][2 * h], B[n][2 * h + 1]);
         }
     }
     asm volatile("cp.async.wait_group 0;");
