@@ -22,7 +22,8 @@ from . import cuda_gemv
 log = logging.getLogger(__name__)
 SOURCE = cuda_gemv.SOURCE_DIR / "gemm_w4_mma.cu"
 GROUP = 128  # the only group size the kernel takes
-WARPS = 8  # per CTA (4 or 8), each owning 16 weight rows
+WARPS = 8  # per CTA (4 or 8)
+ROW_TILES = 1  # 16 weight rows each, per warp (1 or 2)
 TOKENS_PER_CTA = 64  # at most; more tokens take more CTAs, each reading the weights again (from L2, mostly)
 
 
@@ -42,7 +43,7 @@ def _entry(device_index: int):
         return None
     fn = lib.fastllm_w4_mma
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 10 + [ctypes.c_size_t]
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 11 + [ctypes.c_size_t]
     return fn
 
 
@@ -94,10 +95,10 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_splits(M: int, N: int, Kp: int, sms: int, warps: int = WARPS) -> int:
+def default_splits(M: int, N: int, Kp: int, sms: int, warps: int = WARPS, row_tiles: int = ROW_TILES) -> int:
     """Split-K: a power of two that brings the grid to about 16 warps per SM, each CTA keeping at
     least four groups."""
-    ctas = -(-N // (16 * warps)) * -(-M // TOKENS_PER_CTA) * warps // 8
+    ctas = -(-N // (16 * warps * row_tiles)) * -(-M // TOKENS_PER_CTA) * warps // 8
     split = 1
     while ctas * split * 2 <= 2 * sms and Kp // GROUP >= 8 * split and split < 16:
         split *= 2
@@ -105,12 +106,13 @@ def default_splits(M: int, N: int, Kp: int, sms: int, warps: int = WARPS) -> int
 
 
 def w4_mma(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,
-           bias: torch.Tensor | None = None, splits: int | None = None, warps: int = WARPS) -> torch.Tensor:
+           bias: torch.Tensor | None = None, splits: int | None = None, warps: int = WARPS,
+           row_tiles: int = ROW_TILES) -> torch.Tensor:
     """y [M, N] bf16 = x @ w^T (+ bias), w = (q - zero) * scale per group, for the int4 layer's
     packed weight and its (scale, zero) pairs (fastllm.stages.quantizers.int4.pack_scales); see
     `fits`. Each weight is (q - zero) times the group's scale rounded to bf16, rounded to bf16 (as
     fastllm.kernels.cutlass_gemm's int4 GEMM forms it). splits: split-K (default_splits when None);
-    warps: per CTA, 4 or 8."""
+    warps: per CTA, 4 or 8; row_tiles: 16 weight rows each, per warp (1 or 2)."""
     if not fits(x, packed, pairs, group_size):
         raise ValueError(f"w4_mma takes bf16 x [M, K % 8 == 0] and int4 weights in groups of {GROUP}, got "
                          f"{x.dtype} {tuple(x.shape)}, {packed.dtype} {tuple(packed.shape)}, group {group_size}")
@@ -121,15 +123,15 @@ def w4_mma(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_siz
 
     M, K = x.shape
     N, Kp = packed.shape[0], packed.shape[1] * 2
-    splits = splits or default_splits(M, N, Kp, _sms(cuda_gemv._index(x)), warps)
+    splits = splits or default_splits(M, N, Kp, _sms(cuda_gemv._index(x)), warps, row_tiles)
     tokens = min(M, TOKENS_PER_CTA)
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
     ws = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    tiles = -(-N // (16 * warps)) * -(-M // tokens)
+    tiles = -(-N // (16 * warps * row_tiles)) * -(-M // tokens)
     cnt = _counters(x.device, tiles) if splits > 1 else y
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     err = fn(packed.data_ptr(), pairs.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-             ws.data_ptr(), cnt.data_ptr(), M, N, K, Kp, pairs.shape[1], x.stride(0), y.stride(0), tokens, warps, splits,
+             ws.data_ptr(), cnt.data_ptr(), M, N, K, Kp, pairs.shape[1], x.stride(0), y.stride(0), tokens, warps, row_tiles, splits,
              torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm int4 MMA GEMM launch failed: {'operands refused' if err == -2 else err}")

@@ -67,9 +67,15 @@ __device__ __forceinline__ uint32_t pack_bf16(float v) {
     return *reinterpret_cast<const uint32_t *>(&h);
 }
 
-// x's 16-byte block b (8 k) of a token row: stored at b ^ (b >> 3) ^ 2 (row & 1), so the 16-byte loads
-// of each quarter-warp (rows r, r + 1; blocks 4 c + i) fall in eight different bank quads.
+// x as cp.async lands it: a token's group is 16 blocks of 8 k (16 bytes), block b stored at
+// b ^ (b >> 3) ^ 2 (row & 1), so 16-byte accesses of eight threads (blocks b of one row, or
+// blocks 4 c + i of rows r, r + 1) meet no bank twice.
 __device__ __forceinline__ int block_at(int row, int b) { return row * (G / 8) + (b ^ (b >> 3) ^ ((row & 1) << 1)); }
+
+// x as the mmas read it: 32 units of four bf16 per token and group; block b's units 2 b and 2 b + 1
+// hold (e0 e4 e1 e5) and (e2 e6 e3 e7); unit u is stored at u ^ (row & 3) ^ 4 (u >> 4), so the
+// 8-byte loads of a half-warp (rows r .. r + 3, units 8 c + 2 i + h) meet no bank twice.
+__device__ __forceinline__ int unit_at(int row, int u) { return row * (G / 4) + (u ^ (row & 3) ^ ((u >> 4) << 2)); }
 
 struct Args {
     const uint8_t *packed;  // [N, Kp / 2]
@@ -81,100 +87,130 @@ struct Args {
     int M, N, K, Kp, ng2, ldx, ldy, groups_per_split;
 };
 
-// Request x's group `grp` of tokens t0 .. t0 + 8 NT into buf (zeros past M and past K; K % 8 == 0).
-template <int NT, int WARPS>
-__device__ __forceinline__ void request_x(const Args &a, uint4 *buf, int t0, int grp) {
+// Request x's group `grp` of tokens t0 .. t0 + 8 NT into raw (zeros past M and past K; K % 8 == 0).
+template <int NT, int THREADS>
+__device__ __forceinline__ void request_x(const Args &a, uint4 *raw, int t0, int grp) {
 #pragma unroll
-    for (int i = 0; i < (NT * 128 + WARPS * 32 - 1) / (WARPS * 32); ++i) {
-        const int idx = threadIdx.x + i * WARPS * 32, t = idx >> 4, b = idx & 15, k = grp * G + b * 8;
-        if (idx < NT * 128) {
+    for (int i = 0; i < (NT * 128 + THREADS - 1) / THREADS; ++i) {
+        const int idx = threadIdx.x + i * THREADS, t = idx >> 4, b = idx & 15, k = grp * G + b * 8;
+        if (NT * 128 % THREADS == 0 || idx < NT * 128) {
             const bool ok = t0 + t < a.M && k < a.K;
-            const __nv_bfloat16 *src = ok ? a.x + (size_t)(t0 + t) * a.ldx + k : a.x;
-            const uint32_t dst = (uint32_t)__cvta_generic_to_shared(buf + block_at(t, b));
+            const __nv_bfloat16 *src = a.x + (ok ? (size_t)(t0 + t) * a.ldx + k : 0);
+            const uint32_t dst = (uint32_t)__cvta_generic_to_shared(raw + block_at(t, b));
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
         }
     }
 }
 
-template <int NT, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 256 / (WARPS * 32) * 2) w4_mma_kernel(const Args a) {
-    extern __shared__ uint4 sx[];  // [STAGES][NT * 8 tokens][16 blocks]
+// raw's group into the mmas' order (perm), each thread a few blocks: one 16-byte load, four byte_perms.
+template <int NT, int THREADS>
+__device__ __forceinline__ void reorder_x(const uint4 *raw, uint2 *perm) {
+#pragma unroll
+    for (int i = 0; i < (NT * 128 + THREADS - 1) / THREADS; ++i) {
+        const int idx = threadIdx.x + i * THREADS, t = idx >> 4, b = idx & 15;
+        if (NT * 128 % THREADS == 0 || idx < NT * 128) {
+            const uint4 v = raw[block_at(t, b)];  // (e0 e1) (e2 e3) (e4 e5) (e6 e7)
+            perm[unit_at(t, 2 * b)] = make_uint2(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632));
+            perm[unit_at(t, 2 * b + 1)] = make_uint2(__byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+        }
+    }
+}
+
+// NT token tiles of 8, WARPS warps of RT x 16 weight rows each.
+template <int NT, int WARPS, int RT>
+__global__ void __launch_bounds__(WARPS * 32, (RT == 1 ? 512 : 256) / (WARPS * 32)) w4_mma_kernel(const Args a) {
+    constexpr int THREADS = WARPS * 32, RAW = NT * 8 * (G / 8), PERM = NT * 8 * (G / 4);
+    extern __shared__ uint4 smem[];  // raw [STAGES][RAW] (uint4), then perm [2][PERM] (uint2)
+    uint4 *raw = smem;
+    uint2 *perm = reinterpret_cast<uint2 *>(smem + STAGES * RAW);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, c = lane & 3;
     const int t0 = blockIdx.y * NT * 8;
-    const int row0 = blockIdx.x * WARPS * 16 + warp * 16;
-    const int rowa = min(row0 + r, a.N - 1), rowb = min(row0 + r + 8, a.N - 1);  // (clamped: stores are masked)
+    const int row0 = (blockIdx.x * WARPS + warp) * 16 * RT;
     const int g_first = blockIdx.z * a.groups_per_split, g_last = min(g_first + a.groups_per_split, a.Kp / G);
-    const uint8_t *wa = a.packed + (size_t)rowa * (a.Kp / 2) + 16 * c, *wb = a.packed + (size_t)rowb * (a.Kp / 2) + 16 * c;
-    const float2 *pa = a.pairs + (size_t)rowa * a.ng2, *pb = a.pairs + (size_t)rowb * a.ng2;
-    constexpr int BUF = NT * 8 * (G / 8);
+    const uint8_t *w[2 * RT];  // rows row0 + 8 j + r, j < 2 RT (clamped: stores are masked)
+    const float2 *p[2 * RT];
+#pragma unroll
+    for (int j = 0; j < 2 * RT; ++j) {
+        const int row = min(row0 + 8 * j + r, a.N - 1);
+        w[j] = a.packed + (size_t)row * (a.Kp / 2) + 16 * c, p[j] = a.pairs + (size_t)row * a.ng2;
+    }
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (g_first + s < g_last) request_x<NT, WARPS>(a, sx + s * BUF, t0, g_first + s);
+        if (g_first + s < g_last) request_x<NT, THREADS>(a, raw + s * RAW, t0, g_first + s);
         asm volatile("cp.async.commit_group;");
     }
-    float acc[NT][4];
+    float acc[RT][NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    uint4 qa0 = load_weights(wa + g_first * (G / 2)), qb0 = load_weights(wb + g_first * (G / 2)), qa1, qb1;
-    float2 sa0 = pa[g_first], sb0 = pb[g_first], sa1, sb1;
-    if (g_first + 1 < g_last) {
-        qa1 = load_weights(wa + (g_first + 1) * (G / 2)), qb1 = load_weights(wb + (g_first + 1) * (G / 2));
-        sa1 = pa[g_first + 1], sb1 = pb[g_first + 1];
+    for (int t = 0; t < RT; ++t)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) acc[t][n][0] = acc[t][n][1] = acc[t][n][2] = acc[t][n][3] = 0.f;
+    uint4 q0[2 * RT], q1[2 * RT];  // this group's and the next one's weights
+    float2 sz0[2 * RT], sz1[2 * RT];
+#pragma unroll
+    for (int j = 0; j < 2 * RT; ++j) {
+        q0[j] = load_weights(w[j] + g_first * (G / 2)), sz0[j] = p[j][g_first];
+        if (g_first + 1 < g_last) q1[j] = load_weights(w[j] + (g_first + 1) * (G / 2)), sz1[j] = p[j][g_first + 1];
     }
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+    __syncthreads();
+    reorder_x<NT, THREADS>(raw, perm);
 
     for (int g = g_first; g < g_last; ++g) {
         const int j = g - g_first;
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
-        __syncthreads();  // group g's x in place for all; the buffer read in the last step free
-        if (g + STAGES - 1 < g_last) request_x<NT, WARPS>(a, sx + (j + STAGES - 1) % STAGES * BUF, t0, g + STAGES - 1);
+        // group g + 1's x landed (for this thread); g's reordered x visible to all; the buffers
+        // read in the last step free
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 3));
+        __syncthreads();
+        if (g + STAGES - 1 < g_last) request_x<NT, THREADS>(a, raw + (j + STAGES - 1) % STAGES * RAW, t0, g + STAGES - 1);
         asm volatile("cp.async.commit_group;");
-        const uint4 qa = qa0, qb = qb0;
-        const float2 sa = sa0, sb = sb0;
-        qa0 = qa1, qb0 = qb1, sa0 = sa1, sb0 = sb1;
-        if (g + 2 < g_last) {
-            qa1 = load_weights(wa + (g + 2) * (G / 2)), qb1 = load_weights(wb + (g + 2) * (G / 2));
-            sa1 = pa[g + 2], sb1 = pb[g + 2];
+        if (g + 1 < g_last) reorder_x<NT, THREADS>(raw + (j + 1) % STAGES * RAW, perm + ((j + 1) & 1) * PERM);
+        uint4 q[2 * RT];
+        uint32_t nz[2 * RT], sc[2 * RT];
+#pragma unroll
+        for (int i = 0; i < 2 * RT; ++i) {
+            q[i] = q0[i], q0[i] = q1[i];
+            nz[i] = pack_bf16(-128.f - sz0[i].y), sc[i] = pack_bf16(sz0[i].x), sz0[i] = sz1[i];
+            if (g + 2 < g_last) q1[i] = load_weights(w[i] + (g + 2) * (G / 2)), sz1[i] = p[i][g + 2];
         }
-        const uint4 *buf = sx + j % STAGES * BUF;
-        const uint32_t za = pack_bf16(-128.f - sa.y), zb = pack_bf16(-128.f - sb.y);
-        const uint32_t ska = pack_bf16(sa.x), skb = pack_bf16(sb.x);
+        const uint2 *buf = perm + (j & 1) * PERM;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const uint32_t wra = i == 0 ? qa.x : i == 1 ? qa.y : i == 2 ? qa.z : qa.w;
-            const uint32_t wrb = i == 0 ? qb.x : i == 1 ? qb.y : i == 2 ? qb.z : qb.w;
-            uint32_t A[2][4];  // step 2 i + h: nibble pairs 2 h (k 2c, 2c + 1 of the mma) and 2 h + 1 (2c + 8, 2c + 9)
+            uint32_t A[RT][2][4];  // step 2 i + h: nibble pairs 2 h (the mma's k 2c, 2c + 1) and 2 h + 1 (2c + 8, 2c + 9)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                A[h][0] = dequant(wra, 2 * h, za, ska), A[h][1] = dequant(wrb, 2 * h, zb, skb);
-                A[h][2] = dequant(wra, 2 * h + 1, za, ska), A[h][3] = dequant(wrb, 2 * h + 1, zb, skb);
-            }
-            uint32_t B[NT][4];  // token tile n's (e0 e4) (e1 e5) (e2 e6) (e3 e7)
+            for (int t = 0; t < RT; ++t)
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const uint4 v = buf[block_at(n * 8 + r, 4 * c + i)];  // (e0 e1) (e2 e3) (e4 e5) (e6 e7)
-                B[n][0] = __byte_perm(v.x, v.z, 0x5410), B[n][1] = __byte_perm(v.x, v.z, 0x7632);
-                B[n][2] = __byte_perm(v.y, v.w, 0x5410), B[n][3] = __byte_perm(v.y, v.w, 0x7632);
-            }
+                for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)  // (independent mmas back to back)
+                    for (int e = 0; e < 4; ++e) {  // e: (row r, slot 0) (row r + 8, slot 0) (r, slot 1) (r + 8, slot 1)
+                        const uint4 &v = q[2 * t + (e & 1)];
+                        const uint32_t word = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+                        A[t][h][e] = dequant(word, 2 * h + (e >> 1), nz[2 * t + (e & 1)], sc[2 * t + (e & 1)]);
+                    }
 #pragma unroll
-                for (int n = 0; n < NT; ++n) mma(acc[n], A[h][0], A[h][1], A[h][2], A[h][3], B[n][2 * h], B[n][2 * h + 1]);
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    const uint2 b = buf[unit_at(n * 8 + r, 8 * c + 2 * i + h)];
+#pragma unroll
+                    for (int t = 0; t < RT; ++t) mma(acc[t][n], A[t][h][0], A[t][h][1], A[t][h][2], A[t][h][3], b.x, b.y);
+                }
         }
     }
     asm volatile("cp.async.wait_group 0;");
 
     // c0 c1: row r, tokens 2c, 2c + 1 of each tile; c2 c3: row r + 8
-    const int ra = row0 + r, rb = row0 + r + 8;
     if (gridDim.z > 1) {
         float *ws = a.ws + (size_t)blockIdx.z * a.M * a.N;
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int t = 0; t < RT; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int t = t0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
-                if (t < a.M && row < a.N) ws[(size_t)t * a.N + row] = acc[n][e];
-            }
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int tok = t0 + n * 8 + 2 * c + (e & 1), row = row0 + 16 * t + r + (e >> 1) * 8;
+                    if (tok < a.M && row < a.N) ws[(size_t)tok * a.N + row] = acc[t][n][e];
+                }
         __threadfence();
         __syncthreads();
         __shared__ int last;
@@ -184,40 +220,46 @@ __global__ void __launch_bounds__(WARPS * 32, 256 / (WARPS * 32) * 2) w4_mma_ker
         if (!last) return;
         __threadfence();
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int t = 0; t < RT; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int t = t0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
-                float s = 0.f;
-                if (t < a.M && row < a.N)
-                    for (int z = 0; z < (int)gridDim.z; ++z) s += __ldcg(a.ws + ((size_t)z * a.M + t) * a.N + row);
-                acc[n][e] = s;
-            }
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int tok = t0 + n * 8 + 2 * c + (e & 1), row = row0 + 16 * t + r + (e >> 1) * 8;
+                    float sum = 0.f;
+                    if (tok < a.M && row < a.N)
+                        for (int z = 0; z < (int)gridDim.z; ++z) sum += __ldcg(a.ws + ((size_t)z * a.M + tok) * a.N + row);
+                    acc[t][n][e] = sum;
+                }
         if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next product
     }
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int t = 0; t < RT; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int t = t0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
-            if (t < a.M && row < a.N) {
-                const float b = a.bias ? __bfloat162float(a.bias[row]) : 0.f;
-                a.y[(size_t)t * a.ldy + row] = __float2bfloat16(acc[n][e] + b);
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = t0 + n * 8 + 2 * c + (e & 1), row = row0 + 16 * t + r + (e >> 1) * 8;
+                if (tok < a.M && row < a.N) {
+                    const float b = a.bias ? __bfloat162float(a.bias[row]) : 0.f;
+                    a.y[(size_t)tok * a.ldy + row] = __float2bfloat16(acc[t][n][e] + b);
+                }
             }
-        }
 }
 
-template <int NT, int WARPS>
+template <int NT, int WARPS, int RT>
 int launch(const Args &a, int splits, cudaStream_t st) {
-    const int smem = STAGES * NT * 8 * G * 2;
+    const int smem = STAGES * NT * 8 * G * 2 + 2 * NT * 8 * G * 2;
     static bool configured = false;  // (once per kernel: more than 48 KB of shared memory)
     if (!configured) {
-        const cudaError_t e = cudaFuncSetAttribute(w4_mma_kernel<NT, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        const cudaError_t e = cudaFuncSetAttribute(w4_mma_kernel<NT, WARPS, RT>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return (int)e;
         configured = true;
     }
-    const dim3 grid((a.N + WARPS * 16 - 1) / (WARPS * 16), (a.M + NT * 8 - 1) / (NT * 8), splits);
-    w4_mma_kernel<NT, WARPS><<<grid, WARPS * 32, smem, st>>>(a);
+    const int rows = WARPS * 16 * RT;
+    const dim3 grid((a.N + rows - 1) / rows, (a.M + NT * 8 - 1) / (NT * 8), splits);
+    w4_mma_kernel<NT, WARPS, RT><<<grid, WARPS * 32, smem, st>>>(a);
     return (int)cudaGetLastError();
 }
 
@@ -226,7 +268,7 @@ int launch(const Args &a, int splits, cudaStream_t st) {
 // Returns 0, a cudaError, or -2 for operands it does not take (the caller checks them first).
 extern "C" int fastllm_w4_mma(const void *packed, const void *pairs, const void *x, const void *bias, void *y, void *ws,
                               void *counters, int M, int N, int K, int Kp, int ng2, int ldx, int ldy, int tokens_per_cta,
-                              int warps, int splits, uintptr_t stream) {
+                              int warps, int row_tiles, int splits, uintptr_t stream) {
     if (K % 8 || Kp % G || K > Kp || splits < 1 || M < 1 || N < 1) return -2;
     const int ngroups = Kp / G;
     Args a{(const uint8_t *)packed, (const float2 *)pairs, (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)bias,
@@ -234,9 +276,11 @@ extern "C" int fastllm_w4_mma(const void *packed, const void *pairs, const void 
            (ngroups + splits - 1) / splits};
     splits = (ngroups + a.groups_per_split - 1) / a.groups_per_split;  // no empty split
     cudaStream_t st = (cudaStream_t)stream;
-#define PICK(NT)                                                                           \
-    case NT: return warps == 4 ? launch<NT, 4>(a, splits, st) : launch<NT, 8>(a, splits, st);
-    if (warps != 4 && warps != 8) return -2;
+#define PICK(NT)                                                                                           \
+    case NT:                                                                                               \
+        return row_tiles == 1 ? (warps == 4 ? launch<NT, 4, 1>(a, splits, st) : launch<NT, 8, 1>(a, splits, st)) \
+                              : (warps == 4 ? launch<NT, 4, 2>(a, splits, st) : launch<NT, 8, 2>(a, splits, st));
+    if (warps != 4 && warps != 8 || row_tiles != 1 && row_tiles != 2) return -2;
     switch ((tokens_per_cta + 7) / 8) { PICK(1) PICK(2) PICK(3) PICK(4) PICK(5) PICK(6) PICK(7) PICK(8) }
 #undef PICK
     return -2;

@@ -58,13 +58,13 @@ def test_source_builds_into_the_cache(tmp_path):
 @gpu
 @pytest.mark.parametrize("M", [2, 5, 8, 13, 24, 40, 64, 65, 130])
 @pytest.mark.parametrize("N,K", [(24, 128), (136, 200), (300, 1000), (256, 4096)])
-@pytest.mark.parametrize("splits,warps", [(1, 8), (3, 4), (8, 8)])
-def test_matches_float64(M, N, K, splits, warps):
+@pytest.mark.parametrize("splits,warps,row_tiles", [(1, 8, 1), (3, 4, 2), (8, 8, 2), (2, 4, 1)])
+def test_matches_float64(M, N, K, splits, warps, row_tiles):
     dev = torch.device("cuda")
     packed, pairs, w = _operands(N, K, seed=M * 7 + N, device=dev)
     x = torch.randn(M, K, device=dev).to(torch.bfloat16)
     ref = x.double() @ w.T
-    y = W4.w4_mma(x, packed, pairs, 128, splits=splits, warps=warps)
+    y = W4.w4_mma(x, packed, pairs, 128, splits=splits, warps=warps, row_tiles=row_tiles)
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err < 4e-3, err  # bf16's output rounding (2^-9) and fp32 sums: and the weight rounded to bf16
