@@ -1,7 +1,7 @@
 """int4 (g128) products of a few tokens through fastllm.kernels.cuda_w4 (mma.sync, each group's sum
 scaled once) against cuBLAS' bf16 and the Triton int4 GEMM (fastllm.kernels.qgemm), per Llama-2-7B
 layer: eight weight copies rotated so L2 does not hold them, CUDA-graph timed; each checked against
-the float64 product of the dequantized weight. The kernel is timed at its default split-K and at
+the float64 product of the dequantized weight. The kernel is timed at its pick for the shape and at
 each of --splits, with 4 and 8 warps per CTA of 16 or 32 weight rows per warp.
 
 Usage: python scripts/w4_mma_gpu.py OUTDIR [--ms=16,32,64,128] [--splits=1,2,4,8,16]. Prints a
@@ -44,7 +44,7 @@ for name, (N, K) in LLAMA2_7B_LINEARS.items():
         row["err"]["bf16"] = ((F.linear(x, wd.to(torch.bfloat16)).double() - ref).norm() / ref.norm()).item()
         row["us"]["bf16"] = graph_time(lambda: F.linear(x, w16[next(it16) % COPIES])) * 1e6
         timed("triton", lambda p, s, z, pr: Q.qgemm_int4(x, p, s, z, 128))
-        timed("mma", lambda p, s, z, pr: W4.w4_mma(x, p, pr, 128))
+        timed("mma", lambda p, s, z, pr: W4.w4_mma(x, p, pr, 128))  # (the timed pick)
         for wp, rt in ((8, 1), (4, 1), (4, 2), (8, 2)):
             for sp in SPLITS:
                 timed(f"mma/w{wp}r{rt}/s{sp}", lambda p, s, z, pr: W4.w4_mma(x, p, pr, 128, splits=sp, warps=wp,

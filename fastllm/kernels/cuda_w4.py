@@ -22,8 +22,10 @@ from . import cuda_gemv
 log = logging.getLogger(__name__)
 SOURCE = cuda_gemv.SOURCE_DIR / "gemm_w4_mma.cu"
 GROUP = 128  # the only group size the kernel takes
-WARPS = 8  # per CTA (4 or 8)
+WARPS = 8  # per CTA (4 or 8), the default inside CUDA-graph capture before a shape is timed
 ROW_TILES = 1  # 16 weight rows each, per warp (1 or 2)
+# What the first call of a shape outside capture times: (warps, row tiles) each with split-K 1-8
+SHAPES = ((8, 1), (4, 1), (4, 2), (8, 2))
 TOKENS_PER_CTA = 64  # at most; more tokens take more CTAs, each reading the weights again (from L2, mostly)
 
 
@@ -105,14 +107,36 @@ def default_splits(M: int, N: int, Kp: int, sms: int, warps: int = WARPS, row_ti
     return split
 
 
+_picks: dict[tuple, tuple[int, int, int]] = {}  # (device, tokens bucket, N, Kp) -> (warps, row tiles, splits)
+
+
+def _pick(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """The fastest (warps, row tiles, splits) for this shape, timed on its first call outside
+    CUDA-graph capture (inside one, until then, WARPS and ROW_TILES with default_splits)."""
+    M, N, Kp = x.shape[0], packed.shape[0], packed.shape[1] * 2
+    key = (x.device, 1 << (M - 1).bit_length(), N, Kp)
+    pick = _picks.get(key)
+    if pick is None:
+        if torch.cuda.is_current_stream_capturing():
+            return WARPS, ROW_TILES, default_splits(M, N, Kp, _sms(cuda_gemv._index(x)))
+        from .cutlass_gemm import _time
+
+        times = {(w, rt, s): _time(lambda: w4_mma(x, packed, pairs, GROUP, bias, s, w, rt))
+                 for w, rt in SHAPES for s in (1, 2, 4, 8) if s == 1 or Kp // GROUP >= 4 * s}
+        pick = _picks[key] = min(times, key=times.get)
+        log.debug("int4 MMA GEMM %s: %s", key, {c: round(t * 1e3, 1) for c, t in times.items()})
+    return pick
+
+
 def w4_mma(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int,
-           bias: torch.Tensor | None = None, splits: int | None = None, warps: int = WARPS,
-           row_tiles: int = ROW_TILES) -> torch.Tensor:
+           bias: torch.Tensor | None = None, splits: int | None = None, warps: int | None = None,
+           row_tiles: int | None = None) -> torch.Tensor:
     """y [M, N] bf16 = x @ w^T (+ bias), w = (q - zero) * scale per group, for the int4 layer's
     packed weight and its (scale, zero) pairs (fastllm.stages.quantizers.int4.pack_scales); see
     `fits`. Each weight is (q - zero) times the group's scale rounded to bf16, rounded to bf16 (as
-    fastllm.kernels.cutlass_gemm's int4 GEMM forms it). splits: split-K (default_splits when None);
-    warps: per CTA, 4 or 8; row_tiles: 16 weight rows each, per warp (1 or 2)."""
+    fastllm.kernels.cutlass_gemm's int4 GEMM forms it). splits: split-K; warps: per CTA, 4 or 8;
+    row_tiles: 16 weight rows each, per warp (1 or 2). With none of the three given, the fastest for
+    the shape (_pick); else WARPS, ROW_TILES and default_splits stand in for those not given."""
     if not fits(x, packed, pairs, group_size):
         raise ValueError(f"w4_mma takes bf16 x [M, K % 8 == 0] and int4 weights in groups of {GROUP}, got "
                          f"{x.dtype} {tuple(x.shape)}, {packed.dtype} {tuple(packed.shape)}, group {group_size}")
@@ -123,6 +147,9 @@ def w4_mma(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_siz
 
     M, K = x.shape
     N, Kp = packed.shape[0], packed.shape[1] * 2
+    if splits is None and warps is None and row_tiles is None:
+        warps, row_tiles, splits = _pick(x, packed, pairs, bias)
+    warps, row_tiles = warps or WARPS, row_tiles or ROW_TILES
     splits = splits or default_splits(M, N, Kp, _sms(cuda_gemv._index(x)), warps, row_tiles)
     tokens = min(M, TOKENS_PER_CTA)
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
@@ -131,8 +158,8 @@ def w4_mma(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_siz
     cnt = _counters(x.device, tiles) if splits > 1 else y
     b = None if bias is None else bias.reshape(N).to(torch.bfloat16).contiguous()
     err = fn(packed.data_ptr(), pairs.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-             ws.data_ptr(), cnt.data_ptr(), M, N, K, Kp, pairs.shape[1], x.stride(0), y.stride(0), tokens, warps, row_tiles, splits,
-             torch.cuda.current_stream(x.device).cuda_stream)
+             ws.data_ptr(), cnt.data_ptr(), M, N, K, Kp, pairs.shape[1], x.stride(0), y.stride(0), tokens, warps, row_tiles,
+             splits, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fastllm int4 MMA GEMM launch failed: {'operands refused' if err == -2 else err}")
     return y

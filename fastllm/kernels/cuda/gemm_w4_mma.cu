@@ -72,10 +72,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float v) {
 // blocks 4 c + i of rows r, r + 1) meet no bank twice.
 __device__ __forceinline__ int block_at(int row, int b) { return row * (G / 8) + (b ^ (b >> 3) ^ ((row & 1) << 1)); }
 
-// x as the mmas read it: 32 units of four bf16 per token and group; block b's units 2 b and 2 b + 1
-// hold (e0 e4 e1 e5) and (e2 e6 e3 e7); unit u is stored at u ^ (row & 3) ^ 4 (u >> 4), so the
-// 8-byte loads of a half-warp (rows r .. r + 3, units 8 c + 2 i + h) meet no bank twice.
-__device__ __forceinline__ int unit_at(int row, int u) { return row * (G / 4) + (u ^ (row & 3) ^ ((u >> 4) << 2)); }
+// x as the mmas read it: 32 units of four bf16 per token and group; block b = 4 c + i's units
+// u = 2 b and 2 b + 1 hold (e0 e4 e1 e5) and (e2 e6 e3 e7). Unit u goes to 4 (u % 8) + u / 8 of a
+// row of PERM_ROW units: the 8-byte loads of a half-warp (rows r .. r + 3, units 8 c + 2 i + h) meet
+// no bank twice, and each lane's address is its own base plus a constant.
+constexpr int PERM_ROW = G / 4 + 4;
+__device__ __forceinline__ int unit_at(int row, int u) { return row * PERM_ROW + 4 * (u & 7) + (u >> 3); }
 
 struct Args {
     const uint8_t *packed;  // [N, Kp / 2]
@@ -119,7 +121,7 @@ __device__ __forceinline__ void reorder_x(const uint4 *raw, uint2 *perm) {
 // NT token tiles of 8, WARPS warps of RT x 16 weight rows each.
 template <int NT, int WARPS, int RT>
 __global__ void __launch_bounds__(WARPS * 32, (RT == 1 ? 512 : 256) / (WARPS * 32)) w4_mma_kernel(const Args a) {
-    constexpr int THREADS = WARPS * 32, RAW = NT * 8 * (G / 8), PERM = NT * 8 * (G / 4);
+    constexpr int THREADS = WARPS * 32, RAW = NT * 8 * (G / 8), PERM = NT * 8 * PERM_ROW;
     extern __shared__ uint4 smem[];  // raw [STAGES][RAW] (uint4), then perm [2][PERM] (uint2)
     uint4 *raw = smem;
     uint2 *perm = reinterpret_cast<uint2 *>(smem + STAGES * RAW);
@@ -219,18 +221,23 @@ __global__ void __launch_bounds__(WARPS * 32, (RT == 1 ? 512 : 256) / (WARPS * 3
         __syncthreads();
         if (!last) return;
         __threadfence();
+        // the slices in split order, each split's loads issued together
 #pragma unroll
         for (int t = 0; t < RT; ++t)
 #pragma unroll
-            for (int n = 0; n < NT; ++n)
+            for (int n = 0; n < NT; ++n) acc[t][n][0] = acc[t][n][1] = acc[t][n][2] = acc[t][n][3] = 0.f;
+        for (int z = 0; z < (int)gridDim.z; ++z) {
+            const float *slice = a.ws + (size_t)z * a.M * a.N;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int tok = t0 + n * 8 + 2 * c + (e & 1), row = row0 + 16 * t + r + (e >> 1) * 8;
-                    float sum = 0.f;
-                    if (tok < a.M && row < a.N)
-                        for (int z = 0; z < (int)gridDim.z; ++z) sum += __ldcg(a.ws + ((size_t)z * a.M + tok) * a.N + row);
-                    acc[t][n][e] = sum;
-                }
+            for (int t = 0; t < RT; ++t)
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int tok = t0 + n * 8 + 2 * c + (e & 1), row = row0 + 16 * t + r + (e >> 1) * 8;
+                        if (tok < a.M && row < a.N) acc[t][n][e] += __ldcg(slice + (size_t)tok * a.N + row);
+                    }
+        }
         if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next product
     }
 #pragma unroll
@@ -249,7 +256,7 @@ __global__ void __launch_bounds__(WARPS * 32, (RT == 1 ? 512 : 256) / (WARPS * 3
 
 template <int NT, int WARPS, int RT>
 int launch(const Args &a, int splits, cudaStream_t st) {
-    const int smem = STAGES * NT * 8 * G * 2 + 2 * NT * 8 * G * 2;
+    const int smem = STAGES * NT * 8 * G * 2 + 2 * NT * 8 * PERM_ROW * 8;
     static bool configured = false;  // (once per kernel: more than 48 KB of shared memory)
     if (!configured) {
         const cudaError_t e = cudaFuncSetAttribute(w4_mma_kernel<NT, WARPS, RT>,
