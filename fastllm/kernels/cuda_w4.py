@@ -121,7 +121,8 @@ def _pick(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, bias: torc
             return WARPS, ROW_TILES, default_splits(M, N, Kp, _sms(cuda_gemv._index(x)))
         from .cutlass_gemm import _time
 
-        times = {(w, rt, s): _time(lambda: w4_mma(x, packed, pairs, GROUP, bias, s, w, rt))
+        # (in a CUDA graph: a product takes 10-40 us, about what launching it through ctypes costs)
+        times = {(w, rt, s): _time(lambda: w4_mma(x, packed, pairs, GROUP, bias, s, w, rt), graph=True)
                  for w, rt in SHAPES for s in (1, 2, 4, 8) if s == 1 or Kp // GROUP >= 4 * s}
         pick = _picks[key] = min(times, key=times.get)
         log.debug("int4 MMA GEMM %s: %s", key, {c: round(t * 1e3, 1) for c, t in times.items()})

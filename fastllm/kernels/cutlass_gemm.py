@@ -203,11 +203,12 @@ _picks: dict[tuple, int] = {}  # (format, device, tokens bucket, N, K) -> the fa
 GRAPH_TIMING = False
 
 
-def _time(fn, reps: int = 10) -> float:
+def _time(fn, reps: int = 10, graph: bool | None = None) -> float:
+    """Milliseconds per fn() call (graph: captured in one CUDA graph; GRAPH_TIMING when None)."""
     fn()  # (Triton's GEMM tunes itself here)
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    if GRAPH_TIMING:
+    if GRAPH_TIMING if graph is None else graph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(reps):

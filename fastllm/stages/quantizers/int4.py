@@ -109,8 +109,10 @@ class Int4Linear(nn.Module):
     # 4,096, against qgemm_int4's 0.33-0.44x (docs/quantization.md). A transient [N, K] buffer per call.
     dense_min_tokens = 256
     # Up to this many tokens (and from 2), groups of 128 and bf16 inputs go through
-    # fastllm.kernels.cuda_w4 (mma.sync, each group's sum scaled once) where it builds.
-    mma_max_tokens = 128
+    # fastllm.kernels.cuda_w4 (mma.sync) where it builds. Four Llama-2-7B layers on an H200
+    # (scripts/w4_mma_gpu.py, 2026-11-28): 16 tokens 80.7 us against the Triton GEMM's 101.5 and
+    # bf16's 118.1; 32 tokens 111 against 112.5; 64 tokens 191 against 177 (each layer's best split).
+    mma_max_tokens = 16
 
     def _cutlass(self, flat: torch.Tensor) -> bool:
         """Whether fastllm.kernels.cutlass_gemm takes this product (built on first use); its group

@@ -93,12 +93,12 @@ def test_int4_linear_routes_few_tokens_here(monkeypatch):
     dev = torch.device("cuda")
     lin = torch.nn.Linear(512, 264, bias=False)
     layer = Int4Linear(lin, 128).to(dev)
-    x = torch.randn(3, 11, 512, device=dev).to(torch.bfloat16)
+    x = torch.randn(3, 5, 512, device=dev).to(torch.bfloat16)
     assert W4.available(x)  # (its first product runs before the count)
     calls = []
     real = W4.w4_mma
     monkeypatch.setattr(W4, "w4_mma", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     y = layer(x)
     ref = x.double() @ layer.dequantize(torch.float64).T
-    assert calls == [(33, 512)]
+    assert calls and set(calls) == {(15, 512)}  # (the first call times the kernel's shapes, then runs the pick)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
