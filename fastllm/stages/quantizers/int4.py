@@ -4,8 +4,9 @@
 A quarter of bf16's weight bytes (plus 2 x fp32 per group). Scale and zero point are stored
 interleaved, `scales_zeros` [N, groups rounded up to even, 2] (padding zero), so the GEMV reads
 them in 16-byte loads; `scales` / `zeros` are views of it. On CUDA, fastllm.kernels.gemv_int4
-(one token) and fastllm.kernels.qgemm (more tokens) read the packed bytes and dequantize in
-registers; on Hopper, 128+ tokens go through CUTLASS's mixed-input GEMM where it builds
+(one token), fastllm.kernels.cuda_w4 (2-16 tokens in groups of 128, where nvcc builds it) and
+fastllm.kernels.qgemm (more tokens) read the packed bytes and dequantize in registers; on
+Hopper, 128+ tokens go through CUTLASS's mixed-input GEMM where it builds
 (fastllm.kernels.cutlass_gemm, which times it against qgemm and dequantize-then-cuBLAS); on the
 CPU with bf16 activations torch's int4 kernel runs (a second, CPU-layout copy of the packed
 weight is made on first use); elsewhere the weight is dequantized for the call
