@@ -9,16 +9,16 @@
 // - No unpacking into k order. A lane loads 16 bytes of a row (32 consecutive k) in one load, and the
 //   order in which the k's meet the tensor core is chosen to suit those registers: the mma's k pairs
 //   are (k, k + 4) of each 8-k word, taken by one lop3 (nibbles s and s + 4 of a word sit at bits 4 s
-//   and 4 s + 16). x is reordered alike as it leaves shared memory (two byte_perms per mma), so the
-//   sum is the same.
+//   and 4 s + 16). x is put into the same order once per CTA and group in shared memory
+//   (reorder_x: four byte_perms per 8 k of a token), so the sum is the same.
 // - Each nibble becomes bf16 through its bits: 0x4300 | q is 128 + q exactly; adding -(128 + zero)
 //   gives q - zero exactly (a whole number within +-15), and one fma by the bf16 scale rounds it once,
 //   as CUTLASS's int4 GEMM (bf16 scale) forms it.
 //
-// Layout: a warp owns 16 weight rows (lane / 4 and lane / 4 + 8) and all of the CTA's tokens (NT tiles
-// of 8); lane % 4 (c) owns bytes [16 c, 16 c + 16) of each row's 64-byte group, loaded straight into
-// registers two groups ahead. x reaches shared memory by cp.async, STAGES groups in flight, each
-// token's group as 16 blocks of 8 k (swizzled: block_at).
+// Layout: a warp owns RT tiles of 16 weight rows (in each, rows lane / 4 and lane / 4 + 8) and all of
+// the CTA's tokens (NT tiles of 8); lane % 4 (c) owns bytes [16 c, 16 c + 16) of each row's 64-byte
+// group, loaded straight into registers two groups ahead. x reaches shared memory by cp.async,
+// STAGES groups in flight (block_at), and is reordered for the mmas one group ahead (unit_at).
 //
 // Split-K: grid z splits K's groups; each CTA writes its fp32 partial sums to its slice of a
 // workspace and counts itself in on its tile's counter; the last to arrive adds the slices in split
@@ -36,7 +36,7 @@ constexpr int STAGES = 4;    // x's groups in flight through cp.async
 __device__ __forceinline__ uint4 load_weights(const uint8_t *p) {  // streamed once: not kept in L1
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 
@@ -57,9 +57,9 @@ __device__ __forceinline__ uint32_t dequant(uint32_t w, int s, uint32_t neg_zero
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                     uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float v) {
@@ -257,12 +257,13 @@ __global__ void __launch_bounds__(WARPS * 32, (RT == 1 ? 512 : 256) / (WARPS * 3
 template <int NT, int WARPS, int RT>
 int launch(const Args &a, int splits, cudaStream_t st) {
     const int smem = STAGES * NT * 8 * G * 2 + 2 * NT * 8 * PERM_ROW * 8;
-    static bool configured = false;  // (once per kernel: more than 48 KB of shared memory)
-    if (!configured) {
+    static unsigned configured = 0;  // devices (bits) told once that it takes more than 48 KB of shared memory
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device >= 32 || !(configured >> device & 1u)) {
         const cudaError_t e = cudaFuncSetAttribute(w4_mma_kernel<NT, WARPS, RT>,
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return (int)e;
-        configured = true;
+        if (device < 32) configured |= 1u << device;
     }
     const int rows = WARPS * 16 * RT;
     const dim3 grid((a.N + rows - 1) / rows, (a.M + NT * 8 - 1) / (NT * 8), splits);
