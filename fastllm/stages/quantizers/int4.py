@@ -21,7 +21,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LoadContext
-from . import calibration_ids, capture_inputs, check_skip, is_sparse, linears, norm_fed_linears
+from . import calibration_ids, capture_inputs, check_skip, linears, norm_fed_linears
 from .int8 import CUTLASS_MIN_TOKENS
 
 GROUP_SIZES = (32, 64, 128)
@@ -219,7 +219,7 @@ class Int4Quantizer:
     scaling s = mean|x|^a (a on a grid of 0..1; a = 0 is plain rounding) that minimises the
     error of its output on those activations. The division by s is folded into the RMSNorm before
     the layer (qkv_proj, gate_up_proj) or into the rows that produce its input (down_proj, and
-    o_proj with one value head per query head: see fold_into_producers); elsewhere the layer
+    o_proj with one value head per query head: see awq.fold_into_producers); elsewhere the layer
     divides its input at run time."""
 
     api_version = 1
@@ -237,17 +237,19 @@ class Int4Quantizer:
         self.calibration_file = calibration_file
 
     def apply(self, model: nn.Module, ctx: LoadContext) -> nn.Module:
+        from . import awq  # (it quantizes through this module)
+
         targets = linears(model, self.skip)
         scales: list = [None] * len(targets)
         if self.activation_aware:
             ids = calibration_ids(ctx, self.calibration_tokens, self.calibration_file)
             inputs = capture_inputs(model, [c for _, _, c in targets], ids, ctx.device, ctx.dtype)
-            scales = [search_input_scale(c.weight, x, self.group_size) if x is not None else None
+            scales = [awq.search_input_scale(c.weight, x, self.group_size) if x is not None else None
                       for (_, _, c), x in zip(targets, inputs)]
         # Each layer's input division goes where it costs nothing at run time: into the RMSNorm
         # before it, or into the rows of the layer that produces its input (before that layer is
         # quantized); only the rest divide in an elementwise pass.
-        folded = fold_into_producers(model, {id(c): s for (_, _, c), s in zip(targets, scales) if s is not None})
+        folded = awq.fold_into_producers(model, {id(c): s for (_, _, c), s in zip(targets, scales) if s is not None})
         norms = norm_fed_linears(model)
         for (parent, name, child), s in zip(targets, scales):
             layer = Int4Linear(child, self.group_size, s)
@@ -259,59 +261,3 @@ class Int4Quantizer:
                 layer.inv_input_scale = None
             setattr(parent, name, layer)
         return model
-
-
-def fold_into_producers(model: nn.Module, scale_of: dict[int, torch.Tensor]) -> set[int]:
-    """Divide the rows that produce down_proj's input (gate_up_proj's up half: down_proj reads
-    silu(gate) * up) and, where every query head has its own value head, o_proj's (qkv_proj's
-    value rows: attention is linear in the values) by those layers' input scales (scale_of:
-    {id(layer): s}). Returns the ids of the layers whose division is now in the producer. Scaling
-    a row by a positive constant commutes with int4's per-row quantization, so the producers
-    quantize to the same values, scaled. (With grouped value heads o_proj keeps its division:
-    query heads sharing a value head would need one scale.)"""
-    folded: set[int] = set()
-    with torch.no_grad():
-        for block in getattr(getattr(model, "model", model), "layers", []):
-            mlp, attn = getattr(block, "mlp", None), getattr(block, "self_attn", None)
-            down, gate_up = getattr(mlp, "down_proj", None), getattr(mlp, "gate_up_proj", None)
-            if id(down) in scale_of and _plain(gate_up) and gate_up.out_features == 2 * down.in_features:
-                _scale_rows(gate_up, down.in_features, down.in_features, scale_of[id(down)])
-                folded.add(id(down))
-            o, qkv = getattr(attn, "o_proj", None), getattr(attn, "qkv_proj", None)
-            if (id(o) in scale_of and _plain(qkv) and getattr(attn, "num_heads", 0) == getattr(attn, "num_kv_heads", -1)
-                    and qkv.out_features == attn.q_size + 2 * attn.kv_size and o.in_features == attn.kv_size):
-                _scale_rows(qkv, attn.q_size + attn.kv_size, attn.kv_size, scale_of[id(o)])
-                folded.add(id(o))
-    return folded
-
-
-def _plain(layer) -> bool:
-    return type(layer) is nn.Linear and not is_sparse(layer.weight)
-
-
-def _scale_rows(layer: nn.Linear, start: int, count: int, s: torch.Tensor) -> None:
-    """Rows start .. start + count of layer (weight and bias) divided by s [count]."""
-    inv = 1.0 / s.float().to(layer.weight.device)
-    layer.weight[start:start + count].mul_(inv.to(layer.weight.dtype)[:, None])
-    if layer.bias is not None:
-        layer.bias[start:start + count].mul_(inv.to(layer.bias.dtype))
-
-
-def search_input_scale(weight: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 11) -> torch.Tensor | None:
-    """The s = mean|x|^a (normalised to geometric mean 1) that minimises |x W^T - (x / s) Q(W s)^T|^2
-    on the calibration inputs x [T, K]; None when a = 0 (plain rounding) is best."""
-    w = weight.detach().float()
-    x = x.to(w.device, torch.float32)
-    ref = x @ w.T
-    act = x.abs().mean(dim=0).clamp(min=1e-5)
-    best, best_err = None, None
-    for i in range(grid):
-        a = i / (grid - 1)
-        s = act.pow(a)
-        s = s / (s.max() * s.min()).sqrt()
-        wq = dequantize_int4(*quantize_int4(w * s[None, :], group_size), w.shape[1]) / s[None, :]
-        err = (x @ wq.T - ref).pow(2).mean().item()
-        if best_err is None or err < best_err:
-            best, best_err = (None if a == 0 else s), err
-    return best
-

@@ -277,7 +277,7 @@ def test_int4_bad_options_are_config_errors(opts):
 
 # ---- activation-aware int4 ------------------------------------------------------------------
 
-from fastllm.stages.quantizers.int4 import search_input_scale  # noqa: E402
+from fastllm.stages.quantizers.awq import search_input_scale  # noqa: E402
 
 
 def _rtn_error(w, x, G, s=None):
@@ -346,6 +346,7 @@ def test_activation_aware_int4_folds_input_scales_out_of_the_run_time(monkeypatc
     computes with every division done in an elementwise pass."""
     import copy
 
+    from fastllm.stages.quantizers import awq
     from fastllm.stages.quantizers import int4 as int4_module
     from fastllm.testing import model_logits, tiny_llama
 
@@ -360,11 +361,11 @@ def test_activation_aware_int4_folds_input_scales_out_of_the_run_time(monkeypatc
         g = torch.Generator().manual_seed(seed)
         return lambda w, x, group: torch.rand(w.shape[1], generator=g) + 0.5
 
-    monkeypatch.setattr(int4_module, "search_input_scale", scales(1))
+    monkeypatch.setattr(awq, "search_input_scale", scales(1))
     q.apply(model, ctx)
-    monkeypatch.setattr(int4_module, "search_input_scale", scales(1))
+    monkeypatch.setattr(awq, "search_input_scale", scales(1))
     monkeypatch.setattr(int4_module, "norm_fed_linears", lambda m: {})  # nothing folded
-    monkeypatch.setattr(int4_module, "fold_into_producers", lambda m, s: set())
+    monkeypatch.setattr(awq, "fold_into_producers", lambda m, s: set())
     q.apply(unfolded, ctx)
     for block, ref in zip(model.model.layers, unfolded.model.layers):
         attn, mlp = block.self_attn, block.mlp
