@@ -209,13 +209,13 @@ def _time(fn, reps: int = 10, graph: bool | None = None) -> float:
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if GRAPH_TIMING if graph is None else graph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
             for _ in range(reps):
                 fn()
-        graph.replay()
+        captured.replay()
         start.record()
-        graph.replay()
+        captured.replay()
         end.record()
     else:
         start.record()

@@ -63,4 +63,3 @@ def search_input_scale(weight: torch.Tensor, x: torch.Tensor, group_size: int, g
         if best_err is None or err < best_err:
             best, best_err = (None if a == 0 else s), err
     return best
-
