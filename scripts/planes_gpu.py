@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, print_layer_sums, script_out_dir
 from fastllm.kernels import qgemm as Q
 from fastllm.kernels import w8a8 as W
 from fastllm.stages.quantizers.int8 import quantize_int8, quantize_int8_rows
@@ -52,11 +52,4 @@ for name, (N, K) in LLAMA2_7B_LINEARS.items():
     w16 = q8 = None
     torch.cuda.empty_cache()
 (out_dir / "planes_gpu.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-sums: dict = {}
-for r in rows:
-    for k, v in r["us"].items():
-        sums.setdefault(r["M"], {}).setdefault(k, 0.0)
-        sums[r["M"]][k] += v
-print("\n==== summary ====\n" + "\n".join(lines))
-for M, t in sums.items():
-    print(f"four layers, M={M:4d}: " + " ".join(f"{k} {v:6.1f}us ({t['bf16'] / v:.2f}x)" for k, v in t.items()))
+print_layer_sums(rows, lines)

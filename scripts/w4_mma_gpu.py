@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, script_out_dir
+from fastllm.bench.common import LLAMA2_7B_LINEARS, graph_time, print_layer_sums, script_out_dir
 from fastllm.kernels import cuda_w4 as W4
 from fastllm.kernels import qgemm as Q
 from fastllm.stages.quantizers.int4 import dequantize_int4, pack_scales, quantize_int4
@@ -59,11 +59,4 @@ for name, (N, K) in LLAMA2_7B_LINEARS.items():
     w16 = q4 = ops = None
     torch.cuda.empty_cache()
 (out_dir / "w4_mma_gpu.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-sums: dict = {}
-for r in rows:
-    for k, v in r["us"].items():
-        sums.setdefault(r["M"], {}).setdefault(k, 0.0)
-        sums[r["M"]][k] += v
-print("\n==== summary ====\n" + "\n".join(lines))
-for M, t in sums.items():
-    print(f"four layers, M={M:4d}: " + " ".join(f"{k} {t[k]:6.1f}us ({t['bf16'] / t[k]:.2f}x)" for k in ("bf16", "triton", "mma")))
+print_layer_sums(rows, lines, ("bf16", "triton", "mma"))

@@ -121,3 +121,17 @@ def graph_time(fn, iters: int = 16, replays: int = 10, warmup: int = 3) -> float
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / iters)
     return statistics.median(times)
+
+
+def print_layer_sums(rows: list[dict], lines: list[str], keys=None) -> None:
+    """The per-layer scripts' last table: their lines, then per token count (row["M"]) each
+    candidate's time (row["us"]) summed over the layers, against bf16's (keys: the candidates
+    shown, all when None)."""
+    sums: dict = {}
+    for r in rows:
+        for k, v in r["us"].items():
+            sums.setdefault(r["M"], {}).setdefault(k, 0.0)
+            sums[r["M"]][k] += v
+    print("\n==== summary ====\n" + "\n".join(lines))
+    for M, t in sums.items():
+        print(f"four layers, M={M:4d}: " + " ".join(f"{k} {t[k]:6.1f}us ({t['bf16'] / t[k]:.2f}x)" for k in keys or t))
